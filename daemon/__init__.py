@@ -1,0 +1,3 @@
+"""mlxd: several MLX language models behind one OpenAI-compatible API."""
+
+__version__ = "0.1.0"

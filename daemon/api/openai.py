@@ -1,0 +1,204 @@
+"""The OpenAI-compatible routes: /v1/models, /v1/chat/completions, /v1/completions.
+
+Streaming waits for the worker's first event before sending headers, so a request the
+worker refuses (context too long, template error) still gets a proper 4xx, not a 200
+stream with an error inside. During a long prefill, SSE comment lines keep proxies and
+clients from timing out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import uuid
+from typing import AsyncIterator
+
+from pydantic import ValidationError
+from quart import Blueprint, Response, current_app, jsonify, request
+
+from ..process import WorkerGone
+from ..supervisor import ModelUnavailable
+from .errors import APIError, from_validation, model_not_found
+from .schemas import ChatCompletionRequest, CompletionRequest
+
+bp = Blueprint("openai", __name__)
+
+
+def _supervisor():
+    return current_app.config["SUPERVISOR"]
+
+
+@bp.get("/v1/models")
+async def list_models():
+    sup = _supervisor()
+    data = []
+    for h in sup.handles.values():
+        created = int(sup.started)
+        data.append({"id": h.name, "object": "model", "created": created, "owned_by": "mlxd",
+                     "aliases": list(h.cfg.aliases), "state": h.state})
+        for alias in h.cfg.aliases:
+            data.append({"id": alias, "object": "model", "created": created, "owned_by": "mlxd",
+                         "alias_of": h.name, "state": h.state})
+    return jsonify({"object": "list", "data": data})
+
+
+async def _body(schema):
+    raw = await request.get_data()
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(400, f"The request body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "The request body must be a JSON object.")
+    try:
+        return schema.model_validate(data)
+    except ValidationError as e:
+        raise from_validation(e) from None
+
+
+def _payload(body, handle) -> dict:
+    s = handle.cfg.sampling
+    max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens or s.max_tokens
+    return {
+        "max_tokens": max_tokens,
+        "temperature": s.temperature if body.temperature is None else body.temperature,
+        "top_p": s.top_p if body.top_p is None else body.top_p,
+        "seed": body.seed,
+        "stop": body.stop_list(),
+    }
+
+
+def _usage(done: dict) -> dict:
+    u = done["usage"]
+    return {"prompt_tokens": u["prompt_tokens"], "completion_tokens": u["completion_tokens"],
+            "total_tokens": u["prompt_tokens"] + u["completion_tokens"],
+            "prompt_tokens_details": {"cached_tokens": u["cached_tokens"]}}
+
+
+def _worker_error(ev: dict) -> APIError:
+    return APIError(ev.get("status", 400), ev["message"], code=ev.get("code"), param=ev.get("param"))
+
+
+async def _first_event(events: AsyncIterator[dict]) -> dict:
+    """The worker's answer to the submit: `started`, or an error raised as APIError."""
+    try:
+        async for ev in events:
+            if ev["op"] == "error":
+                raise _worker_error(ev)
+            if ev["op"] == "started":
+                return ev
+    except WorkerGone as e:
+        raise APIError(503, str(e), type_="server_error", code="worker_unavailable") from None
+    raise APIError(500, "the worker ended the request without an answer", type_="server_error")
+
+
+async def _complete(kind: str):
+    schema = ChatCompletionRequest if kind == "chat" else CompletionRequest
+    body = await _body(schema)
+    handle = _supervisor().get(body.model)
+    if handle is None:
+        raise model_not_found(body.model)
+    payload = _payload(body, handle)
+    if kind == "chat":
+        try:
+            payload["messages"] = body.template_messages()
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from None
+    else:
+        payload["prompt"] = body.prompt
+    try:
+        await handle.wait_ready(handle.server_cfg.worker_start_timeout)
+    except ModelUnavailable as e:
+        raise APIError(503, str(e), type_="server_error", code="model_unavailable") from None
+
+    events = handle.generate(payload)
+    try:
+        started = await _first_event(events)
+    except BaseException:
+        await events.aclose()
+        raise
+    rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+    meta = {"id": rid, "created": int(time.time()), "model": handle.name}
+    current_app.logger.debug("request %s on %s: %d prompt tokens, %d cached", rid, handle.name,
+                             started["prompt_tokens"], started["cached_tokens"])
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        resp = Response(_stream(kind, events, meta, include_usage), mimetype="text/event-stream")
+        resp.headers["Cache-Control"] = "no-cache"
+        resp.headers["X-Accel-Buffering"] = "no"
+        resp.timeout = None
+        return resp
+    return await _collect(kind, events, meta)
+
+
+async def _collect(kind: str, events: AsyncIterator[dict], meta: dict):
+    parts: list[str] = []
+    async with contextlib.aclosing(events):
+        try:
+            async for ev in events:
+                if ev["op"] == "delta":
+                    parts.append(ev["text"])
+                elif ev["op"] == "error":
+                    raise _worker_error(ev)
+                elif ev["op"] == "done":
+                    break
+        except WorkerGone as e:
+            raise APIError(503, str(e), type_="server_error", code="worker_died") from None
+    text = "".join(parts)
+    if kind == "chat":
+        choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                  "logprobs": None, "finish_reason": ev["finish_reason"]}
+        obj = "chat.completion"
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": ev["finish_reason"]}
+        obj = "text_completion"
+    return jsonify({**meta, "object": obj, "choices": [choice], "usage": _usage(ev)})
+
+
+def _sse(obj) -> bytes:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+
+
+async def _stream(kind: str, events: AsyncIterator[dict], meta: dict, include_usage: bool):
+    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+
+    def chunk(content=None, finish=None, role=False):
+        if kind == "chat":
+            delta = {"role": "assistant", "content": ""} if role else ({"content": content} if content else {})
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": content or "", "logprobs": None, "finish_reason": finish}
+        return _sse({**meta, "object": obj, "choices": [choice]})
+
+    async with contextlib.aclosing(events):
+        if kind == "chat":
+            yield chunk(role=True)
+        try:
+            async for ev in events:
+                op = ev["op"]
+                if op == "delta":
+                    yield chunk(ev["text"])
+                elif op == "progress":
+                    yield f": prefill {ev['done']}/{ev['total']}\n\n".encode()
+                elif op == "error":
+                    yield _sse(_worker_error(ev).body())
+                    return
+                elif op == "done":
+                    yield chunk(finish=ev["finish_reason"])
+                    if include_usage:
+                        yield _sse({**meta, "object": obj, "choices": [], "usage": _usage(ev)})
+                    yield b"data: [DONE]\n\n"
+                    return
+        except WorkerGone as e:
+            yield _sse(APIError(503, str(e), type_="server_error", code="worker_died").body())
+
+
+@bp.post("/v1/chat/completions")
+async def chat_completions():
+    return await _complete("chat")
+
+
+@bp.post("/v1/completions")
+async def completions():
+    return await _complete("completion")

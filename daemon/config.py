@@ -1,0 +1,195 @@
+"""The YAML config: parsed into pydantic models, with errors that name the line.
+
+Everything the daemon does is derived from one `Config`; the supervisor diffs two of them
+to decide what to start, stop or leave alone, so every field here must compare by value.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema, model_validator
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
+          "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from `123`, `"512MB"`, `"2GiB"`, so budgets read naturally in YAML."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 512MB or 2GiB")
+    if isinstance(value, (int, float)):
+        return int(value)
+    m = _SIZE.match(str(value))
+    if not m:
+        raise ValueError(f"expected a size such as 512MB or 2GiB, got {value!r}")
+    unit = (m.group(2) or "").upper().rstrip("B")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+Size = Annotated[
+    int,
+    BeforeValidator(parse_size),
+    Field(ge=0),
+    WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 0},
+                              {"type": "string", "pattern": _SIZE.pattern}]}),
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Sampling(_Strict):
+    """Defaults applied when a request does not say."""
+
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(512, ge=1, description="Default max_tokens for a request that sets none.")
+
+
+class Engine(_Strict):
+    """Settings that need a new worker process when they change."""
+
+    max_batch_size: int = Field(8, ge=1, le=256, description="Requests decoded together.")
+    prefill_batch_size: int = Field(4, ge=1, le=64, description="Prompts prefilled together.")
+    prefill_step_size: int = Field(512, ge=16, description="Tokens per prefill chunk; smaller keeps decode of others smooth.")
+    context_length: Optional[int] = Field(None, ge=16, description="Max prompt + completion tokens; default: the model's.")
+
+
+class PrefixCache(_Strict):
+    enabled: bool = True
+    memory_budget: Size = parse_size("1GiB")
+    disk_budget: Size = parse_size("8GiB")
+    kv_bits: Optional[Literal[4, 8]] = Field(None, description="Quantize stored KV entries; null keeps them exact.")
+
+
+class ModelConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$", description="The id clients send as `model`.")
+    source: str = Field(description="embedded:smollm2, a .gguf file, a local MLX directory, or a Hugging Face repo id in the local HF cache.")
+    aliases: tuple[str, ...] = ()
+    dtype: Literal["auto", "float32", "float16", "bfloat16", "quantized"] = Field(
+        "auto", description="auto: quantized on Metal, float32 on a CPU device.")
+    engine: Engine = Engine()
+    sampling: Sampling = Sampling()
+    prefix_cache: PrefixCache = PrefixCache()
+
+    def worker_key(self) -> str:
+        """What a running worker depends on; a change to anything else applies live."""
+        return json.dumps(self.model_dump(include={"source", "dtype", "engine", "prefix_cache"}), sort_keys=True)
+
+
+def default_cache_dir() -> Path:
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "mlxd"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlxd"
+
+
+class Server(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    cache_dir: Optional[Path] = Field(None, description="Converted models and prefix caches; default follows platform conventions.")
+    worker_start_timeout: float = Field(600.0, gt=0, description="Seconds a worker may take to load its model.")
+
+    @property
+    def resolved_cache_dir(self) -> Path:
+        return Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir()
+
+
+class Config(_Strict):
+    server: Server = Server()
+    models: tuple[ModelConfig, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "Config":
+        seen: dict[str, str] = {}
+        for i, m in enumerate(self.models):
+            for n in (m.name, *m.aliases):
+                if n in seen:
+                    raise ValueError(f"models[{i}]: name or alias {n!r} is already used by model {seen[n]!r}")
+                seen[n] = m.name
+        return self
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; the message names file, line and field."""
+
+
+def _line_of(node: yaml.Node | None, loc: tuple) -> Optional[int]:
+    """Walk the composed YAML tree along a pydantic error location to find its line."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            hit = next(((k, v) for k, v in node.value if k.value == part), None)
+            if hit is None:
+                break
+            line, node = hit[0].start_mark.line + 1, hit[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _describe(loc: tuple, data: Any) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    if len(loc) >= 2 and loc[0] == "models" and isinstance(loc[1], int):
+        try:
+            out += f" (model {data['models'][loc[1]]['name']!r})"
+        except (KeyError, IndexError, TypeError):
+            pass
+    return out
+
+
+def parse_config(text: str, source: str = "<config>") -> Config:
+    try:
+        root = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        raise ConfigError(f"{where}: YAML syntax error: {getattr(e, 'problem', None) or e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping with a `models:` list, got {type(data).__name__}")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        errors = e.errors()
+        lines = []
+        for err in errors:
+            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+            if err["type"] == "too_short" and any(o["loc"][: len(loc)] == loc and o is not err for o in errors):
+                continue  # "models is empty" only because its items failed: noise
+            msg = err["msg"].removeprefix("Value error, ")
+            if not loc and (m := re.match(r"models\[(\d+)\]: ", msg)):
+                loc, msg = ("models", int(m.group(1))), msg[m.end():]
+            line = _line_of(root, loc)
+            where = f"{source}:{line}" if line else source
+            lines.append(f"{where}: {_describe(loc, data) or 'config'}: {msg}")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def load_config(path: Path | str) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config: {e.strerror or e}") from None
+    return parse_config(text, str(path))
+
+
+def json_schema() -> dict:
+    schema = Config.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "mlxd config"
+    return schema

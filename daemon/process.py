@@ -1,0 +1,182 @@
+"""One worker OS process, seen from the daemon: spawn, talk, watch it die.
+
+The daemon never imports MLX; each model's MLX state lives in its own process, so a crash,
+an OOM kill or an unload takes only that model's requests and memory with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import AsyncIterator, Callable, Optional
+
+from .config import ModelConfig
+from .protocol import encode, read_frame
+from .worker.blas import optimized_blas
+
+log = logging.getLogger("mlxd.process")
+
+
+class WorkerGone(Exception):
+    """The worker exited (or never came up); the message says how, for the client."""
+
+
+def _describe_exit(code: Optional[int]) -> str:
+    if code is None:
+        return "closed its connection"
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with status {code}"
+
+
+def worker_env() -> dict[str, str]:
+    env = dict(os.environ)
+    blas = optimized_blas()
+    if blas and blas not in env.get("LD_PRELOAD", ""):
+        env["LD_PRELOAD"] = ":".join(p for p in (blas, env.get("LD_PRELOAD")) if p)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+class WorkerProcess:
+    def __init__(self, cfg: ModelConfig, cache_dir: Path):
+        self.cfg = cfg
+        self.cache_dir = cache_dir
+        self.proc: Optional[asyncio.subprocess.Process] = None
+        self.info: dict = {}
+        self._writer: Optional[asyncio.StreamWriter] = None
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._calls: dict[int, asyncio.Future] = {}
+        self._seq = itertools.count()
+        self._ids = itertools.count()
+        self._ready: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.exited: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.exit_reason = ""
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self.proc.pid if self.proc else None
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._streams)
+
+    async def start(self, timeout: float) -> dict:
+        """Spawn and wait for the model to load; raises WorkerGone if it does not."""
+        parent, child = socket.socketpair()
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "daemon.worker", "--fd", str(child.fileno()),
+                "--model", json.dumps(self.cfg.model_dump(mode="json")), "--cache-dir", str(self.cache_dir),
+                pass_fds=(child.fileno(),), env=worker_env(), stdin=asyncio.subprocess.DEVNULL,
+                start_new_session=True)
+        finally:
+            child.close()
+        reader, self._writer = await asyncio.open_unix_connection(sock=parent)
+        asyncio.create_task(self._read(reader), name=f"worker-reader-{self.cfg.name}")
+        try:
+            self.info = await asyncio.wait_for(asyncio.shield(self._ready), timeout)
+        except asyncio.TimeoutError:
+            await self.kill()
+            raise WorkerGone(f"model {self.cfg.name!r} did not load within {timeout:.0f}s") from None
+        return self.info
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        while (msg := await read_frame(reader)) is not None:
+            op = msg["op"]
+            if op == "ready":
+                self._ready.done() or self._ready.set_result(msg)
+            elif op == "fatal":
+                self.exit_reason = msg["message"]
+            elif "seq" in msg and msg["seq"] is not None and op in ("stats", "cache_cleared"):
+                fut = self._calls.pop(msg["seq"], None)
+                if fut and not fut.done():
+                    fut.set_result(msg)
+            elif (q := self._streams.get(msg.get("id"))) is not None:
+                q.put_nowait(msg)
+        code = await self.proc.wait() if self.proc else None
+        why = f"the worker for model {self.cfg.name!r} {_describe_exit(code)}"
+        if self.exit_reason:
+            why += f": {self.exit_reason}"
+        self.exit_reason = why
+        gone = WorkerGone(why)
+        if not self._ready.done():
+            self._ready.set_exception(gone)
+            self._ready.exception()  # mark retrieved when nobody waits any more
+        for q in self._streams.values():
+            q.put_nowait(gone)
+        for fut in self._calls.values():
+            fut.done() or fut.set_exception(gone)
+        self._calls.clear()
+        self.exited.set_result(code)
+
+    def _send(self, msg: dict) -> None:
+        if self.exited.done() or self._writer is None:
+            raise WorkerGone(self.exit_reason or f"the worker for model {self.cfg.name!r} is not running")
+        self._writer.write(encode(msg))
+
+    async def call(self, op: str, timeout: float = 30.0) -> dict:
+        seq = next(self._seq)
+        fut = asyncio.get_running_loop().create_future()
+        self._calls[seq] = fut
+        self._send({"op": op, "seq": seq})
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self._calls.pop(seq, None)
+
+    async def generate(self, payload: dict) -> AsyncIterator[dict]:
+        """Submit a request and yield its events until `done`; cancels it if abandoned."""
+        rid = f"r{next(self._ids)}"
+        q: asyncio.Queue = asyncio.Queue()
+        self._streams[rid] = q
+        finished = False
+        try:
+            self._send({"op": "submit", "id": rid, **payload})
+            while True:
+                ev = await q.get()
+                if isinstance(ev, Exception):
+                    finished = True
+                    raise ev
+                if ev["op"] in ("done", "error"):
+                    finished = True
+                yield ev
+                if finished:
+                    return
+        finally:
+            self._streams.pop(rid, None)
+            if not finished and not self.exited.done():
+                self._send({"op": "cancel", "id": rid})
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        """Ask the worker to finish (it flushes its prefix cache), then make sure it is gone."""
+        if self.proc is None or self.exited.done():
+            return
+        try:
+            self._send({"op": "shutdown"})
+            await self._writer.drain()
+        except (WorkerGone, ConnectionError):
+            pass
+        try:
+            await asyncio.wait_for(asyncio.shield(self.exited), timeout)
+        except asyncio.TimeoutError:
+            log.warning("worker %s (pid %s) did not stop in %.0fs; killing it", self.cfg.name, self.pid, timeout)
+            await self.kill()
+
+    async def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            try:
+                self.proc.kill()
+            except ProcessLookupError:
+                pass
+            await self.proc.wait()

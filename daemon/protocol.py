@@ -1,0 +1,60 @@
+"""Daemon <-> worker messages: length-prefixed JSON frames over a socketpair.
+
+A socketpair (not the worker's stdout) carries the protocol so that anything a library
+prints can never corrupt it. Frames are small dicts with an `op` field:
+
+daemon -> worker: submit, cancel, stats, cache_clear, shutdown
+worker -> daemon: ready, started, delta, done, error, stats, fatal
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import struct
+
+_HEADER = struct.Struct(">I")
+MAX_FRAME = 64 * 1024 * 1024
+
+
+def encode(msg: dict) -> bytes:
+    body = json.dumps(msg, separators=(",", ":"), ensure_ascii=False).encode()
+    return _HEADER.pack(len(body)) + body
+
+
+class SyncChannel:
+    """The worker's side: blocking reads on a reader thread, writes from any thread."""
+
+    def __init__(self, sock: socket.socket):
+        self._sock = sock
+        self._rfile = sock.makefile("rb")
+
+    def recv(self) -> dict | None:
+        header = self._rfile.read(_HEADER.size)
+        if len(header) < _HEADER.size:
+            return None
+        (n,) = _HEADER.unpack(header)
+        body = self._rfile.read(n)
+        if len(body) < n:
+            return None
+        return json.loads(body)
+
+    def send(self, msg: dict) -> None:
+        self._sock.sendall(encode(msg))
+
+    def send_many(self, msgs: list[dict]) -> None:
+        if msgs:
+            self._sock.sendall(b"".join(encode(m) for m in msgs))
+
+
+async def read_frame(reader: asyncio.StreamReader) -> dict | None:
+    """The daemon's side; None when the worker has gone."""
+    try:
+        header = await reader.readexactly(_HEADER.size)
+        (n,) = _HEADER.unpack(header)
+        if n > MAX_FRAME:
+            raise ValueError(f"frame of {n} bytes")
+        return json.loads(await reader.readexactly(n))
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return None

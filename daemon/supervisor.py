@@ -1,0 +1,155 @@
+"""Desired state (the config) vs actual state (one handle per model), and the loop between.
+
+Each `ModelHandle` keeps one worker alive: it starts it, marks the model ready, and when
+the worker dies it fails only that worker's requests and starts a new one with backoff.
+A worker that keeps dying is marked failed instead of looping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import AsyncIterator, Optional
+
+from .config import Config, ModelConfig
+from .process import WorkerGone, WorkerProcess
+
+log = logging.getLogger("mlxd.supervisor")
+
+BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+MAX_QUICK_CRASHES = 5      # crashes within QUICK seconds of becoming ready
+QUICK = 60.0
+
+
+class ModelUnavailable(Exception):
+    pass
+
+
+class ModelHandle:
+    def __init__(self, cfg: ModelConfig, server_cfg):
+        self.cfg = cfg
+        self.server_cfg = server_cfg
+        self.state = "stopped"
+        self.worker: Optional[WorkerProcess] = None
+        self.restarts = 0
+        self.quick_crashes = 0
+        self.last_error = ""
+        self.last_used: Optional[float] = None
+        self.started_at: Optional[float] = None
+        self._ready = asyncio.Event()
+        self._stopping = False
+        self._task: Optional[asyncio.Task] = None
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+    def start(self) -> None:
+        self._stopping = False
+        self._task = asyncio.create_task(self._run(), name=f"model-{self.name}")
+
+    async def _run(self) -> None:
+        attempt = 0
+        while not self._stopping:
+            self.state = "loading"
+            worker = WorkerProcess(self.cfg, self.server_cfg.resolved_cache_dir)
+            self.worker = worker
+            try:
+                info = await worker.start(self.server_cfg.worker_start_timeout)
+            except WorkerGone as e:
+                self.last_error = str(e)
+                log.error("%s", e)
+            else:
+                log.info("model %s ready (pid %s, %s, %s, BLAS %s, loaded in %.1fs)", self.name,
+                         info["pid"], info["device"], info["dtype"], info["blas"], info["load_seconds"])
+                self.state, self.started_at = "ready", time.monotonic()
+                self._ready.set()
+                code = await worker.exited
+                self._ready.clear()
+                if self._stopping:
+                    break
+                self.last_error = worker.exit_reason
+                log.error("%s; restarting it", worker.exit_reason)
+                self.restarts += 1
+                if time.monotonic() - self.started_at > QUICK:
+                    attempt, self.quick_crashes = 0, 0
+                del code
+            if self._stopping:
+                break
+            self.quick_crashes += 1
+            if self.quick_crashes >= MAX_QUICK_CRASHES:
+                self.state = "failed"
+                log.error("model %s failed %d times in a row; giving up until the config changes",
+                          self.name, self.quick_crashes)
+                return
+            self.state = "restarting"
+            await asyncio.sleep(BACKOFF[min(attempt, len(BACKOFF) - 1)])
+            attempt += 1
+        self.state = "stopped"
+
+    async def wait_ready(self, timeout: float) -> WorkerProcess:
+        if self.state == "failed":
+            raise ModelUnavailable(f"model {self.name!r} failed to start: {self.last_error}")
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout)
+        except asyncio.TimeoutError:
+            raise ModelUnavailable(f"model {self.name!r} is not ready ({self.state})") from None
+        assert self.worker is not None
+        return self.worker
+
+    async def generate(self, payload: dict) -> AsyncIterator[dict]:
+        worker = await self.wait_ready(self.server_cfg.worker_start_timeout)
+        self.last_used = time.time()
+        async for ev in worker.generate(payload):
+            yield ev
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        self._stopping = True
+        self._ready.clear()
+        if self.worker is not None:
+            await self.worker.stop(timeout)
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+        self.state = "stopped"
+
+    def status(self) -> dict:
+        w = self.worker
+        return {
+            "name": self.name, "aliases": list(self.cfg.aliases), "state": self.state,
+            "pid": w.pid if w and self.state == "ready" else None,
+            "restarts": self.restarts, "last_error": self.last_error or None,
+            "requests_in_flight": w.in_flight if w else 0,
+            "last_used": self.last_used,
+            "worker": {k: v for k, v in (w.info if w else {}).items() if k != "op"},
+        }
+
+
+class Supervisor:
+    def __init__(self, config: Config):
+        self.config = config
+        self.handles: dict[str, ModelHandle] = {}
+        self.routes: dict[str, ModelHandle] = {}
+        self.started = time.time()
+
+    async def start(self) -> None:
+        for m in self.config.models:
+            h = ModelHandle(m, self.config.server)
+            self.handles[m.name] = h
+            h.start()
+        self._route()
+
+    def _route(self) -> None:
+        self.routes = {}
+        for h in self.handles.values():
+            for n in (h.name, *h.cfg.aliases):
+                self.routes[n] = h
+
+    def get(self, name: str) -> Optional[ModelHandle]:
+        return self.routes.get(name)
+
+    async def wait_all_ready(self, timeout: float) -> None:
+        await asyncio.gather(*(h.wait_ready(timeout) for h in self.handles.values()))
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        await asyncio.gather(*(h.stop(timeout) for h in self.handles.values()), return_exceptions=True)

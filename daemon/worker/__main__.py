@@ -1,0 +1,153 @@
+"""The worker process: one model, its engine and its prefix cache.
+
+Started by the daemon as `python -m daemon.worker --fd N --model JSON --cache-dir DIR`.
+A reader thread turns frames from the daemon into an inbox; the main thread owns MLX and
+alternates between handling the inbox and stepping the engine, blocking only when idle.
+The worker exits when the daemon's end of the socket closes, so it never outlives it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import queue
+import socket
+import sys
+import threading
+import time
+import traceback
+
+from ..config import ModelConfig
+from ..protocol import SyncChannel
+
+log = logging.getLogger("mlxd.worker")
+
+
+def _reader(chan: SyncChannel, inbox: queue.Queue) -> None:
+    try:
+        while (msg := chan.recv()) is not None:
+            inbox.put(msg)
+    finally:
+        inbox.put(None)
+
+
+def _context_length(model, cfg: ModelConfig) -> int:
+    if cfg.engine.context_length:
+        return cfg.engine.context_length
+    args = getattr(model, "args", None)
+    return int(getattr(args, "max_position_embeddings", None) or 4096)
+
+
+def load(cfg: ModelConfig, cache_dir):
+    """Resolve the source, load weights, build the engine; returns (engine, info)."""
+    import mlx.core as mx
+    from mlx_lm import load as mlx_load
+
+    from ..models import resolve_model
+    from .blas import device_name, loaded_blas
+    from .engine import Engine
+    from .prefix_cache import PrefixCache
+
+    t0 = time.perf_counter()
+    resolved = resolve_model(cfg.source, dtype=cfg.dtype, cache_dir=cache_dir)
+    model, tokenizer = mlx_load(str(resolved.path))
+    prefix_cache = None
+    if cfg.prefix_cache.enabled:
+        prefix_cache = PrefixCache(
+            model, fingerprint=resolved.fingerprint, root=cache_dir / "prefix",
+            memory_budget=cfg.prefix_cache.memory_budget, disk_budget=cfg.prefix_cache.disk_budget,
+            kv_bits=cfg.prefix_cache.kv_bits)
+    engine = Engine(
+        model, tokenizer,
+        max_batch_size=cfg.engine.max_batch_size, prefill_batch_size=cfg.engine.prefill_batch_size,
+        prefill_step_size=cfg.engine.prefill_step_size, context_length=_context_length(model, cfg),
+        default_max_tokens=cfg.sampling.max_tokens, prefix_cache=prefix_cache)
+    info = {
+        "pid": os.getpid(), "path": str(resolved.path), "kind": resolved.kind, "dtype": resolved.dtype,
+        "fingerprint": resolved.fingerprint, "device": device_name(), "blas": loaded_blas(),
+        "context_length": engine.context_length, "load_seconds": round(time.perf_counter() - t0, 3),
+        "mlx_memory_bytes": mx.get_active_memory(),
+    }
+    return engine, info
+
+
+def stats(engine) -> dict:
+    import mlx.core as mx
+
+    out = {"running": engine.running, "waiting": engine.waiting,
+           "memory_bytes": mx.get_active_memory(), "peak_memory_bytes": mx.get_peak_memory()}
+    if engine.prefix_cache is not None:
+        out["cache"] = engine.prefix_cache.stats()
+    return out
+
+
+def serve(chan: SyncChannel, engine) -> None:
+    from .engine import RequestError
+
+    inbox: queue.Queue = queue.Queue()
+    threading.Thread(target=_reader, args=(chan, inbox), daemon=True).start()
+    while True:
+        msgs = []
+        try:
+            msgs.append(inbox.get(block=not engine.busy))
+            while True:
+                msgs.append(inbox.get_nowait())
+        except queue.Empty:
+            pass
+        out: list[dict] = []
+        for msg in msgs:
+            if msg is None or msg["op"] == "shutdown":
+                for rid in list(engine.uid_of):
+                    out.append(engine.cancel(rid))
+                chan.send_many(out)
+                if engine.prefix_cache is not None:
+                    engine.prefix_cache.close()
+                return
+            op = msg["op"]
+            try:
+                if op == "submit":
+                    out.append(engine.submit(msg))
+                elif op == "cancel":
+                    if (ev := engine.cancel(msg["id"])) is not None:
+                        out.append(ev)
+                elif op == "stats":
+                    out.append({"op": "stats", "seq": msg.get("seq"), **stats(engine)})
+                elif op == "cache_clear":
+                    n = engine.prefix_cache.clear() if engine.prefix_cache is not None else 0
+                    out.append({"op": "cache_cleared", "seq": msg.get("seq"), "entries": n})
+            except RequestError as e:
+                out.append({"op": "error", "id": msg.get("id"), "message": str(e), "code": e.code,
+                            "param": e.param, "status": 400})
+        chan.send_many(out)
+        if engine.busy:
+            chan.send_many(engine.step())
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m daemon.worker")
+    p.add_argument("--fd", type=int, required=True)
+    p.add_argument("--model", required=True, help="the model's config entry as JSON")
+    p.add_argument("--cache-dir", required=True)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("MLXD_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from pathlib import Path
+
+    cfg = ModelConfig.model_validate(json.loads(args.model))
+    chan = SyncChannel(socket.socket(fileno=args.fd))
+    try:
+        engine, info = load(cfg, Path(args.cache_dir))
+    except Exception as e:
+        traceback.print_exc()
+        chan.send({"op": "fatal", "message": f"{type(e).__name__}: {e}"})
+        return 1
+    log.info("model %s ready: %s", cfg.name, json.dumps(info))
+    chan.send({"op": "ready", **info})
+    serve(chan, engine)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

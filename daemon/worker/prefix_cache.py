@@ -1,0 +1,281 @@
+"""The per-model prefix cache: KV snapshots keyed by token prefix, in memory and on disk.
+
+Lookups go through chained block hashes (as in vLLM): block i's hash covers tokens
+[0, (i+1)*BLOCK), so the deepest hash a request shares with an entry bounds their common
+prefix from below; the exact common prefix is then measured on the tokens themselves.
+An entry can be reused for any prefix of itself when its cache is trimmable (plain KV);
+caches that cannot be trimmed (rotating windows, recurrent state) are reused only as a
+whole and only when they are a strict prefix of the request, so output never changes.
+
+The memory tier holds mlx-lm cache objects under an LRU byte budget; the disk tier
+(`disk_cache.DiskTier`) keeps every stored entry too, written behind the request, and is
+consulted when it knows a longer prefix than memory. A disk hit is promoted to memory.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models.cache import KVCache, QuantizedKVCache, can_trim_prompt_cache, trim_prompt_cache
+
+from .disk_cache import DiskTier
+
+log = logging.getLogger("mlxd.prefix_cache")
+
+BLOCK = 32
+FORMAT_VERSION = 1
+
+
+def block_hashes(tokens, n_blocks: Optional[int] = None) -> list[str]:
+    """Chained hashes of the full blocks of `tokens` (a hash commits to all before it)."""
+    arr = np.asarray(tokens, dtype=np.int64)
+    n = len(arr) // BLOCK if n_blocks is None else min(n_blocks, len(arr) // BLOCK)
+    out, prev = [], b""
+    for i in range(n):
+        prev = hashlib.blake2b(prev + arr[i * BLOCK:(i + 1) * BLOCK].tobytes(), digest_size=12).digest()
+        out.append(prev.hex())
+    return out
+
+
+def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(a[:n] != b[:n])
+    return int(diff[0]) if len(diff) else n
+
+
+def quantize(cache: list, bits: int) -> list:
+    return [c.to_quantized(group_size=64, bits=bits) if isinstance(c, KVCache) else c for c in cache]
+
+
+def dequantize(cache: list) -> list:
+    """Quantized KV cannot join a batch (no merge), so it is restored on the way in."""
+    out = []
+    for c in cache:
+        if isinstance(c, QuantizedKVCache) and c.keys is not None:
+            kv = KVCache()
+            kv.keys = mx.dequantize(*c.keys, group_size=c.group_size, bits=c.bits)[..., :c.offset, :]
+            kv.values = mx.dequantize(*c.values, group_size=c.group_size, bits=c.bits)[..., :c.offset, :]
+            kv.offset = c.offset
+            out.append(kv)
+        else:
+            out.append(c)
+    return out
+
+
+def cache_nbytes(cache: list) -> int:
+    return sum(c.nbytes for c in cache)
+
+
+@dataclass
+class Entry:
+    key: str                       # hash of the full token sequence
+    tokens: Optional[np.ndarray]   # None until loaded for an entry known only from disk
+    n_tokens: int
+    blocks: list[str]
+    trimmable: bool
+    cache: Optional[list] = None   # in memory when not None
+    nbytes: int = 0
+    on_disk: bool = False
+
+
+class PrefixCache:
+    def __init__(self, model, *, fingerprint: str, root: Path, memory_budget: int, disk_budget: int,
+                 kv_bits: Optional[int] = None, orphan_ttl: float = 7 * 86400):
+        self.model = model
+        self.kv_bits = kv_bits
+        self.memory_budget = memory_budget
+        namespace = f"{fingerprint[:32]}-kv{kv_bits or 'f'}-v{FORMAT_VERSION}"
+        self.entries: dict[str, Entry] = {}
+        self.by_block: dict[str, set[str]] = {}
+        self.memory: OrderedDict[str, Entry] = OrderedDict()   # LRU order, oldest first
+        self.memory_bytes = 0
+        self.counters = {"queries": 0, "query_tokens": 0, "hits": 0, "hit_tokens": 0,
+                         "memory_hit_tokens": 0, "disk_hit_tokens": 0, "misses": 0,
+                         "memory_evictions": 0, "stores": 0}
+        self.disk: Optional[DiskTier] = None
+        if disk_budget > 0:
+            self.disk = DiskTier(Path(root), namespace, disk_budget, orphan_ttl=orphan_ttl)
+            for meta in self.disk.load_index():
+                self._index(Entry(key=meta["key"], tokens=None, n_tokens=meta["n_tokens"],
+                                  blocks=meta["blocks"], trimmable=meta["trimmable"], on_disk=True))
+
+    # -- index ------------------------------------------------------------------------
+
+    def _index(self, e: Entry) -> None:
+        self.entries[e.key] = e
+        for h in e.blocks:
+            self.by_block.setdefault(h, set()).add(e.key)
+
+    def _unindex(self, e: Entry) -> None:
+        self.entries.pop(e.key, None)
+        for h in e.blocks:
+            keys = self.by_block.get(h)
+            if keys is not None:
+                keys.discard(e.key)
+                if not keys:
+                    del self.by_block[h]
+
+    def _candidates(self, tokens: np.ndarray, hashes: list[str]) -> list[Entry]:
+        """Entries sharing the deepest block with the request; all in memory if none do."""
+        for h in reversed(hashes):
+            keys = self.by_block.get(h)
+            if keys:
+                return [self.entries[k] for k in keys]
+        return [e for e in self.memory.values() if e.n_tokens < BLOCK]
+
+    # -- lookup -----------------------------------------------------------------------
+
+    def fetch(self, tokens: list[int]) -> tuple[Optional[list], int]:
+        """A fresh cache for the longest usable prefix of `tokens` (at most len-1) and its length."""
+        self.counters["queries"] += 1
+        self.counters["query_tokens"] += len(tokens)
+        arr = np.asarray(tokens, dtype=np.int32)
+        limit = len(arr) - 1   # the last prompt token must be computed to get logits
+        best, best_n = None, 0
+        for e in self._candidates(arr, block_hashes(arr)):
+            if e.tokens is None:
+                # Known from disk only: its block depth bounds its prefix until it is loaded.
+                n = min(self._block_depth(e, arr), e.n_tokens)
+            else:
+                n = common_prefix(e.tokens, arr)
+            n = min(n, limit)
+            usable = n == e.n_tokens or (e.trimmable and n > 0)
+            if usable and (n > best_n or (n == best_n and best is not None and best.cache is None)):
+                best, best_n = e, n
+        if best is None:
+            self.counters["misses"] += 1
+            return None, 0
+        tier = "memory" if best.cache is not None else "disk"
+        if best.cache is None and not self._promote(best):
+            return self.fetch_again(tokens)
+        if best.tokens is not None:
+            best_n = min(common_prefix(best.tokens, arr), limit)
+            if not (best_n == best.n_tokens or (best.trimmable and best_n > 0)):
+                self.counters["misses"] += 1
+                return None, 0
+        cache = copy.deepcopy(best.cache)
+        if best_n < best.n_tokens:
+            trim_prompt_cache(cache, best.n_tokens - best_n)
+        self.memory.move_to_end(best.key)
+        if best.on_disk and self.disk is not None:
+            self.disk.touch(best.key)
+        self.counters["hits"] += 1
+        self.counters["hit_tokens"] += best_n
+        self.counters[f"{tier}_hit_tokens"] += best_n
+        return dequantize(cache) if self.kv_bits else cache, best_n
+
+    def fetch_again(self, tokens):
+        """The chosen disk entry was corrupt and is gone: look again without it."""
+        self.counters["queries"] -= 1
+        self.counters["query_tokens"] -= len(tokens)
+        return self.fetch(tokens)
+
+    def _block_depth(self, e: Entry, arr: np.ndarray) -> int:
+        hashes = block_hashes(arr, len(e.blocks))
+        depth = 0
+        for mine, theirs in zip(hashes, e.blocks):
+            if mine != theirs:
+                break
+            depth += 1
+        return depth * BLOCK
+
+    def _promote(self, e: Entry) -> bool:
+        loaded = self.disk.load(e.key) if self.disk is not None else None
+        if loaded is None:          # corrupt, truncated or vanished: never served
+            self._unindex(e)
+            return False
+        e.tokens, e.cache = loaded
+        e.nbytes = cache_nbytes(e.cache)
+        self._remember(e)
+        return True
+
+    # -- store ------------------------------------------------------------------------
+
+    def store(self, tokens: list[int], cache: list) -> None:
+        """Keep the KV of a finished request (prompt + completion) for the next turn."""
+        if not tokens or not cache:
+            return
+        arr = np.asarray(tokens, dtype=np.int32)
+        key = hashlib.blake2b(arr.tobytes(), digest_size=16).hexdigest()
+        old = self.entries.get(key)
+        if old is not None and old.cache is not None:
+            self.memory.move_to_end(key)
+            return
+        trimmable = can_trim_prompt_cache(cache)
+        if self.kv_bits:
+            cache = quantize(cache, self.kv_bits)
+        mx.eval([c.state for c in cache])
+        e = Entry(key=key, tokens=arr, n_tokens=len(arr), blocks=block_hashes(arr), trimmable=trimmable,
+                  cache=cache, nbytes=cache_nbytes(cache), on_disk=old is not None and old.on_disk)
+        if old is not None:
+            self._unindex(old)
+        self._index(e)
+        self._remember(e)
+        self.counters["stores"] += 1
+        if trimmable:
+            self._drop_covered(e)
+        if self.disk is not None and not e.on_disk:
+            e.on_disk = True
+            self.disk.write(key, arr, cache, {"blocks": e.blocks, "trimmable": trimmable})
+
+    def _drop_covered(self, e: Entry) -> None:
+        """A trimmable entry serves all its prefixes, so shorter in-memory ones only cost RAM."""
+        for other in list(self.memory.values()):
+            if other is not e and other.n_tokens < e.n_tokens and other.tokens is not None \
+                    and common_prefix(other.tokens, e.tokens) == other.n_tokens:
+                self._evict_memory(other)
+
+    def _remember(self, e: Entry) -> None:
+        if e.key in self.memory:
+            self.memory.move_to_end(e.key)
+            return
+        self.memory[e.key] = e
+        self.memory_bytes += e.nbytes
+        while self.memory_bytes > self.memory_budget and self.memory:
+            oldest = next(iter(self.memory.values()))
+            self._evict_memory(oldest)
+            self.counters["memory_evictions"] += 1
+
+    def _evict_memory(self, e: Entry) -> None:
+        if self.memory.pop(e.key, None) is not None:
+            self.memory_bytes -= e.nbytes
+        e.cache, e.nbytes = None, 0
+        if not e.on_disk:
+            self._unindex(e)
+        elif self.disk is not None:
+            e.tokens = None     # the disk copy has them; keep the index small
+
+    # -- admin ------------------------------------------------------------------------
+
+    def clear(self) -> int:
+        n = len(self.entries)
+        self.entries.clear()
+        self.by_block.clear()
+        self.memory.clear()
+        self.memory_bytes = 0
+        if self.disk is not None:
+            self.disk.clear()
+        return n
+
+    def stats(self) -> dict:
+        disk = self.disk.stats() if self.disk is not None else {"entries": 0, "bytes": 0}
+        return {
+            "memory": {"entries": len(self.memory), "bytes": self.memory_bytes, "budget": self.memory_budget},
+            "disk": disk,
+            "entries": len(self.entries),
+            "kv_bits": self.kv_bits,
+            **self.counters,
+        }
+
+    def close(self) -> None:
+        if self.disk is not None:
+            self.disk.close()
