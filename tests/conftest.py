@@ -83,6 +83,16 @@ class Daemon:
     def model_status(self, name: str) -> dict:
         return next(m for m in self.status()["models"] if m["name"] == name)
 
+    def wait_restarted(self, name: str, old_pid: int, timeout: float = 120) -> dict:
+        """Until the model is ready again in a new worker process."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            st = self.model_status(name)
+            if st["state"] == "ready" and st["pid"] not in (None, old_pid):
+                return st
+            time.sleep(0.2)
+        raise TimeoutError(f"{name} did not come back: {st}")
+
     def tail(self, n: int = 4000) -> str:
         try:
             return self.log_path.read_text(errors="replace")[-n:]

@@ -164,13 +164,8 @@ def test_worker_killed_mid_stream(two_model_daemon, client):
     assert "smol-b" in str(e.value) and "SIGKILL" in str(e.value)
     r = client.chat.completions.create(model="smol-a", messages=FRANCE, max_tokens=8, temperature=0)
     assert r.choices[0].message.content
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        st = two_model_daemon.model_status("smol-b")
-        if st["state"] == "ready" and st["pid"] not in (None, pid):
-            break
-        time.sleep(0.2)
-    assert st["state"] == "ready" and st["pid"] != pid and st["restarts"] >= 1
+    st = two_model_daemon.wait_restarted("smol-b", pid)
+    assert st["restarts"] >= 1
     r = client.chat.completions.create(model="smol-b", messages=FRANCE, max_tokens=8, temperature=0)
     assert r.choices[0].message.content
 
