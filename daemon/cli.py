@@ -33,7 +33,7 @@ def cmd_serve(args) -> int:
 
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
-    return asyncio.run(run(config, host, port))
+    return asyncio.run(run(config, host, port, json_logs=args.log_format == "json"))
 
 
 def cmd_check(args) -> int:
@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", help="address to bind (default: the config's, 127.0.0.1)")
     s.add_argument("--port", type=int, help="port to bind (default: the config's, 8000)")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    s.add_argument("--log-format", default="text", choices=["text", "json"], help="one line per request, as text or JSON")
     s.set_defaults(func=cmd_serve)
 
     c = sub.add_parser("check", help="validate a config without serving",

@@ -16,8 +16,8 @@ from .supervisor import Supervisor
 log = logging.getLogger("mlxd")
 
 
-async def run(config: Config, host: str, port: int) -> int:
-    supervisor = Supervisor(config)
+async def run(config: Config, host: str, port: int, json_logs: bool = False) -> int:
+    supervisor = Supervisor(config, json_logs=json_logs)
     await supervisor.start()
     app = create_app(supervisor)
 

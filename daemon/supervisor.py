@@ -13,6 +13,7 @@ import time
 from typing import AsyncIterator, Optional
 
 from .config import Config, ModelConfig
+from .metrics import Metrics, cache_counter_values
 from .process import WorkerGone, WorkerProcess
 
 log = logging.getLogger("mlxd.supervisor")
@@ -20,6 +21,7 @@ log = logging.getLogger("mlxd.supervisor")
 BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 MAX_QUICK_CRASHES = 5      # crashes within QUICK seconds of becoming ready
 QUICK = 60.0
+STATS_INTERVAL = 2.0
 
 
 class ModelUnavailable(Exception):
@@ -27,9 +29,12 @@ class ModelUnavailable(Exception):
 
 
 class ModelHandle:
-    def __init__(self, cfg: ModelConfig, server_cfg):
+    def __init__(self, cfg: ModelConfig, server_cfg, metrics: Metrics):
         self.cfg = cfg
         self.server_cfg = server_cfg
+        self.metrics = metrics
+        self.stats: dict = {}
+        self._counter_base = {"evictions": 0, "corrupt": 0}
         self.state = "stopped"
         self.worker: Optional[WorkerProcess] = None
         self.restarts = 0
@@ -65,16 +70,19 @@ class ModelHandle:
                          info["pid"], info["device"], info["dtype"], info["blas"], info["load_seconds"])
                 self.state, self.started_at = "ready", time.monotonic()
                 self._ready.set()
-                code = await worker.exited
+                poller = asyncio.create_task(self._poll_stats(worker))
+                await worker.exited
+                poller.cancel()
                 self._ready.clear()
+                self._fold_counters()
                 if self._stopping:
                     break
                 self.last_error = worker.exit_reason
                 log.error("%s; restarting it", worker.exit_reason)
                 self.restarts += 1
+                self.metrics.restarts.labels(self.name).inc()
                 if time.monotonic() - self.started_at > QUICK:
                     attempt, self.quick_crashes = 0, 0
-                del code
             if self._stopping:
                 break
             self.quick_crashes += 1
@@ -87,6 +95,26 @@ class ModelHandle:
             await asyncio.sleep(BACKOFF[min(attempt, len(BACKOFF) - 1)])
             attempt += 1
         self.state = "stopped"
+
+    async def _poll_stats(self, worker: WorkerProcess) -> None:
+        """Keep a fresh stats snapshot for /metrics and /v1/status without asking at scrape time."""
+        while not worker.exited.done():
+            try:
+                self.stats = await worker.call("stats", timeout=STATS_INTERVAL * 5)
+            except (WorkerGone, asyncio.TimeoutError):
+                pass
+            await asyncio.sleep(STATS_INTERVAL)
+
+    def _fold_counters(self) -> None:
+        """A dead worker's cache counters join the base, so the exposed totals never go back."""
+        if self.stats.get("cache"):
+            for k, v in cache_counter_values(self.stats["cache"]).items():
+                self._counter_base[k] += v
+        self.stats = {}
+
+    def cache_counters(self) -> dict:
+        live = cache_counter_values(self.stats.get("cache") or {})
+        return {k: self._counter_base[k] + live[k] for k in self._counter_base}
 
     async def wait_ready(self, timeout: float) -> WorkerProcess:
         if self.state == "failed":
@@ -101,8 +129,24 @@ class ModelHandle:
     async def generate(self, payload: dict) -> AsyncIterator[dict]:
         worker = await self.wait_ready(self.server_cfg.worker_start_timeout)
         self.last_used = time.time()
-        async for ev in worker.generate(payload):
-            yield ev
+        finished = False
+        try:
+            async for ev in worker.generate(payload):
+                if ev["op"] == "done":
+                    finished = True
+                    self.metrics.request_done(self.name, ev, self.cfg.prefix_cache.enabled)
+                elif ev["op"] == "error":
+                    finished = True
+                    self.metrics.request_failed(self.name, ev.get("code") or "invalid_request")
+                yield ev
+        except WorkerGone:
+            finished = True
+            self.metrics.request_failed(self.name, "worker_died")
+            raise
+        finally:
+            self.last_used = time.time()
+            if not finished:
+                self.metrics.request_failed(self.name, "cancelled")
 
     async def stop(self, timeout: float = 30.0) -> None:
         self._stopping = True
@@ -126,15 +170,16 @@ class ModelHandle:
 
 
 class Supervisor:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, json_logs: bool = False):
         self.config = config
+        self.metrics = Metrics(self, json_logs=json_logs)
         self.handles: dict[str, ModelHandle] = {}
         self.routes: dict[str, ModelHandle] = {}
         self.started = time.time()
 
     async def start(self) -> None:
         for m in self.config.models:
-            h = ModelHandle(m, self.config.server)
+            h = ModelHandle(m, self.config.server, self.metrics)
             self.handles[m.name] = h
             h.start()
         self._route()

@@ -173,3 +173,16 @@ def test_worker_killed_mid_stream(two_model_daemon, client):
 def test_health(two_model_daemon):
     r = httpx.get(f"{two_model_daemon.url}/health", timeout=10)
     assert r.status_code == 200 and r.json()["status"] == "ok"
+
+
+def test_metrics_per_model(two_model_daemon, client):
+    client.chat.completions.create(model="smol", messages=FRANCE, max_tokens=6, temperature=0)
+    text = httpx.get(f"{two_model_daemon.url}/metrics", timeout=10).text
+    for name in ("mlxd_time_to_first_token_seconds_bucket", "mlxd_inter_token_latency_seconds_bucket",
+                 "mlxd_e2e_request_latency_seconds_count", "mlxd_prompt_tokens_total",
+                 "mlxd_generation_tokens_total", "mlxd_request_success_total", "mlxd_num_requests_running",
+                 "mlxd_model_state", "mlxd_prefix_cache_queries_total", "mlxd_prefix_cache_bytes"):
+        assert f'{name}{{' in text, name
+    line = next(l for l in text.splitlines() if l.startswith('mlxd_prompt_tokens_total{model="smol-a"}'))
+    assert float(line.split()[-1]) > 0
+    assert 'mlxd_model_state{model="smol-b",state="ready"} 1.0' in text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from quart import Quart, jsonify
 from werkzeug.exceptions import HTTPException
 
@@ -26,6 +27,10 @@ def create_app(supervisor) -> Quart:
         resp = jsonify({"status": "ok" if ok else "starting", "models": states})
         resp.status_code = 200 if ok else 503
         return resp
+
+    @app.get("/metrics")
+    async def metrics():
+        return generate_latest(supervisor.metrics.registry), 200, {"Content-Type": CONTENT_TYPE_LATEST}
 
     @app.get("/v1/status")
     async def status():

@@ -41,8 +41,10 @@ class Active:
     t_submit: float
     t_first: Optional[float] = None
     t_prefill_start: Optional[float] = None
+    t_last: Optional[float] = None
     generated: int = 0
-    extra: dict = field(default_factory=dict)
+    cache_tier: Optional[str] = None
+    itl: list = field(default_factory=list)
 
 
 class Engine:
@@ -95,9 +97,9 @@ class Engine:
                 f"requested {len(tokens) + max_tokens} tokens ({len(tokens)} in the prompt, "
                 f"{max_tokens} for the completion). Please reduce the prompt or max_tokens.",
                 code="context_length_exceeded", param="max_tokens")
-        cache, n_cached = (None, 0)
+        cache, n_cached, tier = (None, 0, None)
         if self.prefix_cache is not None:
-            cache, n_cached = self.prefix_cache.fetch(tokens)
+            cache, n_cached, tier = self.prefix_cache.fetch(tokens)
         sampler = make_sampler(float(msg.get("temperature", 0.0)), float(msg.get("top_p", 1.0)), msg.get("seed"))
         (uid,) = self.gen.insert(
             [tokens[n_cached:]], max_tokens=[max_tokens], caches=[cache],
@@ -105,7 +107,7 @@ class Engine:
         self.active[uid] = Active(
             id=rid, uid=uid, prompt_tokens=len(tokens), cached_tokens=n_cached, max_tokens=max_tokens,
             text=TextStream(self.tokenizer.detokenizer, list(msg.get("stop") or [])),
-            t_submit=time.perf_counter())
+            t_submit=time.perf_counter(), cache_tier=tier)
         self.uid_of[rid] = uid
         return {"op": "started", "id": rid, "prompt_tokens": len(tokens), "cached_tokens": n_cached}
 
@@ -155,6 +157,9 @@ class Engine:
             a.generated += 1
             if a.t_first is None:
                 a.t_first = now
+            else:
+                a.itl.append(round(now - a.t_last, 5))
+            a.t_last = now
             reason = r.finish_reason
             delta = "" if (reason == "stop" and r.token in self.eos) else a.text.add(r.token)
             cache = (r.prompt_cache, r.all_tokens) if reason else None
@@ -192,7 +197,7 @@ class Engine:
         now = time.perf_counter()
         start = a.t_prefill_start or now
         return {
-            "op": "done", "id": a.id, "finish_reason": reason,
+            "op": "done", "id": a.id, "finish_reason": reason, "cache_tier": a.cache_tier, "itl": a.itl,
             "usage": {"prompt_tokens": a.prompt_tokens, "completion_tokens": a.generated,
                       "cached_tokens": a.cached_tokens},
             "timings": {"queue": start - a.t_submit,

@@ -134,8 +134,8 @@ class PrefixCache:
 
     # -- lookup -----------------------------------------------------------------------
 
-    def fetch(self, tokens: list[int]) -> tuple[Optional[list], int]:
-        """A fresh cache for the longest usable prefix of `tokens` (at most len-1) and its length."""
+    def fetch(self, tokens: list[int]) -> tuple[Optional[list], int, Optional[str]]:
+        """A fresh cache for the longest usable prefix of `tokens` (at most len-1), its length, its tier."""
         self.counters["queries"] += 1
         self.counters["query_tokens"] += len(tokens)
         arr = np.asarray(tokens, dtype=np.int32)
@@ -153,7 +153,7 @@ class PrefixCache:
                 best, best_n = e, n
         if best is None:
             self.counters["misses"] += 1
-            return None, 0
+            return None, 0, None
         tier = "memory" if best.cache is not None else "disk"
         if best.cache is None and not self._promote(best):
             return self.fetch_again(tokens)
@@ -161,7 +161,7 @@ class PrefixCache:
             best_n = min(common_prefix(best.tokens, arr), limit)
             if not (best_n == best.n_tokens or (best.trimmable and best_n > 0)):
                 self.counters["misses"] += 1
-                return None, 0
+                return None, 0, None
         cache = copy.deepcopy(best.cache)
         if best_n < best.n_tokens:
             trim_prompt_cache(cache, best.n_tokens - best_n)
@@ -171,7 +171,7 @@ class PrefixCache:
         self.counters["hits"] += 1
         self.counters["hit_tokens"] += best_n
         self.counters[f"{tier}_hit_tokens"] += best_n
-        return dequantize(cache) if self.kv_bits else cache, best_n
+        return dequantize(cache) if self.kv_bits else cache, best_n, tier
 
     def fetch_again(self, tokens):
         """The chosen disk entry was corrupt and is gone: look again without it."""
