@@ -97,6 +97,8 @@ class Server(_Strict):
     port: int = Field(8000, ge=0, le=65535)
     cache_dir: Optional[Path] = Field(None, description="Converted models and prefix caches; default follows platform conventions.")
     worker_start_timeout: float = Field(600.0, gt=0, description="Seconds a worker may take to load its model.")
+    drain_timeout: float = Field(30.0, ge=0, description="Seconds in-flight requests of a removed or replaced model may take to finish.")
+    shutdown_timeout: float = Field(30.0, ge=0, description="Seconds in-flight requests may take to finish when the daemon stops.")
 
     @property
     def resolved_cache_dir(self) -> Path:

@@ -1,10 +1,17 @@
-"""Run the supervisor and the HTTP API together until a signal says stop."""
+"""Run the supervisor, the config watcher and the HTTP API until a signal says stop.
+
+Stopping is graceful: new requests get 503 with Retry-After, in-flight ones get the
+configured deadline to finish, then workers cancel what is left and flush their prefix
+caches to disk, and the process exits 0. A second signal exits at once.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+from pathlib import Path
 
 from hypercorn.asyncio import serve
 from hypercorn.config import Config as HypercornConfig
@@ -12,30 +19,69 @@ from hypercorn.config import Config as HypercornConfig
 from .api import create_app
 from .config import Config
 from .supervisor import Supervisor
+from .watch import watch_config
 
 log = logging.getLogger("mlxd")
 
 
-async def run(config: Config, host: str, port: int, json_logs: bool = False) -> int:
-    supervisor = Supervisor(config, json_logs=json_logs)
-    await supervisor.start()
-    app = create_app(supervisor)
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-
+def _hypercorn_config(host: str, port: int) -> HypercornConfig:
     hc = HypercornConfig()
     hc.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     hc.accesslog = None
     hc.errorlog = logging.getLogger("hypercorn.error")
     hc.graceful_timeout = 5.0
     hc.keep_alive_timeout = 75.0
+    return hc
+
+
+async def _drain(supervisor: Supervisor, deadline: float) -> None:
+    supervisor.draining = True
+    log.info("stopping: no new requests; waiting up to %.0fs for %d in flight", deadline, supervisor.in_flight())
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline
+    while supervisor.in_flight() and loop.time() < end:
+        await asyncio.sleep(0.05)
+    if supervisor.in_flight():
+        log.warning("deadline reached; cancelling %d request(s)", supervisor.in_flight())
+    await supervisor.stop()
+
+
+async def run(config: Config, host: str, port: int, json_logs: bool = False, config_path: Path | None = None) -> int:
+    supervisor = Supervisor(config, json_logs=json_logs, config_path=str(config_path) if config_path else None)
+    await supervisor.start()
+    app = create_app(supervisor)
+
+    loop = asyncio.get_running_loop()
+    stopped = asyncio.Event()
+    stop_watch = asyncio.Event()
+    signals = 0
+
+    def on_stop_signal() -> None:
+        nonlocal signals
+        signals += 1
+        if signals > 1:
+            log.warning("second signal: exiting now")
+            supervisor.kill_workers()
+            os._exit(1)
+
+        async def graceful():
+            await _drain(supervisor, config.server.shutdown_timeout)
+            stopped.set()
+        loop.create_task(graceful())
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_stop_signal)
+    if config_path is not None:
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(supervisor.reload()))
+        watcher = loop.create_task(watch_config(config_path, supervisor.reload, stop_watch))
+
     log.info("mlxd listening on http://%s:%d with %d model(s)", host, port, len(config.models))
     try:
-        await serve(app, hc, shutdown_trigger=stop.wait)
+        await serve(app, _hypercorn_config(host, port), shutdown_trigger=stopped.wait)
     finally:
-        log.info("stopping workers")
+        stop_watch.set()
+        if config_path is not None:
+            watcher.cancel()
         await supervisor.stop()
+    log.info("stopped")
     return 0

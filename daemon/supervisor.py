@@ -12,7 +12,7 @@ import logging
 import time
 from typing import AsyncIterator, Optional
 
-from .config import Config, ModelConfig
+from .config import Config, ConfigError, ModelConfig, load_config
 from .metrics import Metrics, cache_counter_values
 from .process import WorkerGone, WorkerProcess
 
@@ -148,6 +148,14 @@ class ModelHandle:
             if not finished:
                 self.metrics.request_failed(self.name, "cancelled")
 
+    async def drain(self, timeout: float) -> None:
+        """No new requests reach a draining model; in-flight ones get `timeout` to finish."""
+        self.state = "draining"
+        deadline = time.monotonic() + timeout
+        while self.worker is not None and self.worker.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await self.stop()
+
     async def stop(self, timeout: float = 30.0) -> None:
         self._stopping = True
         self._ready.clear()
@@ -170,19 +178,120 @@ class ModelHandle:
 
 
 class Supervisor:
-    def __init__(self, config: Config, json_logs: bool = False):
+    """Converges the running models to the config: start, replace, reconfigure, drain, stop.
+
+    A model whose entry did not change is never touched. A changed engine or source gets a
+    new worker beside the old one; routing switches only once the new one is ready, then
+    the old one drains. Aliases and sampling defaults apply live.
+    """
+
+    def __init__(self, config: Config, json_logs: bool = False, config_path: Optional[str] = None):
         self.config = config
         self.metrics = Metrics(self, json_logs=json_logs)
         self.handles: dict[str, ModelHandle] = {}
+        self.pending: dict[str, ModelHandle] = {}     # replacements still loading
         self.routes: dict[str, ModelHandle] = {}
         self.started = time.time()
+        self.config_path = config_path
+        self.generation = 0
+        self.loaded_at: Optional[float] = None
+        self.last_error: Optional[str] = None
+        self._tasks: set[asyncio.Task] = set()
+        self._lock = asyncio.Lock()
+        self.draining = False
 
     async def start(self) -> None:
-        for m in self.config.models:
-            h = ModelHandle(m, self.config.server, self.metrics)
-            self.handles[m.name] = h
-            h.start()
-        self._route()
+        await self.apply(self.config)
+
+    def _spawn(self, coro) -> None:
+        t = asyncio.create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    def _new_handle(self, m: ModelConfig) -> ModelHandle:
+        h = ModelHandle(m, self.config.server, self.metrics)
+        h.start()
+        return h
+
+    async def apply(self, new: Config) -> dict:
+        """Make the running state match `new`; returns what changed, by model name."""
+        async with self._lock:
+            changes = {"added": [], "removed": [], "replaced": [], "updated": [], "unchanged": []}
+            if new.server != self.config.server and self.generation:
+                log.warning("server settings changed; host/port apply at the next restart")
+            self.config = new
+            wanted = {m.name: m for m in new.models}
+            for name in [n for n in self.handles if n not in wanted]:
+                h = self.handles.pop(name)
+                self._cancel_pending(name)
+                self._spawn(h.drain(new.server.drain_timeout))
+                changes["removed"].append(name)
+            for name, m in wanted.items():
+                h = self.handles.get(name)
+                if h is None:
+                    self.handles[name] = self._new_handle(m)
+                    changes["added"].append(name)
+                elif h.cfg.worker_key() != m.worker_key() or h.state == "failed":
+                    pending = self.pending.get(name)
+                    if pending is not None and pending.cfg.worker_key() == m.worker_key():
+                        pending.cfg = m
+                    else:
+                        self._cancel_pending(name)
+                        self.pending[name] = self._new_handle(m)
+                        self._spawn(self._switch_when_ready(name, self.pending[name]))
+                    changes["replaced"].append(name)
+                elif h.cfg != m:
+                    h.cfg = m
+                    changes["updated"].append(name)
+                else:
+                    changes["unchanged"].append(name)
+            self._route()
+            self.generation += 1
+            self.loaded_at = time.time()
+            self.last_error = None
+            log.info("config generation %d applied: %s", self.generation,
+                     ", ".join(f"{k} {v}" for k, v in changes.items() if v and k != "unchanged") or "no changes")
+            return changes
+
+    def _cancel_pending(self, name: str) -> None:
+        old = self.pending.pop(name, None)
+        if old is not None:
+            self._spawn(old.stop())
+
+    async def _switch_when_ready(self, name: str, new: ModelHandle) -> None:
+        """Route to the replacement once it is ready, then drain the old worker."""
+        while new.state not in ("ready", "failed", "stopped"):
+            await asyncio.sleep(0.05)
+        async with self._lock:
+            if self.pending.get(name) is not new:
+                return
+            del self.pending[name]
+            if new.state != "ready":
+                self.last_error = f"model {name!r}: new settings failed to load, still serving the old ones: {new.last_error}"
+                log.error("%s", self.last_error)
+                self._spawn(new.stop())
+                return
+            old = self.handles.get(name)
+            self.handles[name] = new
+            self._route()
+        if old is not None:
+            await old.drain(self.config.server.drain_timeout)
+
+    async def reload(self) -> dict:
+        """Re-read the config file; a bad one leaves everything running as it was."""
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as e:
+            self.config_failed(str(e))
+            return {"applied": False, "error": str(e)}
+        changes = await self.apply(new)
+        self.metrics.reloads.labels("success").inc()
+        return {"applied": True, "generation": self.generation, "changes": changes}
+
+    def config_failed(self, error: str) -> None:
+        self.last_error = error
+        self.metrics.reloads.labels("error").inc()
+        log.error("config not applied, the running models are unchanged:\n%s", error)
 
     def _route(self) -> None:
         self.routes = {}
@@ -193,8 +302,22 @@ class Supervisor:
     def get(self, name: str) -> Optional[ModelHandle]:
         return self.routes.get(name)
 
-    async def wait_all_ready(self, timeout: float) -> None:
-        await asyncio.gather(*(h.wait_ready(timeout) for h in self.handles.values()))
+    def status(self) -> dict:
+        return {"path": self.config_path, "generation": self.generation, "loaded_at": self.loaded_at,
+                "last_error": self.last_error}
+
+    def in_flight(self) -> int:
+        return sum(h.worker.in_flight for h in self.all_handles() if h.worker is not None)
+
+    def all_handles(self) -> list[ModelHandle]:
+        return [*self.handles.values(), *self.pending.values()]
+
+    def kill_workers(self) -> None:
+        for h in self.all_handles():
+            if h.worker is not None and h.worker.proc is not None and h.worker.proc.returncode is None:
+                h.worker.proc.kill()
 
     async def stop(self, timeout: float = 30.0) -> None:
-        await asyncio.gather(*(h.stop(timeout) for h in self.handles.values()), return_exceptions=True)
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*(h.stop(timeout) for h in self.all_handles()), return_exceptions=True)

@@ -36,8 +36,18 @@ def create_app(supervisor) -> Quart:
     async def status():
         return jsonify({
             "uptime_seconds": round(time.time() - supervisor.started, 3),
+            "config": supervisor.status(),
+            "draining": supervisor.draining,
             "models": [h.status() for h in supervisor.handles.values()],
+            "loading": [h.status() for h in supervisor.pending.values()],
         })
+
+    @app.post("/admin/reload")
+    async def admin_reload():
+        result = await supervisor.reload()
+        resp = jsonify(result)
+        resp.status_code = 200 if result["applied"] else 400
+        return resp
 
     @app.errorhandler(APIError)
     async def api_error(e: APIError):

@@ -95,6 +95,9 @@ async def _first_event(events: AsyncIterator[dict]) -> dict:
 
 async def _complete(kind: str):
     schema = ChatCompletionRequest if kind == "chat" else CompletionRequest
+    if _supervisor().draining:
+        raise APIError(503, "mlxd is shutting down; retry shortly", type_="server_error",
+                       code="shutting_down", headers={"Retry-After": "5"})
     body = await _body(schema)
     handle = _supervisor().get(body.model)
     if handle is None:
@@ -145,6 +148,9 @@ async def _collect(kind: str, events: AsyncIterator[dict], meta: dict):
                     break
         except WorkerGone as e:
             raise APIError(503, str(e), type_="server_error", code="worker_died") from None
+    if ev["finish_reason"] == "cancelled":
+        raise APIError(503, "the request was cancelled: mlxd is stopping or the model was removed",
+                       type_="server_error", code="cancelled")
     text = "".join(parts)
     if kind == "chat":
         choice = {"index": 0, "message": {"role": "assistant", "content": text},
@@ -183,6 +189,10 @@ async def _stream(kind: str, events: AsyncIterator[dict], meta: dict, include_us
                     yield f": prefill {ev['done']}/{ev['total']}\n\n".encode()
                 elif op == "error":
                     yield _sse(_worker_error(ev).body())
+                    return
+                elif op == "done" and ev["finish_reason"] == "cancelled":
+                    yield _sse(APIError(503, "the request was cancelled: mlxd is stopping or the model was "
+                                             "removed", type_="server_error", code="cancelled").body())
                     return
                 elif op == "done":
                     yield chunk(finish=ev["finish_reason"])

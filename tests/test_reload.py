@@ -1,0 +1,179 @@
+"""Hot reload: edit the YAML, the daemon converges; untouched models never notice."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+import yaml
+from openai import OpenAI
+
+from conftest import Daemon, smol
+
+A = smol("a", sampling={"temperature": 0.0, "max_tokens": 4})
+
+
+def models_ids(d: Daemon) -> set[str]:
+    return {m["id"] for m in httpx.get(f"{d.url}/v1/models", timeout=10).json()["data"]}
+
+
+def wait_until(pred, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = pred()
+        if got:
+            return got
+        time.sleep(0.05)
+    raise AssertionError(f"not within {timeout}s: {what}")
+
+
+def save_atomically(path, text: str) -> None:
+    """How vim/VS Code save: write a temp file, rename it over the config."""
+    tmp = path.with_name(f".{path.name}.swp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    d = Daemon(tmp_path, [A], server={"drain_timeout": 20})
+    d.start()
+    yield d
+    d.stop()
+
+
+class Load:
+    """A steady stream of requests to model `a`, counting failures."""
+
+    def __init__(self, d: Daemon):
+        self.client = OpenAI(base_url=f"{d.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        self.ok, self.failed, self.stop = 0, [], threading.Event()
+        self.thread = threading.Thread(target=self.run)
+
+    def run(self):
+        while not self.stop.is_set():
+            try:
+                r = self.client.chat.completions.create(model="a", max_tokens=4,
+                                                        messages=[{"role": "user", "content": "Hi"}])
+                assert r.choices[0].message.content is not None
+                self.ok += 1
+            except Exception as e:
+                self.failed.append(repr(e))
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(120)
+
+
+def test_twenty_edits_under_load_leave_model_a_untouched(daemon):
+    pid_a = daemon.model_status("a")["pid"]
+    b = smol("b", sampling={"max_tokens": 4})
+    b2 = smol("b", sampling={"max_tokens": 4}, engine={"max_batch_size": 2})
+    a_alias = {**A, "aliases": ["first"]}
+    edits = [  # (models or raw text, what must become visible)
+        ([A, b], lambda: "b" in models_ids(daemon) and daemon.model_status("b")["state"] == "ready"),
+        ([A, b2], lambda: daemon.model_status("b")["worker"].get("pid") and
+            daemon.status()["config"]["last_error"] is None and not daemon.status()["loading"]),
+        ([a_alias, b2], lambda: "first" in models_ids(daemon)),
+        ([a_alias], lambda: "b" not in models_ids(daemon)),
+        ("models: [\n  {name: a, source: ", lambda: daemon.status()["config"]["last_error"]),
+        ([A], lambda: "first" not in models_ids(daemon) and daemon.status()["config"]["last_error"] is None),
+    ]
+    with Load(daemon) as load:
+        for i in range(20):
+            content, visible = edits[i % len(edits)]
+            gen = daemon.status()["config"]["generation"]
+            text = content if isinstance(content, str) else yaml.safe_dump(
+                {"server": {"port": daemon.port, "cache_dir": str(daemon.cache_dir), "drain_timeout": 20},
+                 "models": content}, sort_keys=False)
+            t0 = time.monotonic()
+            save_atomically(daemon.config_path, text)
+            if isinstance(content, str):
+                wait_until(visible, 2.0, f"edit {i}: error visible")
+            else:
+                wait_until(lambda: daemon.status()["config"]["generation"] > gen, 2.0, f"edit {i} applied")
+                wait_until(visible, 60.0, f"edit {i} visible")  # 2 s + a worker's load time
+            assert time.monotonic() - t0 < 62
+        time.sleep(0.5)
+    assert load.failed == []
+    assert load.ok > 20
+    assert daemon.model_status("a")["pid"] == pid_a
+
+
+@pytest.mark.parametrize("bad,expect", [
+    ("models:\n  - name: a\n    source: [embedded\n", "YAML syntax error"),
+    ("models:\n  - name: a\n    source: embedded:smollm2\n    turbo: true\n", "config.yaml:4: models[0].turbo"),
+    ("models:\n  - {name: a, source: embedded:smollm2}\n  - {name: b, source: embedded:smollm2, aliases: [a]}\n",
+     "config.yaml:3: models[1] (model 'b'): name or alias 'a' is already used"),
+    ("models:\n  - name: a\n    sour", "config.yaml:"),
+])
+def test_bad_edits_are_harmless(daemon, bad, expect):
+    pid = daemon.model_status("a")["pid"]
+    good = daemon.config_path.read_text()
+    gen = daemon.status()["config"]["generation"]
+    daemon.config_path.write_text(bad)                       # written in place
+    err = wait_until(lambda: daemon.status()["config"]["last_error"], 3.0, "error reported")
+    assert expect in err
+    assert daemon.status()["config"]["generation"] == gen
+    metrics = httpx.get(f"{daemon.url}/metrics", timeout=10).text
+    assert 'mlxd_config_reloads_total{result="error"}' in metrics
+    r = OpenAI(base_url=f"{daemon.url}/v1", api_key="x", max_retries=0).chat.completions.create(
+        model="a", max_tokens=2, messages=[{"role": "user", "content": "Hi"}])
+    assert r.choices[0].message.content is not None
+    daemon.config_path.write_text(good.replace("max_tokens: 4", "max_tokens: 5"))
+    wait_until(lambda: daemon.status()["config"]["last_error"] is None, 3.0, "good save applied")
+    assert daemon.model_status("a")["pid"] == pid   # a sampling default: applied live
+
+
+def test_deleted_config_keeps_serving_and_reload_triggers(daemon):
+    good = daemon.config_path.read_text()
+    daemon.config_path.unlink()
+    assert "cannot read config" in wait_until(lambda: daemon.status()["config"]["last_error"], 3.0, "error")
+    assert daemon.model_status("a")["state"] == "ready"
+    daemon.config_path.write_text(good.replace("max_tokens: 4", "max_tokens: 6"))
+    wait_until(lambda: daemon.status()["config"]["last_error"] is None, 3.0, "recreated file applied")
+    gen = daemon.status()["config"]["generation"]
+    r = httpx.post(f"{daemon.url}/admin/reload", timeout=30)
+    assert r.status_code == 200 and r.json()["generation"] == gen + 1
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: daemon.status()["config"]["generation"] == gen + 2, 3.0, "SIGHUP reload")
+
+
+def test_symlinked_config_is_followed(tmp_path):
+    real = tmp_path / "dotfiles" / "mlxd.yaml"
+    real.parent.mkdir()
+    d = Daemon(tmp_path, [A])
+    real.write_text(d.config_path.read_text())
+    d.config_path.unlink()
+    d.config_path.symlink_to(real)
+    d.start()
+    try:
+        real.write_text(real.read_text().replace("name: a", "name: a\n  aliases: [linked]"))
+        wait_until(lambda: "linked" in models_ids(d), 3.0, "edit through the symlink applied")
+    finally:
+        d.stop()
+
+
+def test_removed_model_drains_in_flight_requests(daemon):
+    b = smol("b", sampling={"max_tokens": 64, "temperature": 0.0})
+    daemon.write_config([A, b], server={"drain_timeout": 20})
+    wait_until(lambda: "b" in models_ids(daemon) and daemon.model_status("b")["state"] == "ready", 60, "b ready")
+    client = OpenAI(base_url=f"{daemon.url}/v1", api_key="x", max_retries=0, timeout=120)
+    stream = client.chat.completions.create(model="b", max_tokens=64, stream=True,
+                                            messages=[{"role": "user", "content": "Tell me a story."}])
+    first = next(iter(stream))
+    daemon.write_config([A], server={"drain_timeout": 20})
+    wait_until(lambda: "b" not in models_ids(daemon), 3.0, "b no longer routed")
+    rest = list(stream)
+    assert first.choices[0].delta.role == "assistant"
+    assert rest[-1].choices[0].finish_reason in ("stop", "length")
+    with pytest.raises(Exception):
+        client.chat.completions.create(model="b", max_tokens=2, messages=[{"role": "user", "content": "Hi"}])
