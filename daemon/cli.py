@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from . import service
 from .config import ConfigError, json_schema, load_config
 
 DEFAULT_CONFIG = Path(os.environ.get("MLXD_CONFIG", "~/.config/mlxd/config.yaml")).expanduser()
@@ -33,7 +34,7 @@ def cmd_serve(args) -> int:
 
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
-    return asyncio.run(run(config, host, port, json_logs=args.log_format == "json"))
+    return asyncio.run(run(config, host, port, json_logs=args.log_format == "json", config_path=args.config))
 
 
 def cmd_check(args) -> int:
@@ -86,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     j = sub.add_parser("schema", help="print the config's JSON Schema (for editor completion)")
     j.set_defaults(func=cmd_schema)
+    service.add_parser(sub)
     return p
 
 
