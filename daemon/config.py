@@ -80,6 +80,9 @@ class ModelConfig(_Strict):
     engine: Engine = Engine()
     sampling: Sampling = Sampling()
     prefix_cache: PrefixCache = PrefixCache()
+    preload: bool = Field(True, description="Start with the daemon; false loads at the first request.")
+    idle_ttl: Optional[float] = Field(None, gt=0, description="Seconds without requests after which the worker is stopped.")
+    pinned: bool = Field(False, description="Never stopped by idle_ttl or the memory budget.")
 
     def worker_key(self) -> str:
         """What a running worker depends on; a change to anything else applies live."""
@@ -99,6 +102,7 @@ class Server(_Strict):
     worker_start_timeout: float = Field(600.0, gt=0, description="Seconds a worker may take to load its model.")
     drain_timeout: float = Field(30.0, ge=0, description="Seconds in-flight requests of a removed or replaced model may take to finish.")
     shutdown_timeout: float = Field(30.0, ge=0, description="Seconds in-flight requests may take to finish when the daemon stops.")
+    memory_budget: Optional[Size] = Field(None, description="Memory all workers may use; least-recently-used idle models are stopped to make room.")
 
     @property
     def resolved_cache_dir(self) -> Path:

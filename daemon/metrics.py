@@ -12,15 +12,17 @@ import json
 import logging
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 log = logging.getLogger("mlxd.requests")
+disable_created_metrics()   # one `_created` twin per series only doubles what Prometheus stores
 
 P = "mlxd_"
 STATES = ("loading", "ready", "restarting", "draining", "stopped", "failed")
 # Local LLM latencies: milliseconds for a cached short prompt, minutes for a cold long one.
-LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0)
+LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0,
+           60.0, 90.0, 120.0, 180.0, 300.0, 600.0)
 ITL = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
 TOKENS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 
@@ -51,8 +53,16 @@ class Metrics:
                                   ["model", "tier"], registry=r)
         self.restarts = Counter(P + "worker_restarts", "Worker processes restarted after an exit.", m, registry=r)
         self.reloads = Counter(P + "config_reloads", "Config reloads.", ["result"], registry=r)
+        for result in ("success", "error"):   # present from the start, so increase() sees the first one
+            self.reloads.labels(result)
         if supervisor is not None:
             r.register(_WorkerCollector(supervisor))
+
+    def model_added(self, model: str) -> None:
+        """Series that alerts use with increase() must exist before their first event."""
+        self.restarts.labels(model)
+        for reason in ("cancelled", "worker_died"):
+            self.errors.labels(model, reason)
 
     def request_done(self, model: str, ev: dict, cache_enabled: bool) -> None:
         u, t = ev["usage"], ev["timings"]

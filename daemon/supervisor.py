@@ -33,6 +33,7 @@ class ModelHandle:
         self.cfg = cfg
         self.server_cfg = server_cfg
         self.metrics = metrics
+        metrics.model_added(cfg.name)
         self.stats: dict = {}
         self._counter_base = {"evictions": 0, "corrupt": 0}
         self.state = "stopped"
@@ -42,22 +43,40 @@ class ModelHandle:
         self.last_error = ""
         self.last_used: Optional[float] = None
         self.started_at: Optional[float] = None
+        self.started_wall = 0.0
         self._ready = asyncio.Event()
         self._stopping = False
         self._task: Optional[asyncio.Task] = None
+        self.starts = 0                     # worker processes spawned
+        self.memory_estimate = 0            # largest memory seen, to plan the next load
+        self.tokens = {"prompt": 0, "generated": 0}
+        self.on_demand = None               # the supervisor's loader, for models not preloaded
+        self.on_ready = None                # the supervisor's budget check, once memory is known
 
     @property
     def name(self) -> str:
         return self.cfg.name
 
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done() and not self._stopping
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.worker and self.worker.in_flight)
+
     def start(self) -> None:
+        if self.running:
+            return
         self._stopping = False
+        self.state = "loading"
         self._task = asyncio.create_task(self._run(), name=f"model-{self.name}")
 
     async def _run(self) -> None:
         attempt = 0
         while not self._stopping:
             self.state = "loading"
+            self.starts += 1
             worker = WorkerProcess(self.cfg, self.server_cfg.resolved_cache_dir)
             self.worker = worker
             try:
@@ -65,10 +84,17 @@ class ModelHandle:
             except WorkerGone as e:
                 self.last_error = str(e)
                 log.error("%s", e)
+                if self._stopping:
+                    break
+                self.restarts += 1
+                self.metrics.restarts.labels(self.name).inc()
             else:
                 log.info("model %s ready (pid %s, %s, %s, BLAS %s, loaded in %.1fs)", self.name,
                          info["pid"], info["device"], info["dtype"], info["blas"], info["load_seconds"])
-                self.state, self.started_at = "ready", time.monotonic()
+                self.state, self.started_at, self.started_wall = "ready", time.monotonic(), time.time()
+                self.memory_estimate = max(self.memory_estimate, info.get("mlx_memory_bytes", 0))
+                if self.on_ready is not None:
+                    self.on_ready(self)
                 self._ready.set()
                 poller = asyncio.create_task(self._poll_stats(worker))
                 await worker.exited
@@ -101,6 +127,7 @@ class ModelHandle:
         while not worker.exited.done():
             try:
                 self.stats = await worker.call("stats", timeout=STATS_INTERVAL * 5)
+                self.memory_estimate = max(self.memory_estimate, self.stats.get("memory_bytes", 0))
             except (WorkerGone, asyncio.TimeoutError):
                 pass
             await asyncio.sleep(STATS_INTERVAL)
@@ -117,6 +144,8 @@ class ModelHandle:
         return {k: self._counter_base[k] + live[k] for k in self._counter_base}
 
     async def wait_ready(self, timeout: float) -> WorkerProcess:
+        if not self.running and self.state != "failed" and self.on_demand is not None:
+            await self.on_demand(self)
         if self.state == "failed":
             raise ModelUnavailable(f"model {self.name!r} failed to start: {self.last_error}")
         try:
@@ -134,6 +163,8 @@ class ModelHandle:
             async for ev in worker.generate(payload):
                 if ev["op"] == "done":
                     finished = True
+                    self.tokens["prompt"] += ev["usage"]["prompt_tokens"]
+                    self.tokens["generated"] += ev["usage"]["completion_tokens"]
                     self.metrics.request_done(self.name, ev, self.cfg.prefix_cache.enabled)
                 elif ev["op"] == "error":
                     finished = True
@@ -172,9 +203,21 @@ class ModelHandle:
             "pid": w.pid if w and self.state == "ready" else None,
             "restarts": self.restarts, "last_error": self.last_error or None,
             "requests_in_flight": w.in_flight if w else 0,
+            "requests_running": self.stats.get("running", 0), "requests_waiting": self.stats.get("waiting", 0),
+            "memory_bytes": self.stats.get("memory_bytes", 0), "tokens": dict(self.tokens),
+            "cache": _cache_summary(self.stats.get("cache")),
+            "workers_started": self.starts, "preload": self.cfg.preload, "pinned": self.cfg.pinned,
             "last_used": self.last_used,
             "worker": {k: v for k, v in (w.info if w else {}).items() if k != "op"},
         }
+
+
+def _cache_summary(cache: Optional[dict]) -> Optional[dict]:
+    if not cache:
+        return None
+    return {"entries": cache["entries"], "memory_bytes": cache["memory"]["bytes"],
+            "disk_bytes": cache["disk"]["bytes"], "hit_tokens": cache["hit_tokens"],
+            "query_tokens": cache["query_tokens"]}
 
 
 class Supervisor:
@@ -198,20 +241,68 @@ class Supervisor:
         self.last_error: Optional[str] = None
         self._tasks: set[asyncio.Task] = set()
         self._lock = asyncio.Lock()
+        self._load_lock = asyncio.Lock()
         self.draining = False
 
     async def start(self) -> None:
         await self.apply(self.config)
+        self._spawn(self._reap_idle())
 
     def _spawn(self, coro) -> None:
         t = asyncio.create_task(coro)
         self._tasks.add(t)
         t.add_done_callback(self._tasks.discard)
 
-    def _new_handle(self, m: ModelConfig) -> ModelHandle:
+    def _new_handle(self, m: ModelConfig, load: bool = False) -> ModelHandle:
         h = ModelHandle(m, self.config.server, self.metrics)
-        h.start()
+        h.on_demand = self.ensure_loaded
+        h.on_ready = lambda h: self._spawn(self._make_room(h))
+        if m.preload or load:
+            self._spawn(self.ensure_loaded(h))
         return h
+
+    async def ensure_loaded(self, h: ModelHandle) -> None:
+        """Start a model's worker once (single-flight), first making room under the memory budget."""
+        async with self._load_lock:
+            if h.running:
+                return
+            await self._make_room(h)
+            h.start()
+
+    async def _make_room(self, h: ModelHandle) -> None:
+        """Stop least-recently-used idle, unpinned models until `h` fits the memory budget.
+
+        Runs before a load (with what `h` used last time, or what a model of the same
+        source uses) and again once `h` is ready and its real size is known.
+        """
+        budget = self.config.server.memory_budget
+        if budget is None:
+            return
+        need = h.memory_estimate or max((x.memory_estimate for x in self.all_handles()
+                                          if x.cfg.source == h.cfg.source and x.cfg.dtype == h.cfg.dtype), default=0)
+        loaded = [x for x in self.all_handles() if x.running and x is not h]
+        used = sum(x.memory_estimate for x in loaded)
+        victims = sorted((x for x in loaded if not x.cfg.pinned and not x.busy), key=lambda x: x.last_used or 0)
+        while used + need > budget and victims:
+            v = victims.pop(0)
+            log.info("stopping idle model %s to make room for %s under the memory budget", v.name, h.name)
+            used -= v.memory_estimate
+            await v.stop()
+        if used + need > budget:
+            log.warning("%s exceeds the memory budget (%d + %d > %d bytes) and nothing idle can be stopped",
+                        h.name, used, need, budget)
+
+    async def _reap_idle(self) -> None:
+        """Stop workers idle for longer than their model's idle_ttl."""
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.time()
+            for h in list(self.handles.values()):
+                ttl = h.cfg.idle_ttl
+                if ttl and h.running and h.state == "ready" and not h.cfg.pinned and not h.busy \
+                        and now - (h.last_used or h.started_wall) > ttl:
+                    log.info("model %s idle for %.0fs: stopping its worker", h.name, ttl)
+                    await h.stop()
 
     async def apply(self, new: Config) -> dict:
         """Make the running state match `new`; returns what changed, by model name."""
@@ -231,13 +322,17 @@ class Supervisor:
                 if h is None:
                     self.handles[name] = self._new_handle(m)
                     changes["added"].append(name)
+                elif (h.cfg.worker_key() != m.worker_key() or h.state == "failed") and not h.running:
+                    self.handles[name] = self._new_handle(m)      # not loaded: nothing to switch over
+                    self._spawn(h.stop())
+                    changes["replaced"].append(name)
                 elif h.cfg.worker_key() != m.worker_key() or h.state == "failed":
                     pending = self.pending.get(name)
                     if pending is not None and pending.cfg.worker_key() == m.worker_key():
                         pending.cfg = m
                     else:
                         self._cancel_pending(name)
-                        self.pending[name] = self._new_handle(m)
+                        self.pending[name] = self._new_handle(m, load=True)
                         self._spawn(self._switch_when_ready(name, self.pending[name]))
                     changes["replaced"].append(name)
                 elif h.cfg != m:

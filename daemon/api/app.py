@@ -23,9 +23,8 @@ def create_app(supervisor) -> Quart:
     @app.get("/health")
     async def health():
         states = {h.name: h.state for h in supervisor.handles.values()}
-        ok = any(s == "ready" for s in states.values())
-        resp = jsonify({"status": "ok" if ok else "starting", "models": states})
-        resp.status_code = 200 if ok else 503
+        resp = jsonify({"status": "stopping" if supervisor.draining else "ok", "models": states})
+        resp.status_code = 503 if supervisor.draining else 200
         return resp
 
     @app.get("/metrics")

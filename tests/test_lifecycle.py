@@ -1,0 +1,101 @@
+"""Model lifecycle: on-demand loads (single-flight), idle TTL, pinning, the memory budget."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from openai import OpenAI
+
+from conftest import Daemon, smol
+
+HI = [{"role": "user", "content": "Hi"}]
+
+
+def client_for(d: Daemon) -> OpenAI:
+    return OpenAI(base_url=f"{d.url}/v1", api_key="x", max_retries=0, timeout=300)
+
+
+def ask(c: OpenAI, model: str):
+    return c.chat.completions.create(model=model, max_tokens=3, temperature=0, messages=HI)
+
+
+def wait_state(d: Daemon, name: str, state: str, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = d.model_status(name)
+        if st["state"] == state:
+            return st
+        time.sleep(0.1)
+    raise AssertionError(f"{name} not {state} within {timeout}s: {st}")
+
+
+def start_unready(d: Daemon) -> Daemon:
+    """Start a daemon whose models are on demand: it is up before any model is."""
+    d.log = open(d.log_path, "ab")
+    import subprocess, sys
+    from conftest import ROOT
+    d.proc = subprocess.Popen([sys.executable, "-m", "daemon", "serve", "--config", str(d.config_path)],
+                              cwd=ROOT, stdout=d.log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            d.status()
+            return d
+        except Exception:
+            time.sleep(0.1)
+    raise TimeoutError(d.tail())
+
+
+def test_on_demand_load_is_single_flight(tmp_path):
+    d = start_unready(Daemon(tmp_path, [smol("lazy", preload=False)]))
+    try:
+        assert d.model_status("lazy")["state"] == "stopped"
+        c = client_for(d)
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(ask(c, "lazy"))) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        assert len(results) == 2 and all(r.choices[0].message.content is not None for r in results)
+        st = d.model_status("lazy")
+        assert st["state"] == "ready" and st["workers_started"] == 1
+    finally:
+        d.stop()
+
+
+def test_idle_ttl_stops_the_worker_and_the_next_request_reloads(tmp_path):
+    d = start_unready(Daemon(tmp_path, [smol("brief", idle_ttl=2), smol("kept", idle_ttl=2, pinned=True)]))
+    try:
+        c = client_for(d)
+        wait_state(d, "kept", "ready", timeout=120)
+        ask(c, "brief")
+        st = wait_state(d, "brief", "stopped", timeout=30)
+        assert st["pid"] is None
+        started = st["workers_started"]
+        time.sleep(3)
+        assert d.model_status("kept")["state"] == "ready"        # pinned: never reaped
+        assert ask(c, "brief").choices[0].message.content is not None
+        assert d.model_status("brief")["workers_started"] == started + 1
+    finally:
+        d.stop()
+
+
+def test_memory_budget_stops_the_least_recently_used_idle_model(tmp_path):
+    # One f32 SmolLM2 worker holds ~0.55 GB of MLX memory: a 0.9 GB budget fits one.
+    d = start_unready(Daemon(tmp_path, [smol("one", preload=False), smol("two", preload=False)],
+                             server={"memory_budget": "900MB"}))
+    try:
+        c = client_for(d)
+        ask(c, "one")
+        time.sleep(2.5)                                        # one stats poll: its memory is known
+        ask(c, "two")
+        assert wait_state(d, "one", "stopped", timeout=30)["pid"] is None
+        assert d.model_status("two")["state"] == "ready"
+        time.sleep(2.5)
+        ask(c, "one")                                          # and back: two makes room
+        assert wait_state(d, "two", "stopped", timeout=30)
+        assert d.model_status("one")["state"] == "ready"
+    finally:
+        d.stop()
