@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema, model_validator
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
@@ -43,6 +43,32 @@ Size = Annotated[
 ]
 
 
+_SECRET_REF = re.compile(r"^\$\{(env|file):([^}]+)\}$")
+
+
+def resolve_secret(value: str) -> str:
+    """`${env:VAR}` or `${file:PATH}` so keys need not sit in the YAML itself."""
+    m = _SECRET_REF.match(value)
+    if not m:
+        return value
+    kind, ref = m.groups()
+    if kind == "env":
+        if not os.environ.get(ref):
+            raise ValueError(f"environment variable {ref} is not set")
+        return os.environ[ref]
+    path = Path(ref).expanduser()
+    try:
+        secret = path.read_text().strip()
+    except OSError as e:
+        raise ValueError(f"cannot read key file {path}: {e.strerror or e}") from None
+    if not secret:
+        raise ValueError(f"key file {path} is empty")
+    return secret
+
+
+Secret = Annotated[str, Field(min_length=1), AfterValidator(resolve_secret)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -62,6 +88,7 @@ class Engine(_Strict):
     prefill_batch_size: int = Field(4, ge=1, le=64, description="Prompts prefilled together.")
     prefill_step_size: int = Field(512, ge=16, description="Tokens per prefill chunk; smaller keeps decode of others smooth.")
     context_length: Optional[int] = Field(None, ge=16, description="Max prompt + completion tokens; default: the model's.")
+    max_waiting: int = Field(64, ge=0, description="Requests queued beyond max_batch_size before new ones get 429.")
 
 
 class PrefixCache(_Strict):
@@ -95,6 +122,18 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlxd"
 
 
+class Auth(_Strict):
+    api_keys: tuple[Secret, ...] = Field((), description="Accepted bearer keys; literal, ${env:VAR} or ${file:PATH}. Empty: no auth.")
+    protect_metrics: bool = Field(False, description="Require a key for /metrics too.")
+
+
+class RateLimit(_Strict):
+    """Per API key (per client address when there are no keys); token buckets refilled per minute."""
+
+    requests_per_minute: Optional[int] = Field(None, ge=1)
+    tokens_per_minute: Optional[int] = Field(None, ge=1, description="Prompt + generated tokens.")
+
+
 class Server(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -103,6 +142,11 @@ class Server(_Strict):
     drain_timeout: float = Field(30.0, ge=0, description="Seconds in-flight requests of a removed or replaced model may take to finish.")
     shutdown_timeout: float = Field(30.0, ge=0, description="Seconds in-flight requests may take to finish when the daemon stops.")
     memory_budget: Optional[Size] = Field(None, description="Memory all workers may use; least-recently-used idle models are stopped to make room.")
+    auth: Auth = Auth()
+    rate_limit: RateLimit = RateLimit()
+    max_body_bytes: Size = parse_size("8MiB")
+    request_timeout: Optional[float] = Field(900.0, gt=0, description="Seconds a request may take in all; null: no limit.")
+    worker_hang_timeout: float = Field(120.0, gt=0, description="A worker silent this long (no step, no stats) is restarted.")
 
     @property
     def resolved_cache_dir(self) -> Path:

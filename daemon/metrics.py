@@ -120,6 +120,7 @@ class _WorkerCollector:
         c = {name: CounterMetricFamily(P + name, doc, labels=["model"]) for name, doc in (
             ("prefix_cache_evictions", "Prefix-cache entries evicted (memory and disk)."),
             ("prefix_cache_corrupt", "Prefix-cache files found corrupt and discarded."),
+            ("prefix_cache_disk_errors", "Prefix-cache entries not written (disk full, unwritable directory)."),
         )}
         for h in self.sup.handles.values():
             s = h.stats if h.state == "ready" else {}
@@ -135,6 +136,7 @@ class _WorkerCollector:
             totals = h.cache_counters()
             c["prefix_cache_evictions"].add_metric([h.name], totals["evictions"])
             c["prefix_cache_corrupt"].add_metric([h.name], totals["corrupt"])
+            c["prefix_cache_disk_errors"].add_metric([h.name], totals["disk_errors"])
         yield from g.values()
         yield from c.values()
 
@@ -143,4 +145,4 @@ def cache_counter_values(cache: dict) -> dict:
     """The cumulative counters of one worker's cache stats, as the collector names them."""
     disk = cache.get("disk") or {}
     return {"evictions": cache.get("memory_evictions", 0) + disk.get("evictions", 0),
-            "corrupt": disk.get("corrupt", 0)}
+            "corrupt": disk.get("corrupt", 0), "disk_errors": disk.get("write_errors", 0)}

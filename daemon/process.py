@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import AsyncIterator, Callable, Optional
 
@@ -26,6 +27,10 @@ log = logging.getLogger("mlxd.process")
 
 class WorkerGone(Exception):
     """The worker exited (or never came up); the message says how, for the client."""
+
+
+class RequestTimeout(Exception):
+    """The request's deadline passed; it is cancelled in the worker."""
 
 
 def _describe_exit(code: Optional[int]) -> str:
@@ -62,6 +67,7 @@ class WorkerProcess:
         self._ready: asyncio.Future = asyncio.get_running_loop().create_future()
         self.exited: asyncio.Future = asyncio.get_running_loop().create_future()
         self.exit_reason = ""
+        self.last_frame = time.monotonic()     # any frame is a sign of life (stats come every 2 s)
 
     @property
     def pid(self) -> Optional[int]:
@@ -93,6 +99,7 @@ class WorkerProcess:
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         while (msg := await read_frame(reader)) is not None:
+            self.last_frame = time.monotonic()
             op = msg["op"]
             if op == "ready":
                 self._ready.done() or self._ready.set_result(msg)
@@ -106,7 +113,9 @@ class WorkerProcess:
                 q.put_nowait(msg)
         code = await self.proc.wait() if self.proc else None
         why = f"the worker for model {self.cfg.name!r} {_describe_exit(code)}"
-        if self.exit_reason:
+        if self.exit_reason.startswith("the worker"):
+            why = self.exit_reason
+        elif self.exit_reason:
             why += f": {self.exit_reason}"
         self.exit_reason = why
         gone = WorkerGone(why)
@@ -135,18 +144,26 @@ class WorkerProcess:
         finally:
             self._calls.pop(seq, None)
 
-    async def generate(self, payload: dict) -> AsyncIterator[dict]:
-        """Submit a request and yield its events until `done`; cancels it if abandoned."""
+    async def generate(self, payload: dict, timeout: Optional[float] = None) -> AsyncIterator[dict]:
+        """Submit a request and yield its events until `done`; cancels it if abandoned.
+
+        The deadline is a timer that puts RequestTimeout into the request's own queue, so
+        no extra task (and no wait_for, which can swallow a cancellation) sits in between.
+        """
         rid = f"r{next(self._ids)}"
         q: asyncio.Queue = asyncio.Queue()
         self._streams[rid] = q
         finished = False
+        timer = asyncio.get_running_loop().call_later(timeout, q.put_nowait, RequestTimeout(timeout)) \
+            if timeout else None
         try:
             self._send({"op": "submit", "id": rid, **payload})
             while True:
                 ev = await q.get()
-                if isinstance(ev, Exception):
+                if isinstance(ev, WorkerGone):
                     finished = True
+                    raise ev
+                if isinstance(ev, Exception):
                     raise ev
                 if ev["op"] in ("done", "error"):
                     finished = True
@@ -154,6 +171,8 @@ class WorkerProcess:
                 if finished:
                     return
         finally:
+            if timer is not None:
+                timer.cancel()
             self._streams.pop(rid, None)
             if not finished and not self.exited.done():
                 self._send({"op": "cancel", "id": rid})
@@ -173,7 +192,9 @@ class WorkerProcess:
             log.warning("worker %s (pid %s) did not stop in %.0fs; killing it", self.cfg.name, self.pid, timeout)
             await self.kill()
 
-    async def kill(self) -> None:
+    async def kill(self, reason: str = "") -> None:
+        if reason:
+            self.exit_reason = reason
         if self.proc is not None and self.proc.returncode is None:
             try:
                 self.proc.kill()

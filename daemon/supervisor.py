@@ -28,6 +28,10 @@ class ModelUnavailable(Exception):
     pass
 
 
+class ModelAtCapacity(Exception):
+    pass
+
+
 class ModelHandle:
     def __init__(self, cfg: ModelConfig, server_cfg, metrics: Metrics):
         self.cfg = cfg
@@ -35,7 +39,7 @@ class ModelHandle:
         self.metrics = metrics
         metrics.model_added(cfg.name)
         self.stats: dict = {}
-        self._counter_base = {"evictions": 0, "corrupt": 0}
+        self._counter_base = {"evictions": 0, "corrupt": 0, "disk_errors": 0}
         self.state = "stopped"
         self.worker: Optional[WorkerProcess] = None
         self.restarts = 0
@@ -50,6 +54,7 @@ class ModelHandle:
         self.starts = 0                     # worker processes spawned
         self.memory_estimate = 0            # largest memory seen, to plan the next load
         self.tokens = {"prompt": 0, "generated": 0}
+        self.requests = 0                   # admitted and not finished, waiting for a load included
         self.on_demand = None               # the supervisor's loader, for models not preloaded
         self.on_ready = None                # the supervisor's budget check, once memory is known
 
@@ -63,7 +68,7 @@ class ModelHandle:
 
     @property
     def busy(self) -> bool:
-        return bool(self.worker and self.worker.in_flight)
+        return bool(self.requests or (self.worker and self.worker.in_flight))
 
     def start(self) -> None:
         if self.running:
@@ -129,7 +134,13 @@ class ModelHandle:
                 self.stats = await worker.call("stats", timeout=STATS_INTERVAL * 5)
                 self.memory_estimate = max(self.memory_estimate, self.stats.get("memory_bytes", 0))
             except (WorkerGone, asyncio.TimeoutError):
-                pass
+                silent = time.monotonic() - worker.last_frame
+                if silent > self.server_cfg.worker_hang_timeout and not worker.exited.done():
+                    log.error("worker for model %s (pid %s) made no progress for %.0fs: killing it",
+                              self.name, worker.pid, silent)
+                    await worker.kill(f"the worker for model {self.name!r} hung (no progress for {silent:.0f}s) "
+                                      f"and was restarted")
+                    return
             await asyncio.sleep(STATS_INTERVAL)
 
     def _fold_counters(self) -> None:
@@ -155,12 +166,18 @@ class ModelHandle:
         assert self.worker is not None
         return self.worker
 
-    async def generate(self, payload: dict) -> AsyncIterator[dict]:
-        worker = await self.wait_ready(self.server_cfg.worker_start_timeout)
-        self.last_used = time.time()
+    async def generate(self, payload: dict, timeout: Optional[float] = None) -> AsyncIterator[dict]:
+        limit = self.cfg.engine.max_batch_size + self.cfg.engine.max_waiting
+        if self.requests >= limit:     # checked and counted in one step: no await between
+            self.metrics.request_failed(self.name, "at_capacity")
+            raise ModelAtCapacity(f"Model '{self.name}' is at capacity ({self.requests} requests running or "
+                                  f"queued, limit {limit}); retry shortly.")
+        self.requests += 1
         finished = False
         try:
-            async for ev in worker.generate(payload):
+            worker = await self.wait_ready(self.server_cfg.worker_start_timeout)
+            self.last_used = time.time()
+            async for ev in worker.generate(payload, timeout):
                 if ev["op"] == "done":
                     finished = True
                     self.tokens["prompt"] += ev["usage"]["prompt_tokens"]
@@ -174,7 +191,12 @@ class ModelHandle:
             finished = True
             self.metrics.request_failed(self.name, "worker_died")
             raise
+        except ModelUnavailable:
+            finished = True
+            self.metrics.request_failed(self.name, "model_unavailable")
+            raise
         finally:
+            self.requests -= 1
             self.last_used = time.time()
             if not finished:
                 self.metrics.request_failed(self.name, "cancelled")

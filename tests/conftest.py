@@ -33,8 +33,9 @@ def free_port() -> int:
 class Daemon:
     """A `mlxd serve` subprocess on a config file the test may rewrite."""
 
-    def __init__(self, tmp: Path, models: list[dict], server: dict | None = None):
+    def __init__(self, tmp: Path, models: list[dict], server: dict | None = None, api_key: str | None = None):
         self.tmp = tmp
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.cache_dir = tmp / "cache"
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         MODELS_CACHE.mkdir(parents=True, exist_ok=True)
@@ -69,7 +70,7 @@ class Daemon:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.tail()}")
             try:
-                last = httpx.get(f"{self.url}/v1/status", timeout=5).json()
+                last = httpx.get(f"{self.url}/v1/status", headers=self.headers, timeout=5).json()
                 if last["models"] and all(m["state"] == "ready" for m in last["models"]):
                     return last
             except httpx.HTTPError:
@@ -78,7 +79,7 @@ class Daemon:
         raise TimeoutError(f"daemon not ready in {timeout}s: {last}\n{self.tail()}")
 
     def status(self) -> dict:
-        return httpx.get(f"{self.url}/v1/status", timeout=10).json()
+        return httpx.get(f"{self.url}/v1/status", headers=self.headers, timeout=10).json()
 
     def model_status(self, name: str) -> dict:
         return next(m for m in self.status()["models"] if m["name"] == name)

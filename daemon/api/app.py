@@ -2,23 +2,46 @@
 
 from __future__ import annotations
 
+import hmac
 import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from quart import Quart, jsonify
+from quart import Quart, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from .errors import APIError
+from .limits import RateLimiter
 from .cache import bp as cache_bp
 from .openai import bp as openai_bp
+from .openapi import bp as openapi_bp
 
 
 def create_app(supervisor) -> Quart:
     app = Quart("mlxd")
     app.config["SUPERVISOR"] = supervisor
-    app.config["MAX_CONTENT_LENGTH"] = 32 * 1024 * 1024
+    server = supervisor.config.server
+    app.config["MAX_CONTENT_LENGTH"] = server.max_body_bytes
+    app.config["LIMITER"] = RateLimiter(server.rate_limit.requests_per_minute, server.rate_limit.tokens_per_minute)
+
+    @app.before_request
+    async def authenticate():
+        """Bearer keys, compared in constant time; /health stays open for supervisors and probes."""
+        auth = supervisor.config.server.auth
+        if not auth.api_keys or request.path == "/health" or (request.path == "/metrics" and not auth.protect_metrics):
+            return None
+        header = request.headers.get("Authorization", "")
+        given = header[7:].strip() if header[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
+        ok = False
+        for k in auth.api_keys:      # no early exit: timing does not tell which key matched
+            ok |= hmac.compare_digest(k.encode(), given.encode())
+        if not ok:
+            msg = "Incorrect API key provided." if given else "Missing API key: send 'Authorization: Bearer KEY'."
+            return APIError(401, msg, code="invalid_api_key").response()
+        g.api_key = given
+        return None
     app.register_blueprint(openai_bp)
     app.register_blueprint(cache_bp)
+    app.register_blueprint(openapi_bp)
 
     @app.get("/health")
     async def health():

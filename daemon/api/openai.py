@@ -10,19 +10,25 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 import uuid
 from typing import AsyncIterator
 
 from pydantic import ValidationError
-from quart import Blueprint, Response, current_app, jsonify, request
+from quart import Blueprint, Response, current_app, g, jsonify, request
 
-from ..process import WorkerGone
-from ..supervisor import ModelUnavailable
+from ..process import RequestTimeout, WorkerGone
+from ..supervisor import ModelAtCapacity, ModelUnavailable
 from .errors import APIError, from_validation, model_not_found
 from .schemas import ChatCompletionRequest, CompletionRequest
 
 bp = Blueprint("openai", __name__)
+
+
+def _timeout_error(e: RequestTimeout) -> APIError:
+    return APIError(504, f"the request took longer than server.request_timeout ({e.args[0]:g}s) and was cancelled",
+                    type_="server_error", code="timeout")
 
 
 def _supervisor():
@@ -90,7 +96,34 @@ async def _first_event(events: AsyncIterator[dict]) -> dict:
                 return ev
     except WorkerGone as e:
         raise APIError(503, str(e), type_="server_error", code="worker_unavailable") from None
+    except ModelAtCapacity as e:
+        raise APIError(429, str(e), type_="rate_limit_error", code="model_at_capacity",
+                       headers={"Retry-After": "1"}) from None
+    except ModelUnavailable as e:
+        raise APIError(503, str(e), type_="server_error", code="model_unavailable") from None
+    except RequestTimeout as e:
+        raise _timeout_error(e) from None
     raise APIError(500, "the worker ended the request without an answer", type_="server_error")
+
+
+async def _charged(events: AsyncIterator[dict], key: str, limiter) -> AsyncIterator[dict]:
+    """The request's tokens charged to its key's rate limit when it ends."""
+    async with contextlib.aclosing(events):
+        async for ev in events:
+            if ev["op"] == "done":
+                u = ev["usage"]
+                limiter.charge(key, u["prompt_tokens"] + u["completion_tokens"])
+            yield ev
+
+
+def _admit(handle) -> str:
+    """429 with Retry-After when the key's rate limit is reached; returns the key."""
+    key = g.get("api_key") or request.remote_addr or "-"
+    wait = current_app.config["LIMITER"].admit(key)
+    if wait > 0:
+        raise APIError(429, f"Rate limit reached for this key; retry in {wait:.1f}s.", type_="rate_limit_error",
+                       code="rate_limit_exceeded", headers={"Retry-After": str(math.ceil(wait))})
+    return key
 
 
 async def _complete(kind: str):
@@ -110,12 +143,9 @@ async def _complete(kind: str):
             raise APIError(400, str(e), param="messages") from None
     else:
         payload["prompt"] = body.prompt
-    try:
-        await handle.wait_ready(handle.server_cfg.worker_start_timeout)
-    except ModelUnavailable as e:
-        raise APIError(503, str(e), type_="server_error", code="model_unavailable") from None
-
-    events = handle.generate(payload)
+    key = _admit(handle)
+    events = _charged(handle.generate(payload, _supervisor().config.server.request_timeout), key,
+                      current_app.config["LIMITER"])
     try:
         started = await _first_event(events)
     except BaseException:
@@ -148,6 +178,8 @@ async def _collect(kind: str, events: AsyncIterator[dict], meta: dict):
                     break
         except WorkerGone as e:
             raise APIError(503, str(e), type_="server_error", code="worker_died") from None
+        except RequestTimeout as e:
+            raise _timeout_error(e) from None
     if ev["finish_reason"] == "cancelled":
         raise APIError(503, "the request was cancelled: mlxd is stopping or the model was removed",
                        type_="server_error", code="cancelled")
@@ -202,6 +234,8 @@ async def _stream(kind: str, events: AsyncIterator[dict], meta: dict, include_us
                     return
         except WorkerGone as e:
             yield _sse(APIError(503, str(e), type_="server_error", code="worker_died").body())
+        except RequestTimeout as e:
+            yield _sse(_timeout_error(e).body())
 
 
 @bp.post("/v1/chat/completions")

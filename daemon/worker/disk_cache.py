@@ -236,7 +236,8 @@ class DiskTier:
     def stats(self) -> dict:
         with self.lock:
             return {"entries": len(self.records), "bytes": sum(r["size"] for r in self.records.values()),
-                    "budget": self.budget, "pending_writes": self.queue.qsize(), **self.counters}
+                    "budget": self.budget, "pending_writes": self.queue.unfinished_tasks, "usable": self.usable,
+                    **self.counters}
 
     def close(self) -> None:
         self.queue.put(None)

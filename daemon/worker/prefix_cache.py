@@ -125,12 +125,13 @@ class PrefixCache:
                     del self.by_block[h]
 
     def _candidates(self, tokens: np.ndarray, hashes: list[str]) -> list[Entry]:
-        """Entries sharing the deepest block with the request; all in memory if none do."""
+        """Entries sharing the deepest block with the request; else those in memory (a short
+        prefix, under one block, can only be found by looking)."""
         for h in reversed(hashes):
             keys = self.by_block.get(h)
             if keys:
                 return [self.entries[k] for k in keys]
-        return [e for e in self.memory.values() if e.n_tokens < BLOCK]
+        return list(self.memory.values())
 
     # -- lookup -----------------------------------------------------------------------
 

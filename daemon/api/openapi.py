@@ -1,0 +1,166 @@
+"""GET /openapi.json: the API described from the same pydantic models that validate requests.
+
+Request bodies come from `schemas.py`, so the description cannot drift from what is enforced
+(and a fuzzer driven by it tests the real contract). Responses are small hand-written schemas
+of the shapes clients rely on. Built once at import: it depends on nothing at runtime.
+"""
+
+from __future__ import annotations
+
+from quart import Blueprint, jsonify
+
+from .schemas import ChatCompletionRequest, CompletionRequest
+
+bp = Blueprint("openapi", __name__)
+
+REF = "#/components/schemas/{model}"
+
+
+def _ref(name: str) -> dict:
+    return {"$ref": REF.format(model=name)}
+
+
+def _request_schemas(*models) -> dict:
+    """Each model's JSON schema, with its `$defs` hoisted into components (shared by name)."""
+    out: dict = {}
+    for m in models:
+        s = m.model_json_schema(ref_template=REF)
+        out.update(s.pop("$defs", {}))
+        out[m.__name__] = s
+    return out
+
+
+_str, _int = {"type": "string"}, {"type": "integer"}
+_nullable_str = {"type": ["string", "null"]}
+
+_RESPONSES = {
+    "Error": {
+        "type": "object", "required": ["error"],
+        "description": "OpenAI's error object: every 4xx/5xx of the OpenAI routes has this shape.",
+        "properties": {"error": {
+            "type": "object", "required": ["message", "type"],
+            "properties": {"message": _str, "type": _str, "param": _nullable_str, "code": _nullable_str},
+        }},
+    },
+    "Usage": {
+        "type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
+        "properties": {"prompt_tokens": _int, "completion_tokens": _int, "total_tokens": _int,
+                       "prompt_tokens_details": {"type": "object", "properties": {"cached_tokens": _int}}},
+    },
+    "ChatCompletion": {
+        "type": "object", "required": ["id", "object", "created", "model", "choices", "usage"],
+        "properties": {
+            "id": _str, "object": {"const": "chat.completion"}, "created": _int, "model": _str,
+            "choices": {"type": "array", "items": {
+                "type": "object", "required": ["index", "message", "finish_reason"],
+                "properties": {
+                    "index": _int, "finish_reason": _nullable_str,
+                    "message": {"type": "object", "required": ["role", "content"],
+                                "properties": {"role": {"const": "assistant"}, "content": _nullable_str}},
+                }}},
+            "usage": _ref("Usage"),
+        },
+    },
+    "TextCompletion": {
+        "type": "object", "required": ["id", "object", "created", "model", "choices", "usage"],
+        "properties": {
+            "id": _str, "object": {"const": "text_completion"}, "created": _int, "model": _str,
+            "choices": {"type": "array", "items": {
+                "type": "object", "required": ["index", "text", "finish_reason"],
+                "properties": {"index": _int, "text": _str, "finish_reason": _nullable_str}}},
+            "usage": _ref("Usage"),
+        },
+    },
+    "ModelList": {
+        "type": "object", "required": ["object", "data"],
+        "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": {
+            "type": "object", "required": ["id", "object", "created", "owned_by"],
+            "properties": {"id": _str, "object": {"const": "model"}, "created": _int, "owned_by": _str,
+                           "state": _str, "alias_of": _str, "aliases": {"type": "array", "items": _str}}}}},
+    },
+    "ReloadResult": {
+        "type": "object", "required": ["applied"],
+        "properties": {"applied": {"type": "boolean"}, "generation": _int, "error": _str,
+                       "changes": {"type": "object"}},
+    },
+    "StreamEvent": {
+        "type": "object", "required": ["data"],
+        "description": "One server-sent event: `data` is a chunk as JSON, an error object, or `[DONE]`.",
+        "properties": {"data": _str, "event": _str},
+    },
+    "Object": {"type": "object"},
+}
+
+_ERRORS = {
+    400: "Invalid request: bad JSON, or a field's value (named in `error.param`).",
+    401: "Missing or wrong API key.",
+    404: "No such model.",
+    413: "Request body too large.",
+    429: "Too many requests queued; retry after `Retry-After` seconds.",
+    503: "The model's worker is unavailable, or mlxd is shutting down.",
+}
+
+
+def _json(schema: dict, description: str = "OK") -> dict:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _op(summary: str, ok: dict, errors=(401,), body: str | None = None, **extra) -> dict:
+    op = {"summary": summary, "responses": {"200": ok}, **extra}
+    for code in errors:
+        op["responses"][str(code)] = _json(_ref("Error"), _ERRORS[code])
+    if body:
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": _ref(body)}}}
+    return op
+
+
+def _completion(summary: str, body: str, result: str) -> dict:
+    ok = {"description": "The completion; with `stream: true`, server-sent events ending in `data: [DONE]`.",
+          "content": {"application/json": {"schema": _ref(result)},
+                      "text/event-stream": {"schema": _ref("StreamEvent")}}}
+    return _op(summary, ok, errors=(400, 401, 404, 413, 429, 503), body=body)
+
+
+def build_spec() -> dict:
+    schemas = {**_request_schemas(ChatCompletionRequest, CompletionRequest), **_RESPONSES}
+    obj = _json(_ref("Object"))
+    reload = _op("Re-read the config file.", _json(_ref("ReloadResult")))
+    reload["responses"]["400"] = _json(_ref("ReloadResult"), "The config did not load; nothing changed.")
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "mlxd", "version": "0.1.0",
+                 "description": "MLX language models behind an OpenAI-compatible API."},
+        "security": [{"bearer": []}],
+        "paths": {
+            "/health": {"get": _op("Liveness; 503 while shutting down.", obj, errors=(503,), security=[])},
+            "/v1/status": {"get": _op("Models, workers, config generation.", obj)},
+            "/metrics": {"get": _op("Prometheus metrics.", {
+                "description": "OK", "content": {"text/plain": {"schema": _str}}})},
+            "/admin/reload": {"post": reload},
+            "/v1/models": {"get": _op("Models and their aliases.", _json(_ref("ModelList")))},
+            "/v1/chat/completions": {"post": _completion(
+                "Chat completion.", "ChatCompletionRequest", "ChatCompletion")},
+            "/v1/completions": {"post": _completion(
+                "Text completion.", "CompletionRequest", "TextCompletion")},
+            "/v1/cache/stats": {"get": _op("Prefix-cache statistics per model.", obj)},
+            "/v1/cache": {"delete": _op(
+                "Clear one model's prefix cache.",
+                _json({"type": "object", "required": ["model", "cleared_entries"],
+                       "properties": {"model": _str, "cleared_entries": _int}}),
+                errors=(400, 401, 404, 503),
+                parameters=[{"name": "model", "in": "query", "required": True, "schema": _str}])},
+        },
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
+                                           "description": "`Authorization: Bearer KEY`, when keys are configured."}},
+        },
+    }
+
+
+SPEC = build_spec()
+
+
+@bp.get("/openapi.json")
+async def openapi_json():
+    return jsonify(SPEC)

@@ -1,0 +1,43 @@
+"""Token-bucket rate limits: pure logic, with a fake clock."""
+
+from daemon.api.limits import RateLimiter, TokenBucket
+
+
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_bucket_refills_at_its_rate_and_caps_at_capacity():
+    clock = Clock()
+    b = TokenBucket(60, clock)            # one a second
+    b.take(60)
+    assert b.wait_time(1) == 1.0
+    clock.t = 0.5
+    assert b.wait_time(1) == 0.5
+    clock.t = 1000
+    assert b.wait_time(60) == 0.0 and b.wait_time(61) > 0
+
+
+def test_requests_per_minute_admits_then_says_when():
+    clock = Clock()
+    rl = RateLimiter(requests_per_minute=2, tokens_per_minute=None, clock=clock)
+    assert rl.admit("k") == 0 and rl.admit("k") == 0
+    assert rl.admit("k") == 30.0
+    assert rl.admit("other") == 0          # per key
+    clock.t = 30
+    assert rl.admit("k") == 0
+
+
+def test_tokens_are_charged_after_the_fact_and_block_until_repaid():
+    clock = Clock()
+    rl = RateLimiter(requests_per_minute=None, tokens_per_minute=600, clock=clock)   # 10 a second
+    assert rl.admit("k") == 0
+    rl.charge("k", 700)                    # one big request overdraws the bucket
+    wait = rl.admit("k")
+    assert 10.0 <= wait <= 10.01
+    clock.t = wait
+    assert rl.admit("k") == 0
