@@ -76,6 +76,11 @@ async def run(config: Config, host: str, port: int, json_logs: bool = False, con
         watcher = loop.create_task(watch_config(config_path, supervisor.reload, stop_watch))
 
     log.info("mlxd listening on http://%s:%d with %d model(s)", host, port, len(config.models))
+    if host not in ("127.0.0.1", "localhost", "::1") and not config.server.auth.api_keys:
+        log.warning("!" * 72)
+        log.warning("mlxd is bound to %s WITHOUT API keys: anyone who can reach this port can use", host)
+        log.warning("your models. Set server.auth.api_keys in the config, or bind 127.0.0.1.")
+        log.warning("!" * 72)
     try:
         await serve(app, _hypercorn_config(host, port), shutdown_trigger=stopped.wait)
     finally:

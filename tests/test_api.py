@@ -186,3 +186,11 @@ def test_metrics_per_model(two_model_daemon, client):
     line = next(l for l in text.splitlines() if l.startswith('mlxd_prompt_tokens_total{model="smol-a"}'))
     assert float(line.split()[-1]) > 0
     assert 'mlxd_model_state{model="smol-b",state="ready"} 1.0' in text
+
+
+def test_prompt_token_ids_outside_the_vocabulary_are_400(client, two_model_daemon):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="smol-a", prompt=[1, 2, 10**9], max_tokens=2)
+    assert e.value.body["param"] == "prompt" and "vocabulary" in e.value.body["message"]
+    r = client.completions.create(model="smol-a", prompt=[1, 2, 3], max_tokens=2)
+    assert r.usage.prompt_tokens == 3

@@ -81,6 +81,11 @@ class Engine:
             return list(tokens)
         prompt = msg.get("prompt", "")
         if isinstance(prompt, list):
+            vocab = getattr(getattr(self.model, "args", None), "vocab_size", None) or len(self.tokenizer)
+            bad = next((t for t in prompt if not 0 <= int(t) < vocab), None)
+            if bad is not None:
+                raise RequestError(f"prompt token id {bad} is outside the vocabulary (0..{vocab - 1})",
+                                   param="prompt")
             return [int(t) for t in prompt]
         return list(self.tokenizer.encode(prompt))
 
