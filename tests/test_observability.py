@@ -84,7 +84,7 @@ def prom(two_model_daemon, tmp_path_factory):
 def scraped(url: str) -> bool:
     try:
         return bool(query(url, 'up{job="mlxd"} == 1'))
-    except httpx.TransportError:  # still starting
+    except (httpx.TransportError, ValueError):  # still starting: refused, or a 503 page that is not JSON
         return False
 
 

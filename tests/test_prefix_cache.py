@@ -15,7 +15,9 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from conftest import Daemon, smol
+import shutil
+
+from conftest import TEST_CACHE, Daemon, smol
 
 CODE = "\n".join(f"def f{i}(x):\n    return x * {i} + {i * 7} - (x // {i + 1})\n" for i in range(12))
 QUESTIONS = ["What does f3 return for x=2?", "Which function adds the largest constant?",
@@ -24,8 +26,8 @@ QUESTIONS = ["What does f3 return for x=2?", "Which function adds the largest co
 
 def models(**cached_over):
     return [
-        smol("cached", sampling={"temperature": 0.0, "max_tokens": 40}, **cached_over),
-        smol("plain", sampling={"temperature": 0.0, "max_tokens": 40}, prefix_cache={"enabled": False}),
+        smol("cached", sampling={"temperature": 0.0, "max_tokens": 24}, **cached_over),
+        smol("plain", sampling={"temperature": 0.0, "max_tokens": 24}, prefix_cache={"enabled": False}),
     ]
 
 
@@ -41,7 +43,7 @@ def client_for(d: Daemon) -> OpenAI:
     return OpenAI(base_url=f"{d.url}/v1", api_key="unused", max_retries=0, timeout=300)
 
 
-def chat(c: OpenAI, model: str, messages: list[dict], max_tokens: int = 40):
+def chat(c: OpenAI, model: str, messages: list[dict], max_tokens: int = 24):
     r = c.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0)
     return r.choices[0].message.content, r.usage
 
@@ -149,20 +151,31 @@ def test_restart_keeps_the_cache_and_corrupt_files_are_discarded(tmp_path):
 
 
 def test_changed_fingerprint_ignores_the_old_cache(tmp_path):
-    d = Daemon(tmp_path, models())
+    """New weights at the same path (an MLX directory edited in place) never read the old KV."""
+    import mlx.core as mx
+    from daemon.models import resolve_model
+
+    src = resolve_model("embedded:smollm2", dtype="float32", cache_dir=TEST_CACHE).path
+    mine = tmp_path / "my-model"
+    shutil.copytree(src, mine)
+    d = Daemon(tmp_path, [smol("cached", source=str(mine), sampling={"temperature": 0.0, "max_tokens": 8})])
     d.start()
     try:
         c = client_for(d)
-        turns, next_msgs = conversation(c, 1)
+        msgs = [{"role": "user", "content": f"Here is my module:\n{CODE}\nWhat does it define?"}]
+        chat(c, "cached", msgs)
+        assert chat(c, "cached", msgs)[1].prompt_tokens_details.cached_tokens > 0
         wait_for_writes(d)
         d.stop()
-        # Same path and name, other weights (float16 import) and KV setting: a new namespace.
-        d.write_config(models(dtype="float16"))
+        weights = mine / "model.safetensors"
+        tensors = mx.load(str(weights))
+        tensors["model.norm.weight"] = tensors["model.norm.weight"] * 1.001
+        mx.save_safetensors(str(weights), tensors, metadata={"format": "mlx"})
         d.start()
-        _, usage = chat(c, "cached", next_msgs)
+        _, usage = chat(c, "cached", msgs)
         assert usage.prompt_tokens_details.cached_tokens == 0
-        dirs = {p.parent.name for p in namespace_files(d)}
-        assert len(dirs) == 2
+        wait_for_writes(d)
+        assert len({p.parent.name for p in namespace_files(d)}) == 2
     finally:
         d.stop()
 
@@ -191,7 +204,7 @@ def test_kill_while_writing_leaves_nothing_that_loads_wrong(tmp_path):
     d.start()
     try:
         c = client_for(d)
-        prompts = [[{"role": "user", "content": f"Variant {k}.\n{CODE * 3}"}] for k in range(3)]
+        prompts = [[{"role": "user", "content": f"Variant {k}.\n{CODE * 2}"}] for k in range(2)]
         for msgs in prompts:
             pid = d.model_status("cached")["pid"]
             chat(c, "cached", msgs, max_tokens=2)
