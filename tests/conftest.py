@@ -60,7 +60,11 @@ class Daemon:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "daemon", "serve", "--config", str(self.config_path)],
             cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
-        self.wait_ready(timeout)
+        try:
+            self.wait_ready(timeout)
+        except BaseException:
+            self.stop(signal.SIGKILL)     # a daemon that did not come up must not outlive the test
+            raise
         return self
 
     def wait_ready(self, timeout: float = 300) -> dict:
