@@ -83,9 +83,6 @@ def _tame(case) -> None:
                 body[key] = MAX_TOKENS
         except (TypeError, ValueError):
             pass
-    # A known worker crash (see the xfail test below): drop this once it is fixed.
-    if isinstance(body.get("seed"), int) and not 0 <= body["seed"] < 2**64:
-        body["seed"] = abs(body["seed"]) % 2**64
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +132,6 @@ def completion(prompt="Once upon a time", **over) -> dict:
     return {"model": MODEL, "prompt": prompt, **over}
 
 
-@pytest.mark.xfail(strict=True, reason="RecursionError from json.loads -> 500")
 def test_deep_nesting_is_a_400(http):
     """Python's json recurses; at ~1000 levels it raises RecursionError, which is not a ValueError."""
     for depth in (500, 100_000):
@@ -174,7 +170,6 @@ def test_unicode_messages(http, text):
     assert isinstance(r.json()["choices"][0]["message"]["content"], str)
 
 
-@pytest.mark.xfail(strict=True, reason="a lone surrogate reaches protocol.encode -> UnicodeEncodeError -> 500")
 @pytest.mark.parametrize("where", ["messages", "prompt", "stop"])
 def test_lone_surrogate_is_a_400(http, where):
     esc = '"\\ud800"'
@@ -228,7 +223,7 @@ def test_unknown_model_is_404(http):
     assert_openai_error(r)
 
 
-# Last in the module, as each has killed the worker (the `http` fixture waits for a restart).
+# Last in the module: each of these once killed the worker (the `http` fixture waits for a restart).
 
 @pytest.mark.parametrize("token", [-1, VOCAB, 10**9, 2**64])
 def test_invalid_token_ids_are_400(http, token):
@@ -238,7 +233,6 @@ def test_invalid_token_ids_are_400(http, token):
     assert_openai_error(r)
 
 
-@pytest.mark.xfail(strict=True, reason="mx.random.key() takes a uint64: the worker dies with TypeError")
 @pytest.mark.parametrize("seed", [-1, 2**64])
 def test_out_of_range_seed_is_handled(http, seed):
     r = http.post("/v1/completions", json=completion(seed=seed, temperature=1.0, max_tokens=2))

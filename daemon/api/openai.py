@@ -53,8 +53,11 @@ async def _body(schema):
     raw = await request.get_data()
     try:
         data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
+        json.dumps(data, ensure_ascii=False).encode()   # lone surrogates cannot reach the worker
+    except (ValueError, UnicodeError) as e:
         raise APIError(400, f"The request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise APIError(400, "The request body is nested too deeply.") from None
     if not isinstance(data, dict):
         raise APIError(400, "The request body must be a JSON object.")
     try:

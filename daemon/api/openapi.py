@@ -96,8 +96,9 @@ _ERRORS = {
     401: "Missing or wrong API key.",
     404: "No such model.",
     413: "Request body too large.",
-    429: "Too many requests queued; retry after `Retry-After` seconds.",
+    429: "The model's queue is full, or the key's rate limit is reached; retry after `Retry-After` seconds.",
     503: "The model's worker is unavailable, or mlxd is shutting down.",
+    504: "The request took longer than `server.request_timeout`.",
 }
 
 
@@ -118,7 +119,7 @@ def _completion(summary: str, body: str, result: str) -> dict:
     ok = {"description": "The completion; with `stream: true`, server-sent events ending in `data: [DONE]`.",
           "content": {"application/json": {"schema": _ref(result)},
                       "text/event-stream": {"schema": _ref("StreamEvent")}}}
-    return _op(summary, ok, errors=(400, 401, 404, 413, 429, 503), body=body)
+    return _op(summary, ok, errors=(400, 401, 404, 413, 429, 503, 504), body=body)
 
 
 def build_spec() -> dict:

@@ -18,7 +18,7 @@ class _Body(BaseModel):
     max_tokens: Optional[int] = Field(None, ge=1)
     temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
     top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=-(2**63), le=2**64 - 1, description="Any 64-bit integer.")
     stop: Optional[Union[str, list[str]]] = None
     stream: bool = False
     stream_options: Optional["StreamOptions"] = None

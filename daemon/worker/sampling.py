@@ -17,7 +17,7 @@ def make_sampler(temperature: float, top_p: float, seed: Optional[int]):
     if temperature <= 0.0:
         return greedy_sampler
     inv_temp = 1.0 / temperature
-    key = mx.random.key(seed) if seed is not None else None
+    key = mx.random.key(seed & (2**64 - 1)) if seed is not None else None   # a negative int64 too
 
     def sample(logprobs: mx.array) -> mx.array:
         nonlocal key
