@@ -1,0 +1,292 @@
+"""Shared pieces of the benchmarks: the model, the servers as subprocesses, a streaming client.
+
+Every server runs alone (2 CPU cores: anything beside it would skew its numbers), on
+127.0.0.1, with a log under the run's temp dir; every wait and request has a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "ops" / "bench" / "results"
+MODELS_CACHE = ROOT / ".cache" / "test"          # shares the tests' imported models
+OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
+PEER_BIN = {"mlx-lm": ROOT / ".venv-bench/mlx-lm/bin", "vllm-mlx": ROOT / ".venv-bench/vllm-mlx/bin"}
+
+
+def model_dir():
+    """The f32 mlx-lm directory of SmolLM2-135M-Instruct that mlxd serves (resolved like its worker)."""
+    from daemon.models.resolve import resolve_model
+
+    return resolve_model("embedded:smollm2", dtype="float32", cache_dir=MODELS_CACHE)
+
+
+def env_with(preload: bool) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "VIRTUAL_ENV")}
+    if preload:
+        env["LD_PRELOAD"] = OPENBLAS
+    env["PYTHONUNBUFFERED"] = "1"
+    env["HF_HUB_OFFLINE"] = "1"
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load_now() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def cpu_busy(seconds: float = 1.0) -> float:
+    """Fraction of all CPUs busy over `seconds` (at a gate our own servers are idle: it is others' load)."""
+    def snap():
+        v = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+        return sum(v), v[3] + v[4]
+    t0, i0 = snap()
+    time.sleep(seconds)
+    t1, i1 = snap()
+    return 1 - (i1 - i0) / max(1, t1 - t0)
+
+
+QUIET_WAIT = 180.0
+
+
+def wait_quiet(max_wait: float | None = None, busy: float = 0.25) -> dict:
+    """Before a measurement: wait (bounded) until other processes leave the CPU mostly idle."""
+    max_wait = QUIET_WAIT if max_wait is None else max_wait
+    t0 = time.perf_counter()
+    while (b := cpu_busy()) > busy and time.perf_counter() - t0 < max_wait:
+        time.sleep(2)
+    return {"waited_s": round(time.perf_counter() - t0, 1), "others_busy": round(b, 2), "loadavg": load_now()}
+
+
+class Server:
+    """One OpenAI-compatible server subprocess; `start()` returns seconds until it answered ready."""
+
+    def __init__(self, name: str, cmd: list[str], env: dict, port: int, logdir: Path, model: str,
+                 ready_path: str = "/health"):
+        self.name, self.cmd, self.env, self.port, self.model = name, cmd, env, port, model
+        self.ready_path = ready_path
+        self.log_path = logdir / f"{name}.log"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 300) -> float:
+        t0 = time.perf_counter()
+        log = open(self.log_path, "ab")
+        log.write(f"\n$ {shlex.join(self.cmd)}\n".encode())
+        log.flush()
+        self.proc = subprocess.Popen(self.cmd, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = t0 + timeout
+        while time.perf_counter() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; see {self.log_path}:\n"
+                                   f"{self.log_path.read_text(errors='replace')[-3000:]}")
+            if self.ready():
+                return time.perf_counter() - t0
+            time.sleep(0.05)
+        self.stop()
+        raise TimeoutError(f"{self.name} not ready within {timeout:.0f}s; see {self.log_path}")
+
+    def ready(self) -> bool:
+        try:
+            r = httpx.get(self.url + self.ready_path, timeout=2)
+        except httpx.HTTPError:
+            return False
+        if r.status_code != 200:
+            return False
+        if self.ready_path == "/v1/status":    # mlxd: every model's worker loaded
+            models = r.json().get("models") or []
+            return bool(models) and all(m.get("state") == "ready" for m in models)
+        return True
+
+    def stop(self, timeout: float = 60) -> None:
+        """SIGTERM (mlxd flushes its disk cache on it), then SIGKILL the whole process group."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        except ProcessLookupError:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)   # stragglers (workers, engine threads)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def prepare_cache_dir(cache_dir: Path) -> Path:
+    """An mlxd cache dir whose models/ is the tests' import, so no run pays for a second GGUF import."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    if not (cache_dir / "models").exists():
+        (cache_dir / "models").symlink_to(MODELS_CACHE / "models")
+    return cache_dir
+
+
+def mlxd(workdir: Path, model_cfg: dict, name: str = "mlxd", cache_dir: Path | None = None) -> Server:
+    """`mlxd serve` on a config written from `model_cfg` (workers preload OpenBLAS themselves)."""
+    cache_dir = prepare_cache_dir(cache_dir or workdir / "mlxd-cache")
+    port = free_port()
+    cfg = {"server": {"host": "127.0.0.1", "port": port, "cache_dir": str(cache_dir)},
+           "models": [{"name": "smollm2", "source": "embedded:smollm2", **model_cfg}]}
+    path = workdir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return Server(name, [sys.executable, "-m", "daemon", "serve", "--config", str(path), "--log-level", "warning"],
+                  env_with(False), port, workdir, "smollm2", ready_path="/v1/status")
+
+
+def mlx_lm_server(workdir: Path, mdir: Path, preload: bool, name: str = "mlx_lm.server") -> Server:
+    (Path.home() / ".cache/huggingface/hub").mkdir(parents=True, exist_ok=True)   # its /v1/models needs it
+    port = free_port()
+    cmd = [str(PEER_BIN["mlx-lm"] / "mlx_lm.server"), "--model", str(mdir), "--host", "127.0.0.1",
+           "--port", str(port), "--log-level", "WARNING"]
+    return Server(name, cmd, env_with(preload), port, workdir, "default_model")
+
+
+def vllm_mlx_server(workdir: Path, mdir: Path, preload: bool = True, name: str = "vllm-mlx") -> Server:
+    port = free_port()
+    cmd = [str(PEER_BIN["vllm-mlx"] / "vllm-mlx"), "serve", str(mdir), "--continuous-batching",
+           "--offline", "--host", "127.0.0.1", "--port", str(port)]
+    return Server(name, cmd, env_with(preload), port, workdir, str(mdir))
+
+
+def stream_chat(server: Server, messages: list[dict], max_tokens: int, timeout: float = 600) -> dict:
+    """One greedy streamed chat completion, timed per content chunk (SSE comments are skipped)."""
+    body = {"model": server.model, "messages": messages, "max_tokens": max_tokens, "temperature": 0.0,
+            "stream": True, "stream_options": {"include_usage": True}}
+    times, parts, usage, finish = [], [], None, None
+    t0 = time.perf_counter()
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body,
+                      timeout=httpx.Timeout(timeout, connect=10)) as r:
+        if r.status_code != 200:
+            r.read()
+            raise RuntimeError(f"{server.name}: HTTP {r.status_code}: {r.text[:500]}")
+        for line in r.iter_lines():
+            if time.perf_counter() - t0 > timeout:
+                raise TimeoutError(f"{server.name}: request ran past {timeout}s")
+            if not line.startswith("data:"):
+                continue                      # blank separators and ': prefill' keep-alives
+            data = line[5:].strip()
+            if data == "[DONE]":
+                break
+            obj = json.loads(data)
+            usage = obj.get("usage") or usage
+            for ch in obj.get("choices") or []:
+                finish = ch.get("finish_reason") or finish
+                if content := (ch.get("delta") or {}).get("content"):
+                    times.append(time.perf_counter())
+                    parts.append(content)
+    n = (usage or {}).get("completion_tokens") or len(times)
+    details = (usage or {}).get("prompt_tokens_details") or {}
+    return {
+        "ttft": times[0] - t0 if times else None,
+        "decode_tps": (n - 1) / (times[-1] - times[0]) if len(times) > 1 and n > 1 else None,
+        "completion_tokens": n, "chunks": len(times),
+        "prompt_tokens": (usage or {}).get("prompt_tokens"), "cached_tokens": details.get("cached_tokens"),
+        "total": time.perf_counter() - t0, "text": "".join(parts), "finish_reason": finish,
+    }
+
+
+def median(xs):
+    xs = sorted(x for x in xs if x is not None)
+    if not xs:
+        return None
+    mid = len(xs) // 2
+    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
+
+
+class InProc:
+    """This script re-run as a long-lived subprocess (OpenBLAS preloaded) answering JSON requests
+    line by line: in-process measurements then interleave with the servers' and share their noise."""
+
+    def __init__(self, flag: str, payload: dict, logdir: Path, timeout: float = 300):
+        self.log = open(logdir / f"{flag.strip('-')}.log", "ab")
+        self.proc = subprocess.Popen([sys.executable, str(Path(sys.argv[0]).resolve()), flag, json.dumps(payload)],
+                                     env=env_with(True), cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.log, text=True, start_new_session=True)
+        self.lines: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        self.info = self._get(timeout)
+
+    def _read(self):
+        for line in self.proc.stdout:
+            if line.startswith("@@"):
+                self.lines.put(json.loads(line[2:]))
+        self.lines.put(None)
+
+    def _get(self, timeout: float) -> dict:
+        try:
+            msg = self.lines.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"in-process worker gave no answer in {timeout:.0f}s") from None
+        if msg is None:
+            raise RuntimeError(f"in-process worker exited; see {self.log.name}")
+        return msg
+
+    def call(self, req: dict, timeout: float = 600) -> dict:
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        return self._get(timeout)
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def serve_inproc(handler, setup: dict) -> None:
+    """The child side of InProc: answer each stdin line with one '@@'-marked stdout line."""
+    def say(obj):
+        print("@@" + json.dumps(obj, default=str), flush=True)
+    say(setup)
+    for line in sys.stdin:
+        say(handler(json.loads(line)))
+
+
+def run_self(flag: str, payload: dict, preload: bool, timeout: float) -> dict:
+    """Re-run this script in a fresh process (OpenBLAS preloaded or not) for an in-process measurement."""
+    p = subprocess.run([sys.executable, str(Path(sys.argv[0]).resolve()), flag, json.dumps(payload)], env=env_with(preload),
+                       cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if p.returncode != 0:
+        raise RuntimeError(f"{flag} failed ({p.returncode}):\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, default=str))
