@@ -159,11 +159,15 @@ class ModelHandle:
             await self.on_demand(self)
         if self.state == "failed":
             raise ModelUnavailable(f"model {self.name!r} failed to start: {self.last_error}")
-        try:
-            await asyncio.wait_for(self._ready.wait(), timeout)
-        except asyncio.TimeoutError:
-            raise ModelUnavailable(f"model {self.name!r} is not ready ({self.state})") from None
-        assert self.worker is not None
+        if not self._ready.is_set():
+            # Ready, or the handle's loop ended (failed, stopped): waiters must not sit out the timeout.
+            ready = asyncio.ensure_future(self._ready.wait())
+            await asyncio.wait([ready, *([self._task] if self._task else [])], timeout=timeout,
+                               return_when=asyncio.FIRST_COMPLETED)
+            ready.cancel()
+        if not self._ready.is_set() or self.worker is None:
+            detail = f": {self.last_error}" if self.state == "failed" else ""
+            raise ModelUnavailable(f"model {self.name!r} is not ready ({self.state}){detail}")
         return self.worker
 
     async def generate(self, payload: dict, timeout: Optional[float] = None) -> AsyncIterator[dict]:

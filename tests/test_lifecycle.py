@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 import time
 
+import openai
+import pytest
 from openai import OpenAI
 
 from conftest import Daemon, smol
@@ -97,5 +99,23 @@ def test_memory_budget_stops_the_least_recently_used_idle_model(tmp_path):
         ask(c, "one")                                          # and back: two makes room
         assert wait_state(d, "two", "stopped", timeout=30)
         assert d.model_status("one")["state"] == "ready"
+    finally:
+        d.stop()
+
+
+def test_a_model_that_cannot_load_fails_fast_and_others_serve(tmp_path):
+    d = start_unready(Daemon(tmp_path, [smol("ok"), {"name": "broken", "source": str(tmp_path / "absent.gguf")}]))
+    try:
+        wait_state(d, "ok", "ready", timeout=120)
+        st = wait_state(d, "broken", "failed", timeout=120)
+        assert "ModelSourceError" in st["last_error"] and "absent.gguf" in st["last_error"]
+        assert st["restarts"] >= 4
+        c = client_for(d)
+        t0 = time.monotonic()
+        with pytest.raises(openai.APIStatusError) as e:
+            ask(c, "broken")
+        assert e.value.status_code == 503 and "absent.gguf" in e.value.message
+        assert time.monotonic() - t0 < 5
+        assert ask(c, "ok").choices[0].message.content is not None
     finally:
         d.stop()
