@@ -1,0 +1,380 @@
+"""Prefix-cache benchmark: mlxd vs mlx_lm.server vs vllm-mlx vs the compute floor, in one run.
+
+(a) A multi-turn coding chat (each turn pastes ~450 tokens of Python and asks about it;
+    the greedy 32-token reply is appended) growing past 4K tokens: TTFT per turn. The floor
+    is raw mlx-lm prefilling only the new tokens onto a KV cache already holding the rest,
+    plus the first token: what a perfect prefix cache would cost.
+(b) The same chat with every server restarted before the last turn: mlxd keeps its disk
+    cache, the peers start cold.
+(c) Two models alternating under a memory budget: skipped, mlxd has no model lifecycle yet.
+(d) mlxd start-up with 1,000 prefix-cache entries on disk vs none.
+
+All servers run at once, OpenBLAS preloaded, on the same f32 model directory, and take
+each turn round-robin (one computing at a time, after mlxd's background disk writes have
+drained), so load from other processes on this shared box falls on all of them alike.
+Run: .venv/bin/python ops/bench/prefix.py   (about 20-30 minutes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+from common import (RESULTS, InProc, load_now, median, mlx_lm_server, mlxd, model_dir,  # noqa: E402
+                    prepare_cache_dir, run_self, serve_inproc, stream_chat, vllm_mlx_server, wait_quiet, write_json)
+
+TURNS = 10
+CHUNK_TOKENS = 450
+REPLY_TOKENS = 32
+REQUEST_TIMEOUT = 400
+FLOOR_REPS = 3
+STARTUP_ENTRIES = 1000
+STARTUP_REPS = 3
+QUESTIONS = ("What does this code do?", "Is there a bug in it?", "How would you test this part?",
+             "Can this be simplified?", "Which edge cases does it miss?")
+MLXD_CFG = {"dtype": "float32", "engine": {"max_batch_size": 8, "prefill_batch_size": 4, "prefill_step_size": 512},
+            "prefix_cache": {"enabled": True, "memory_budget": "1GiB", "disk_budget": "8GiB", "kv_bits": None}}
+SERVERS = ("mlxd", "mlx_lm.server", "vllm-mlx")
+RESTART = "mlxd-restart"    # a second mlxd on its own cache dir: plays turns 1..N-1, restarts, plays turn N
+
+
+def user_turns(tokenizer) -> list[str]:
+    """TURNS user messages, each a ~CHUNK_TOKENS slice of argparse.py plus a question (deterministic)."""
+    import argparse as src
+
+    chunks, cur = [], ""
+    for line in inspect.getsource(src).splitlines(keepends=True):
+        cur += line
+        if len(tokenizer.encode(cur)) >= CHUNK_TOKENS:
+            chunks.append(cur)
+            cur = ""
+        if len(chunks) == TURNS:
+            break
+    return [f"Here is part {i + 1} of the module I am working on:\n```python\n{c}```\n{QUESTIONS[i % len(QUESTIONS)]}"
+            for i, c in enumerate(chunks)]
+
+
+def turn(server, messages: list, user: str) -> dict:
+    """One turn: send the chat plus `user`, append both sides to `messages`, return the timings."""
+    messages.append({"role": "user", "content": user})
+    r = stream_chat(server, messages, REPLY_TOKENS, timeout=REQUEST_TIMEOUT)
+    messages.append({"role": "assistant", "content": r["text"]})
+    print(f"  {server.name} turn {len(messages) // 2}: ttft {r['ttft']:.2f}s prompt {r['prompt_tokens']} "
+          f"cached {r['cached_tokens']}", flush=True)
+    return {k: r[k] for k in ("ttft", "prompt_tokens", "cached_tokens", "completion_tokens", "total")}
+
+
+def warm_up(server) -> None:
+    stream_chat(server, [{"role": "user", "content": "Hi"}], 4, timeout=300)
+
+
+def cache_stats(server) -> dict:
+    try:
+        return httpx.get(f"{server.url}/v1/cache/stats", timeout=30).json()["models"]["smollm2"]
+    except Exception as e:  # a report should not die on a stats call
+        return {"error": str(e)}
+
+
+def settle(servers, timeout: float = 120) -> None:
+    """Wait until no mlxd has disk writes pending, so its writer thread does not load someone else's turn."""
+    deadline = time.monotonic() + timeout
+    for s in servers:
+        while s.name.startswith("mlxd") and s.proc and s.proc.poll() is None and time.monotonic() < deadline:
+            if not cache_stats(s).get("disk", {}).get("pending_writes"):
+                break
+            time.sleep(0.2)
+
+
+# -- in-process measurements (re-executed with OpenBLAS preloaded) ---------------------------
+
+def floor_worker(payload: dict) -> None:
+    """Per request (a chat ending in a user turn): prefill only the new tokens onto a KV cache
+    holding the reusable prefix (previous prompt + reply, as far as it matches), plus the first
+    token. One cache is extended turn by turn, untimed; the timed forwards are trimmed off."""
+    import mlx.core as mx
+    from mlx_lm import load
+    from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+
+    model, tok = load(payload["model_dir"])
+    cache, held = make_prompt_cache(model), []
+
+    def forward(tokens):
+        logits = model(mx.array(tokens)[None], cache=cache)
+        y = mx.argmax(logits[:, -1, :], axis=-1)
+        mx.eval(y, [c.state for c in cache])
+
+    def common_len(a, b):
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        return n
+
+    forward(list(range(100, 164)))    # warm-up, then empty the cache again
+    trim_prompt_cache(cache, 64)
+
+    def handle(req):
+        nonlocal held
+        msgs = req["messages"]
+        tokens = list(tok.apply_chat_template(msgs, add_generation_prompt=True))
+        prev = []
+        if len(msgs) > 1:
+            prev = list(tok.apply_chat_template(msgs[:-2], add_generation_prompt=True)) + \
+                list(tok.encode(msgs[-2]["content"], add_special_tokens=False))
+        reuse = min(common_len(prev, tokens), len(tokens) - 1)
+        keep = common_len(held, tokens[:reuse])
+        trim_prompt_cache(cache, len(held) - keep)
+        for s in range(keep, reuse, 512):
+            forward(tokens[s:min(s + 512, reuse)])
+        held = tokens[:reuse]
+        times = []
+        for _ in range(req["reps"]):
+            t0 = time.perf_counter()
+            forward(tokens[reuse:])
+            times.append(time.perf_counter() - t0)
+            trim_prompt_cache(cache, len(tokens) - reuse)
+        return {"prompt_tokens": len(tokens), "reused": reuse, "new": len(tokens) - reuse,
+                "ttft": median(times), "runs": times}
+
+    serve_inproc(handle, {"ok": True})
+
+
+def make_entries(payload: dict) -> dict:
+    """Write `n` small real-shaped entries through mlxd's own PrefixCache, in the worker's namespace."""
+    import mlx.core as mx
+    from mlx_lm import load
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from daemon.models.resolve import resolve_model
+    from daemon.worker.prefix_cache import PrefixCache
+
+    cache_dir = Path(payload["cache_dir"])
+    resolved = resolve_model("embedded:smollm2", dtype="float32", cache_dir=cache_dir)
+    model, _ = load(str(resolved.path))
+    pc = PrefixCache(model, fingerprint=resolved.fingerprint, root=cache_dir / "prefix",
+                     memory_budget=64 << 20, disk_budget=8 << 30, kv_bits=None)
+    t0, n_tok = time.perf_counter(), payload["tokens"]
+    args = model.args
+    kv = mx.zeros((1, args.num_key_value_heads, n_tok, args.hidden_size // args.num_attention_heads))
+    for i in range(payload["n"]):
+        cache = make_prompt_cache(model)
+        for c in cache:                       # exactly n_tok long, no 256-step growth buffer
+            c.keys, c.values, c.offset = kv, kv, n_tok
+        pc.store([100 + i] + [(i * 7 + j) % 40_000 + 100 for j in range(n_tok - 1)], cache)
+        if i % 50 == 49:
+            pc.disk.flush()                   # bound the writer's queue
+    pc.close()
+    return {"entries": pc.disk.stats()["entries"], "namespace": pc.disk.dir.name, "seconds": time.perf_counter() - t0}
+
+
+# -- report ---------------------------------------------------------------------------------
+
+def fmt(x, d=2):
+    return "n/a" if x is None else f"{x:.{d}f}"
+
+
+def ratio(a, b):
+    return None if a is None or not b else a / b
+
+
+def report(res: dict, cmd: str) -> str:
+    a, fl = res["a"], res["floor"]
+    gates = [g["others_busy"] for g in res["gates"]]
+    L = ["# Prefix-cache benchmark", "", f"Command: `{cmd}`", "",
+         f"Model: SmolLM2-135M-Instruct f32, OpenBLAS preloaded everywhere, greedy, {REPLY_TOKENS}-token replies. "
+         f"Took {res['seconds'] / 60:.1f} min.", "",
+         f"Shared machine: load average {res['load_start']} at start, {res['load_end']} at end; before {len(gates)} "
+         f"rounds other processes kept the CPUs {min(gates):.0%}-{max(gates):.0%} busy (median {median(gates):.0%}; "
+         f"each round waited up to {common.QUIET_WAIT:.0f} s for them to go idle). Turns go round-robin over the "
+         "servers, so that load is shared out evenly.", "",
+         "## (a) TTFT per turn (s); cached = prompt tokens the server reported as reused", "",
+         "| turn | prompt tok | floor new tok | floor | mlxd | mlxd cached | mlxd 2nd run | mlx_lm.server | "
+         "mlx_lm cached | vllm-mlx | mlxd / floor |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for i in range(TURNS):
+        d, d2, m, v, f = (a["mlxd"][i], a[RESTART][i] if i < TURNS - 1 else None, a["mlx_lm.server"][i],
+                          a["vllm-mlx"][i], fl[i])
+        L.append(f"| {i + 1} | {d['prompt_tokens']} | {f['new']} | {fmt(f['ttft'], 3)} | {fmt(d['ttft'])} | "
+                 f"{d['cached_tokens']} | {fmt(d2['ttft']) if d2 else '-'} | {fmt(m['ttft'])} | {m['cached_tokens']} | "
+                 f"{fmt(v['ttft'])} | {fmt(ratio(d['ttft'], f['ttft']), 1)}x |")
+    warm = [ratio(a["mlxd"][i]["ttft"], fl[i]["ttft"]) for i in range(1, TURNS)]
+    excess = [a["mlxd"][i]["ttft"] - fl[i]["ttft"] for i in range(1, TURNS) if a["mlxd"][i]["ttft"] is not None]
+    L += ["", f"mlxd / floor on turns 2-{TURNS} (cache hits): median {fmt(median(warm), 1)}x; median excess "
+              f"{fmt(median(excess) and median(excess) * 1000, 0)} ms per turn. vllm-mlx reports no cached_tokens.", "",
+          f"## (b) Last turn (turn {TURNS}, {a['mlxd'][-1]['prompt_tokens']} prompt tokens) after a restart", "",
+          "| server | TTFT without restart (s) | TTFT after restart (s) | cached after restart | start-up (s) |",
+          "|---|---|---|---|---|"]
+    for name in SERVERS:
+        b = res["b"][name]
+        L.append(f"| {name} | {fmt(a[name][-1]['ttft'])} | {fmt(b['ttft'])} | {b['cached_tokens']} | "
+                 f"{fmt(b['startup'], 1)} |")
+    L += [f"| floor | {fmt(fl[-1]['ttft'], 3)} | | | |", "",
+          f"mlxd 'without restart' is its turn {TURNS} above. 'After restart' is a second mlxd on its own cache dir "
+          f"that played turns 1-{TURNS - 1} alongside (column 'mlxd 2nd run'), was stopped (its worker flushes the "
+          f"disk tier) and started again on the same dir. Peers are restarted after turn {TURNS} and sent turn "
+          f"{TURNS} again. Every server gets a 4-token warm-up request after start, before the timed turn.", "",
+          *([f"Failures: {json.dumps(res['errors'])}", ""] if res["errors"] else []),
+          "## (c) Two models alternating under a memory budget", "",
+          "Skipped: not possible yet, mlxd has no model lifecycle/eviction feature.", "",
+          f"## (d) mlxd start-up until /v1/status says the model is ready (median of {len(res['d']['empty'])})", "",
+          "| prefix-cache entries on disk | start-up (s) | runs |", "|---|---|---|",
+          f"| 0 | {fmt(median(res['d']['empty']))} | {', '.join(fmt(x) for x in res['d']['empty'])} |",
+          f"| {res['d']['made']['entries']} | {fmt(median(res['d']['full']))} | "
+          f"{', '.join(fmt(x) for x in res['d']['full'])} |", "",
+          f"Entries: {res['d']['tokens']}-token KV caches written through `PrefixCache.store` into namespace "
+          f"`{res['d']['made']['namespace']}` in {res['d']['made']['seconds']:.0f} s; the daemon reported "
+          f"{res['d']['loaded_entries']} disk entries after start.", ""]
+    return "\n".join(L)
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    turns = list(range(1, TURNS + 1))
+    nan = float("nan")
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, style in zip(SERVERS, ("o-", "s-", "^-")):
+        line, = ax.plot(turns, [t["ttft"] or nan for t in res["a"][name]], style, label=name)
+        ax.plot([TURNS], [res["b"][name]["ttft"] or nan], style[0], mfc="none", ms=12, color=line.get_color(),
+                label=f"{name} after restart")
+    ax.plot(turns, [t["ttft"] for t in res["floor"]], "k--", label="floor (raw mlx-lm, new tokens only)")
+    ax.set_yscale("log")
+    ax.set_xticks(turns)
+    ax.set_xlabel("turn (context grows ~500 tokens per turn)")
+    ax.set_ylabel("time to first token (s, log)")
+    ax.set_title("Multi-turn coding chat, SmolLM2-135M f32, CPU + OpenBLAS")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+# -- the run --------------------------------------------------------------------------------
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--floor", help=argparse.SUPPRESS)          # internal: in-process measurements
+    ap.add_argument("--make-entries", help=argparse.SUPPRESS)
+    ap.add_argument("--quick", action="store_true", help="smoke-test the harness (tiny sizes, numbers meaningless)")
+    args = ap.parse_args()
+    if args.floor:
+        floor_worker(json.loads(args.floor))
+        return 0
+    if args.make_entries:
+        print(json.dumps(make_entries(json.loads(args.make_entries))))
+        return 0
+    global TURNS, REPLY_TOKENS, STARTUP_ENTRIES, STARTUP_REPS
+    common.QUIET_WAIT = 30.0
+    if args.quick:
+        TURNS, REPLY_TOKENS, STARTUP_ENTRIES, STARTUP_REPS, common.QUIET_WAIT = 3, 8, 30, 1, 3.0
+
+    from transformers import AutoTokenizer
+
+    t_start = time.perf_counter()
+    mdir = model_dir().path
+    turns = user_turns(AutoTokenizer.from_pretrained(str(mdir)))
+    res = {"model_dir": str(mdir), "load_start": load_now(), "gates": [], "startup": {}, "errors": {},
+           "a": {}, "b": {}, "messages": {}, "floor": []}
+    with tempfile.TemporaryDirectory(prefix="mlxd-prefix-bench-") as tmp:
+        tmp = Path(tmp)
+        servers = {"mlxd": mlxd(tmp, MLXD_CFG, cache_dir=tmp / "run1"),
+                   RESTART: mlxd(tmp, MLXD_CFG, name=RESTART, cache_dir=tmp / "run2"),
+                   "mlx_lm.server": mlx_lm_server(tmp, mdir, preload=True),
+                   "vllm-mlx": vllm_mlx_server(tmp, mdir, preload=True)}
+        floor = None
+        try:
+            for name, s in servers.items():
+                res["startup"][name] = s.start(timeout=300)
+                warm_up(s)
+                res["a"][name], res["messages"][name] = [], []
+            floor = InProc("--floor", {"model_dir": str(mdir)}, tmp)
+
+            def play(name, i, server=None):
+                """Turn i on one server; a failure is recorded and that server sits out the rest."""
+                if name in res["errors"]:
+                    return
+                try:
+                    res["a"][name].append(turn(server or servers[name], res["messages"][name], turns[i]))
+                except Exception as e:
+                    res["errors"][name] = f"turn {i + 1}: {type(e).__name__}: {e}"[:3000]
+                    print(f"  {name} FAILED: {res['errors'][name][:300]}", flush=True)
+
+            for i in range(TURNS):                                  # (a), round-robin, rotating who goes first
+                res["gates"].append(wait_quiet())
+                order = [*servers, "floor"]
+                order = order[i % len(order):] + order[:i % len(order)]
+                order.remove("floor")
+                order.insert(order.index("mlxd") + 1, "floor")      # the floor needs mlxd's turn (its chat)
+                for name in order:
+                    settle(servers.values())
+                    if name == "floor":
+                        f = floor.call({"messages": res["messages"]["mlxd"][:2 * i + 1], "reps": FLOOR_REPS})
+                        res["floor"].append(f)
+                        print(f"  floor turn {i + 1}: ttft {f['ttft']:.3f}s new {f['new']}", flush=True)
+                    elif not (name == RESTART and i == TURNS - 1):
+                        play(name, i)
+            res["mlxd_cache_stats"] = cache_stats(servers["mlxd"])
+
+            for name in (*SERVERS[1:], RESTART):                    # (b): restart, then the last turn
+                s = servers[name]
+                s.stop()
+                if name != RESTART:
+                    res["messages"][name] = res["messages"][name][:-2]
+                res["gates"].append(wait_quiet())
+                startup = s.start(timeout=300)
+                warm_up(s)
+                before = len(res["a"][name])
+                play(name, TURNS - 1)
+                if len(res["a"][name]) > before:
+                    key = "mlxd" if name == RESTART else name
+                    res["b"][key] = {**res["a"][name].pop(), "startup": startup}
+                    if name == RESTART:
+                        res["b"][key]["cache_stats"] = cache_stats(s)
+                s.stop()
+        finally:
+            if floor is not None:
+                floor.close()
+            for s in servers.values():
+                s.stop()
+        for name in servers:
+            res["a"][name] += [{"ttft": None, "prompt_tokens": None, "cached_tokens": None}] * \
+                ((TURNS - (name == RESTART)) - len(res["a"][name]))
+        for name in SERVERS:
+            res["b"].setdefault(name, {"ttft": None, "cached_tokens": None, "startup": None})
+
+        print(f"mlxd start-up with {STARTUP_ENTRIES} entries vs none", flush=True)
+        d = res["d"] = {"tokens": 40, "empty": [], "full": []}
+        d["made"] = run_self("--make-entries", {"cache_dir": str(prepare_cache_dir(tmp / "full")),
+                                                "n": STARTUP_ENTRIES, "tokens": d["tokens"]}, preload=True, timeout=900)
+        for rep in range(STARTUP_REPS):
+            res["gates"].append(wait_quiet())
+            for kind in ("empty", "full"):
+                with mlxd(tmp, MLXD_CFG, name=f"mlxd-{kind}", cache_dir=tmp / kind) as s:
+                    d[kind].append(s.start(timeout=300))
+                    if kind == "full" and rep == 0:
+                        d["loaded_entries"] = cache_stats(s).get("disk", {}).get("entries")
+        res["logs"] = {p.name: p.read_text(errors="replace")[-3000:] for p in tmp.glob("*.log")}
+
+    res["load_end"] = load_now()
+    res["seconds"] = time.perf_counter() - t_start
+    md = report(res, "cd /work/main && .venv/bin/python ops/bench/prefix.py" + (" --quick" if args.quick else ""))
+    print(md)
+    out = Path(tempfile.gettempdir()) / "mlxd-bench-quick" if args.quick else RESULTS
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "prefix.md").write_text(md)
+    write_json(out / "prefix.json", res)
+    plot(res, out / "prefix_ttft.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
