@@ -175,10 +175,14 @@ def mlx_lm_server(workdir: Path, mdir: Path, preload: bool, name: str = "mlx_lm.
 
 
 def vllm_mlx_server(workdir: Path, mdir: Path, preload: bool = True, name: str = "vllm-mlx") -> Server:
+    """vllm-mlx saves its prefix cache to ~/.cache/vllm-mlx on shutdown and loads it at start:
+    HOME is pointed into the run's temp dir so runs do not feed each other (restarts within a run do)."""
     port = free_port()
     cmd = [str(PEER_BIN["vllm-mlx"] / "vllm-mlx"), "serve", str(mdir), "--continuous-batching",
            "--offline", "--host", "127.0.0.1", "--port", str(port)]
-    return Server(name, cmd, env_with(preload), port, workdir, str(mdir))
+    env = env_with(preload)
+    env["HOME"] = str(workdir / f"{name}-home")
+    return Server(name, cmd, env, port, workdir, str(mdir))
 
 
 def stream_chat(server: Server, messages: list[dict], max_tokens: int, timeout: float = 600) -> dict:
