@@ -186,6 +186,8 @@ def test_metrics_per_model(two_model_daemon, client):
     line = next(l for l in text.splitlines() if l.startswith('mlxd_prompt_tokens_total{model="smol-a"}'))
     assert float(line.split()[-1]) > 0
     assert 'mlxd_model_state{model="smol-b",state="ready"} 1.0' in text
+    log = two_model_daemon.tail(200_000)   # one human-readable line per request
+    assert "mlxd.requests: smol-a: " in log and " prompt tokens (" in log and "TTFT" in log
 
 
 def test_prompt_token_ids_outside_the_vocabulary_are_400(client, two_model_daemon):
