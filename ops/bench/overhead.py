@@ -23,9 +23,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from common import (RESULTS, InProc, load_now, median, mlx_lm_server, mlxd, model_dir, serve_inproc,  # noqa: E402
+from common import (RESULTS, InProc, cpu_seconds, load_now, median, mlx_lm_server, mlxd, model_dir, serve_inproc,  # noqa: E402
                     stream_chat, wait_quiet, write_json)
 
 DECODE_PROMPT = "Write a long, detailed essay about the history of computing, from the abacus to modern GPUs."
@@ -41,7 +43,7 @@ MLXD_CFG = {"dtype": "float32",
             "engine": {"max_batch_size": 16, "prefill_batch_size": 4, "prefill_step_size": 512},
             "sampling": {"temperature": 0.7, "top_p": 0.95, "max_tokens": 512},
             "prefix_cache": {"enabled": True, "memory_budget": "1GiB", "disk_budget": "8GiB", "kv_bits": None}}
-MLXD, RAW, PEER, PLAIN = "mlxd", "raw", "mlx_lm.server", "mlx_lm.server (pip)"
+MLXD, RAW, RAWBG, PEER, PLAIN = "mlxd", "raw", "raw BatchGenerator", "mlx_lm.server", "mlx_lm.server (pip)"
 
 
 def decode_messages(i: int | None = None) -> list[dict]:
@@ -59,11 +61,17 @@ def prefill_messages(tokenizer, tag: str) -> list[dict]:
     return [{"role": "user", "content": f"Request {tag}-{time.time_ns()}: explain this code.\n\n" + tokenizer.decode(ids)}]
 
 
-def decode_run(who, msgs) -> dict:
+def decode_run(who, msgs, pids: dict, op: str = "decode") -> dict:
+    """One greedy MAX_TOKENS run, with the CPU time its processes burnt per generated token
+    (less sensitive to other load than wall time: it shows work the daemon adds, not waiting)."""
+    before = {k: cpu_seconds(p) for k, p in pids.items()}
     if isinstance(who, InProc):
-        return who.call({"op": "decode", "messages": msgs, "max_tokens": MAX_TOKENS})
-    r = stream_chat(who, msgs, MAX_TOKENS, timeout=600)
-    return {k: r[k] for k in ("decode_tps", "completion_tokens", "ttft")}
+        r = who.call({"op": op, "messages": msgs, "max_tokens": MAX_TOKENS})
+    else:
+        r = stream_chat(who, msgs, MAX_TOKENS, timeout=600)
+        r = {k: r[k] for k in ("decode_tps", "completion_tokens", "ttft")}
+    r["cpu_ms_per_token"] = {k: 1000 * (cpu_seconds(p) - before[k]) / r["completion_tokens"] for k, p in pids.items()}
+    return r
 
 
 def prefill_run(who, msgs) -> dict:
@@ -92,6 +100,7 @@ def concurrent(server, n: int, rep: int) -> dict:
 def raw_worker(payload: dict) -> None:
     """mlx_lm.stream_generate on request: decode timed per token, prefill as time to the first token."""
     from mlx_lm import load, stream_generate
+    from mlx_lm.generate import BatchGenerator
     from mlx_lm.sample_utils import make_sampler
 
     from daemon.worker.blas import loaded_blas
@@ -101,6 +110,20 @@ def raw_worker(payload: dict) -> None:
     list(stream_generate(model, tok, tok.apply_chat_template(decode_messages(), add_generation_prompt=True),
                          max_tokens=16, sampler=greedy))          # warm-up
 
+    def batchgen_decode(prompt, max_tokens, t0):
+        """The same prompt through mlx-lm's BatchGenerator alone, set up as mlxd's engine sets it up."""
+        gen = BatchGenerator(model, max_tokens=max_tokens, stop_tokens=[[t] for t in sorted(tok.eos_token_ids)],
+                             completion_batch_size=16, prefill_batch_size=4, prefill_step_size=512)
+        gen.insert([prompt], max_tokens=[max_tokens])
+        token_t, finished = [], False
+        while not finished:
+            for r in gen.next()[1]:
+                token_t.append(time.perf_counter())
+                finished = r.finish_reason is not None
+        gen.close()
+        n = len(token_t)
+        return {"decode_tps": (n - 1) / (token_t[-1] - token_t[0]), "completion_tokens": n, "ttft": token_t[0] - t0}
+
     def handle(req):
         prompt = tok.apply_chat_template(req["messages"], add_generation_prompt=True)
         t0 = time.perf_counter()
@@ -108,6 +131,8 @@ def raw_worker(payload: dict) -> None:
             next(iter(stream_generate(model, tok, prompt, max_tokens=1, sampler=greedy)))
             ttft = time.perf_counter() - t0
             return {"ttft": ttft, "prompt_tokens": len(prompt), "prefill_tps": len(prompt) / ttft}
+        if req["op"] == "batchgen":
+            return batchgen_decode(prompt, req["max_tokens"], t0)
         token_t, text_t = [], []
         for r in stream_generate(model, tok, prompt, max_tokens=req["max_tokens"], sampler=greedy):
             token_t.append(time.perf_counter())
@@ -141,16 +166,21 @@ def report(res: dict, cmd: str) -> str:
          f"{CONC_REPS} for (c). Host: {res['host']}. Took {res['seconds'] / 60:.1f} min.", "",
          f"Shared machine: load average {res['load_start']} at start, {res['load_end']} at end; before "
          f"{len(gates)} rounds other processes kept the CPUs {min(gates):.0%}-{max(gates):.0%} busy "
-         f"(median {median(gates):.0%}; each round waited up to {common.QUIET_WAIT:.0f} s for them to go idle).", "",
+         f"(median {median(gates):.0%}; each round waited up to {res['quiet_wait']:.0f} s for them to go idle).", "",
          "## (a) Single-stream decode: mlxd vs raw mlx_lm.stream_generate (both OpenBLAS)", "",
          "| | decode tok/s |", "|---|---|",
          f"| raw stream_generate, timed per token | {fmt(dec[RAW])} |",
          f"| raw stream_generate, timed per text chunk (as a streaming client sees it) | {fmt(raw_chunks)} |",
+         f"| raw mlx-lm BatchGenerator, one sequence, as mlxd's engine sets it up | {fmt(dec[RAWBG])} |",
          f"| mlxd (SSE, timed per content chunk) | {fmt(dec[MLXD])} |",
          f"| **ratio mlxd / raw** | **{dec[MLXD] / dec[RAW]:.3f}** (target >= 0.95; {dec[MLXD] / raw_chunks:.3f} "
          "against chunk timing) |",
          f"| best of {REPS}: mlxd / raw (least disturbed run of each) | {best[MLXD]:.1f} / {best[RAW]:.1f} = "
-         f"{best[MLXD] / best[RAW]:.3f} |", "",
+         f"{best[MLXD] / best[RAW]:.3f} |",
+         f"| ratio mlxd / raw BatchGenerator (what the daemon itself adds) | {dec[MLXD] / dec[RAWBG]:.3f} |", "",
+         "CPU time per generated token (ms, median; all threads of the process): " + "; ".join(
+             f"{k} " + ", ".join(f"{part} {median(r['cpu_ms_per_token'][part] for r in v):.1f}"
+                                 for part in v[0]["cpu_ms_per_token"]) for k, v in res["decode"].items()) + ".", "",
          "Each run's tok/s, in order: " + "; ".join(
              f"{k} " + ", ".join(f"{r['decode_tps']:.1f}" for r in v) for k, v in res["decode"].items()) + ".", "",
          "## (b) mlxd as the README sets it up vs mlx_lm.server as pip gives it", "",
@@ -196,7 +226,8 @@ def main() -> int:
     mdir = model_dir().path
     tokenizer = AutoTokenizer.from_pretrained(str(mdir))
     res = {"model_dir": str(mdir), "host": f"{os.cpu_count()} CPU cores, no GPU", "load_start": load_now(),
-           "startup": {}, "gates": [], "decode": {}, "prefill": {}, "conc": {MLXD: {}, PEER: {}}}
+           "quiet_wait": common.QUIET_WAIT, "startup": {}, "gates": [], "decode": {}, "prefill": {},
+           "conc": {MLXD: {}, PEER: {}}}
     with tempfile.TemporaryDirectory(prefix="mlxd-bench-") as tmp:
         tmp = Path(tmp)
         servers = {MLXD: mlxd(tmp, MLXD_CFG), PEER: mlx_lm_server(tmp, mdir, preload=True, name="mlx_lm.server-openblas"),
@@ -215,14 +246,21 @@ def main() -> int:
                     for name in names[rep % len(names):] + names[:rep % len(names)]:   # rotate who goes first
                         if name == PLAIN and key == "prefill" and rep >= PLAIN_PREFILL_REPS:
                             continue
-                        r = fn(who[name], rep)
+                        r = fn(name, rep)
                         res[key].setdefault(name, []).append(r)
                         print(f"  {label} rep {rep + 1} {name}: {r.get(key + '_tps') or r.get('agg_tps'):.1f} tok/s",
                               flush=True)
 
-            rounds("decode", REPS, (MLXD, RAW, PEER, PLAIN), lambda w, rep: decode_run(w, decode_messages()), "decode")
+            worker = httpx.get(f"{servers[MLXD].url}/v1/status", timeout=10).json()["models"][0]["pid"]
+            pids = {MLXD: {"api": servers[MLXD].proc.pid, "worker": worker}, RAW: {"process": raw.proc.pid},
+                    RAWBG: {"process": raw.proc.pid}, PEER: {"server": servers[PEER].proc.pid},
+                    PLAIN: {"server": servers[PLAIN].proc.pid}}
+            who[RAWBG] = raw
+            rounds("decode", REPS, (MLXD, RAW, RAWBG, PEER, PLAIN),
+                   lambda name, rep: decode_run(who[name], decode_messages(), pids[name],
+                                                "batchgen" if name == RAWBG else "decode"), "decode")
             rounds("prefill", PREFILL_REPS, (MLXD, RAW, PEER, PLAIN),
-                   lambda w, rep: prefill_run(w, prefill_messages(tokenizer, f"{rep}")), "prefill")
+                   lambda name, rep: prefill_run(who[name], prefill_messages(tokenizer, f"{rep}")), "prefill")
             servers[PLAIN].stop()
             for n in CONCURRENCY:
                 for rep in range(CONC_REPS):
