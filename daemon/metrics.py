@@ -51,6 +51,8 @@ class Metrics:
                                      registry=r)
         self.cache_hits = Counter(P + "prefix_cache_hits", "Prompt tokens served from the prefix cache.",
                                   ["model", "tier"], registry=r)
+        self.worker_start = Histogram(P + "worker_start_seconds", "Worker spawn until its model is loaded and ready.",
+                                      m, buckets=LATENCY, registry=r)
         self.restarts = Counter(P + "worker_restarts", "Worker processes restarted after an exit.", m, registry=r)
         self.reloads = Counter(P + "config_reloads", "Config reloads.", ["result"], registry=r)
         for result in ("success", "error"):   # present from the start, so increase() sees the first one

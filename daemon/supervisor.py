@@ -48,6 +48,7 @@ class ModelHandle:
         self.last_used: Optional[float] = None
         self.started_at: Optional[float] = None
         self.started_wall = 0.0
+        self.start_seconds: Optional[float] = None   # last spawn-to-ready, what a load on demand costs
         self._ready = asyncio.Event()
         self._stopping = False
         self._task: Optional[asyncio.Task] = None
@@ -84,6 +85,7 @@ class ModelHandle:
             self.starts += 1
             worker = WorkerProcess(self.cfg, self.server_cfg.resolved_cache_dir)
             self.worker = worker
+            spawned = time.monotonic()
             try:
                 info = await worker.start(self.server_cfg.worker_start_timeout)
             except WorkerGone as e:
@@ -97,6 +99,8 @@ class ModelHandle:
                 log.info("model %s ready (pid %s, %s, %s, BLAS %s, loaded in %.1fs)", self.name,
                          info["pid"], info["device"], info["dtype"], info["blas"], info["load_seconds"])
                 self.state, self.started_at, self.started_wall = "ready", time.monotonic(), time.time()
+                self.start_seconds = self.started_at - spawned
+                self.metrics.worker_start.labels(self.name).observe(self.start_seconds)
                 self.memory_estimate = max(self.memory_estimate, info.get("mlx_memory_bytes", 0))
                 if self.on_ready is not None:
                     self.on_ready(self)
@@ -232,7 +236,7 @@ class ModelHandle:
             "requests_running": self.stats.get("running", 0), "requests_waiting": self.stats.get("waiting", 0),
             "memory_bytes": self.stats.get("memory_bytes", 0), "tokens": dict(self.tokens),
             "cache": _cache_summary(self.stats.get("cache")),
-            "workers_started": self.starts, "preload": self.cfg.preload, "pinned": self.cfg.pinned,
+            "workers_started": self.starts, "start_seconds": self.start_seconds, "preload": self.cfg.preload, "pinned": self.cfg.pinned,
             "last_used": self.last_used,
             "worker": {k: v for k, v in (w.info if w else {}).items() if k != "op"},
         }

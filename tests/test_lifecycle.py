@@ -5,9 +5,11 @@ from __future__ import annotations
 import threading
 import time
 
+import httpx
 import openai
 import pytest
 from openai import OpenAI
+from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import Daemon, smol
 
@@ -98,7 +100,13 @@ def test_memory_budget_stops_the_least_recently_used_idle_model(tmp_path):
         time.sleep(2.5)
         ask(c, "one")                                          # and back: two makes room
         assert wait_state(d, "two", "stopped", timeout=30)
-        assert d.model_status("one")["state"] == "ready"
+        st = d.model_status("one")
+        assert st["state"] == "ready" and st["workers_started"] == 2
+        # each load on demand is timed: status has the last, /metrics counts every one
+        assert 0 < st["start_seconds"] < 120
+        loads = {s.labels["model"]: s.value for f in text_string_to_metric_families(httpx.get(f"{d.url}/metrics").text)
+                 for s in f.samples if s.name == "mlxd_worker_start_seconds_count"}
+        assert loads == {"one": 2, "two": 1}
     finally:
         d.stop()
 
