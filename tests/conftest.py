@@ -6,8 +6,6 @@ first run pays for the GGUF import; prefix caches are fresh per daemon.
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import socket
 import subprocess

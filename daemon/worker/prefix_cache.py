@@ -17,11 +17,10 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
-import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import mlx.core as mx
 import numpy as np

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -123,9 +124,9 @@ class Server:
             return False
         if r.status_code != 200:
             return False
-        if self.ready_path == "/v1/status":    # mlxd: every model's worker loaded
+        if self.ready_path == "/v1/status":    # mlxd: every preloaded model's worker loaded
             models = r.json().get("models") or []
-            return bool(models) and all(m.get("state") == "ready" for m in models)
+            return bool(models) and all(m.get("state") == "ready" for m in models if m.get("preload"))
         return True
 
     def stop(self, timeout: float = 60) -> None:
@@ -160,16 +161,19 @@ def prepare_cache_dir(cache_dir: Path) -> Path:
     return cache_dir
 
 
-def mlxd(workdir: Path, model_cfg: dict, name: str = "mlxd", cache_dir: Path | None = None) -> Server:
-    """`mlxd serve` on a config written from `model_cfg` (workers preload OpenBLAS themselves)."""
+def mlxd(workdir: Path, model_cfg: dict, name: str = "mlxd", cache_dir: Path | None = None,
+         models: list[dict] | None = None, server: dict | None = None) -> Server:
+    """`mlxd serve` on a config written from `model_cfg` (workers preload OpenBLAS themselves);
+    `models` (each with its own name) replaces the single `smollm2` entry."""
     cache_dir = prepare_cache_dir(cache_dir or workdir / "mlxd-cache")
     port = free_port()
-    cfg = {"server": {"host": "127.0.0.1", "port": port, "cache_dir": str(cache_dir)},
-           "models": [{"name": "smollm2", "source": "embedded:smollm2", **model_cfg}]}
+    models = models or [{"name": "smollm2", **model_cfg}]
+    cfg = {"server": {"host": "127.0.0.1", "port": port, "cache_dir": str(cache_dir), **(server or {})},
+           "models": [{"source": "embedded:smollm2", **m} for m in models]}
     path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return Server(name, [sys.executable, "-m", "daemon", "serve", "--config", str(path), "--log-level", "warning"],
-                  env_with(False), port, workdir, "smollm2", ready_path="/v1/status")
+                  env_with(False), port, workdir, models[0]["name"], ready_path="/v1/status")
 
 
 def mlx_lm_server(workdir: Path, mdir: Path, preload: bool, name: str = "mlx_lm.server") -> Server:
@@ -191,9 +195,10 @@ def vllm_mlx_server(workdir: Path, mdir: Path, preload: bool = True, name: str =
     return Server(name, cmd, env, port, workdir, str(mdir))
 
 
-def stream_chat(server: Server, messages: list[dict], max_tokens: int, timeout: float = 600) -> dict:
+def stream_chat(server: Server, messages: list[dict], max_tokens: int, timeout: float = 600,
+                model: str | None = None) -> dict:
     """One greedy streamed chat completion, timed per content chunk (SSE comments are skipped)."""
-    body = {"model": server.model, "messages": messages, "max_tokens": max_tokens, "temperature": 0.0,
+    body = {"model": model or server.model, "messages": messages, "max_tokens": max_tokens, "temperature": 0.0,
             "stream": True, "stream_options": {"include_usage": True}}
     times, parts, usage, finish = [], [], None, None
     t0 = time.perf_counter()
@@ -300,3 +305,17 @@ def run_self(flag: str, payload: dict, preload: bool, timeout: float) -> dict:
 def write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2, default=str))
+
+
+def publish(name: str, res: dict, report, t_start: float, quick: bool) -> Path:
+    """Close the run's record and write `name`.md (`report(res, command)`) and `name`.json into
+    results/, or into a temp dir for a --quick smoke run (its numbers mean nothing); returns the dir."""
+    res["load_end"] = load_now()
+    res["seconds"] = time.perf_counter() - t_start
+    md = report(res, f"cd {ROOT} && .venv/bin/python ops/bench/{name}.py" + (" --quick" if quick else ""))
+    print(md)
+    out = Path(tempfile.gettempdir()) / "mlxd-bench-quick" if quick else RESULTS
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.md").write_text(md)
+    write_json(out / f"{name}.json", res)
+    return out

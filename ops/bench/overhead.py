@@ -27,8 +27,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from common import (RESULTS, InProc, cpu_seconds, load_now, median, mlx_lm_server, mlxd, model_dir, serve_inproc,  # noqa: E402
-                    stream_chat, wait_quiet, write_json)
+from common import (InProc, cpu_seconds, load_now, median, mlx_lm_server, mlxd, model_dir, publish, serve_inproc,  # noqa: E402
+                    stream_chat, wait_quiet)
 
 DECODE_PROMPT = "Write a long, detailed essay about the history of computing, from the abacus to modern GPUs."
 MAX_TOKENS = 128
@@ -275,14 +275,7 @@ def main() -> int:
                 raw.close()
             for s in servers.values():
                 s.stop()
-    res["load_end"] = load_now()
-    res["seconds"] = time.perf_counter() - t_start
-    md = report(res, "cd /work/main && .venv/bin/python ops/bench/overhead.py" + (" --quick" if args.quick else ""))
-    print(md)
-    out = Path(tempfile.gettempdir()) / "mlxd-bench-quick" if args.quick else RESULTS
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "overhead.md").write_text(md)
-    write_json(out / "overhead.json", res)
+    publish("overhead", res, report, t_start, args.quick)
     return 0
 
 

@@ -6,13 +6,15 @@
     plus the first token: what a perfect prefix cache would cost.
 (b) The same chat with every server restarted before the last turn: mlxd keeps its disk
     cache, mlx_lm.server starts cold, vllm-mlx reloads what it saved at shutdown.
-(c) Two models alternating under a memory budget: skipped, mlxd has no model lifecycle yet.
+(c) Two models alternating under a memory budget that holds one worker: every turn swaps the
+    other model out, so each turn pays a worker start plus a prefix promoted from disk. Model
+    A replays (a)'s chat, so (a)'s floor applies to it; model B chats about other code.
 (d) mlxd start-up with 1,000 prefix-cache entries on disk vs none.
 
 All servers run at once, OpenBLAS preloaded, on the same f32 model directory, and take
 each turn round-robin (one computing at a time, after mlxd's background disk writes have
 drained), so load from other processes on this shared box falls on all of them alike.
-Run: .venv/bin/python ops/bench/prefix.py   (about 17-25 minutes)
+Run: .venv/bin/python ops/bench/prefix.py   (about 22-30 minutes)
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from common import (RESULTS, InProc, load_now, median, mlx_lm_server, mlxd, model_dir,  # noqa: E402
-                    prepare_cache_dir, run_self, serve_inproc, stream_chat, vllm_mlx_server, wait_quiet, write_json)
+from common import (InProc, load_now, median, mlx_lm_server, mlxd, model_dir, prepare_cache_dir,  # noqa: E402
+                    publish, run_self, serve_inproc, stream_chat, vllm_mlx_server, wait_quiet)
 
 TURNS = 10
 CHUNK_TOKENS = 450
@@ -44,11 +46,18 @@ QUESTIONS = ("What does this code do?", "Is there a bug in it?", "How would you 
 MLXD_CFG = {"dtype": "float32", "engine": {"max_batch_size": 8, "prefill_batch_size": 4, "prefill_step_size": 512},
             "prefix_cache": {"enabled": True, "memory_budget": "1GiB", "disk_budget": "8GiB", "kv_bits": None}}
 SERVERS = ("mlxd", "mlx_lm.server", "vllm-mlx")
+# (c): two models from the same weights (the only model this box has; they share a cache
+# namespace, as identical weights should, but chat about different code so neither hits the
+# other's entries). One f32 worker holds ~0.55 GB + its memory tier: a 1 GB budget fits one.
+SWAP_MODELS = ("chat-a", "chat-b")
+SWAP_SERVER = {"memory_budget": "1GB"}
+SWAP_CFG = {**MLXD_CFG, "prefix_cache": {**MLXD_CFG["prefix_cache"], "memory_budget": "256MiB"}}
 RESTART = "mlxd-restart"    # a second mlxd on its own cache dir: plays turns 1..N-1, restarts, plays turn N
 
 
-def user_turns(tokenizer) -> list[str]:
-    """TURNS user messages, each a ~CHUNK_TOKENS slice of argparse.py plus a question (deterministic)."""
+def user_turns(tokenizer, skip: int = 0) -> list[str]:
+    """TURNS user messages, each a ~CHUNK_TOKENS slice of argparse.py (after `skip` slices) plus a
+    question (deterministic)."""
     import argparse as src
 
     chunks, cur = [], ""
@@ -57,18 +66,18 @@ def user_turns(tokenizer) -> list[str]:
         if len(tokenizer.encode(cur)) >= CHUNK_TOKENS:
             chunks.append(cur)
             cur = ""
-        if len(chunks) == TURNS:
+        if len(chunks) == skip + TURNS:
             break
     return [f"Here is part {i + 1} of the module I am working on:\n```python\n{c}```\n{QUESTIONS[i % len(QUESTIONS)]}"
-            for i, c in enumerate(chunks)]
+            for i, c in enumerate(chunks[skip:])]
 
 
-def turn(server, messages: list, user: str) -> dict:
+def turn(server, messages: list, user: str, model: str | None = None) -> dict:
     """One turn: send the chat plus `user`, append both sides to `messages`, return the timings."""
     messages.append({"role": "user", "content": user})
-    r = stream_chat(server, messages, REPLY_TOKENS, timeout=REQUEST_TIMEOUT)
+    r = stream_chat(server, messages, REPLY_TOKENS, timeout=REQUEST_TIMEOUT, model=model)
     messages.append({"role": "assistant", "content": r["text"]})
-    print(f"  {server.name} turn {len(messages) // 2}: ttft {r['ttft']:.2f}s prompt {r['prompt_tokens']} "
+    print(f"  {model or server.name} turn {len(messages) // 2}: ttft {r['ttft']:.2f}s prompt {r['prompt_tokens']} "
           f"cached {r['cached_tokens']}", flush=True)
     return {k: r[k] for k in ("ttft", "prompt_tokens", "cached_tokens", "completion_tokens", "total")}
 
@@ -77,19 +86,23 @@ def warm_up(server) -> None:
     stream_chat(server, [{"role": "user", "content": "Hi"}], 4, timeout=300)
 
 
-def cache_stats(server) -> dict:
+def cache_stats(server, model: str = "smollm2") -> dict:
     try:
-        return httpx.get(f"{server.url}/v1/cache/stats", timeout=30).json()["models"]["smollm2"]
-    except Exception as e:  # a report should not die on a stats call
+        return httpx.get(f"{server.url}/v1/cache/stats", timeout=30).json()["models"][model]
+    except Exception as e:  # a report should not die on a stats call (or on a model not loaded)
         return {"error": str(e)}
 
 
-def settle(servers, timeout: float = 120) -> None:
+def model_status(server, model: str) -> dict:
+    return next(m for m in httpx.get(f"{server.url}/v1/status", timeout=30).json()["models"] if m["name"] == model)
+
+
+def settle(servers, timeout: float = 120, model: str = "smollm2") -> None:
     """Wait until no mlxd has disk writes pending, so its writer thread does not load someone else's turn."""
     deadline = time.monotonic() + timeout
     for s in servers:
         while s.name.startswith("mlxd") and s.proc and s.proc.poll() is None and time.monotonic() < deadline:
-            if not cache_stats(s).get("disk", {}).get("pending_writes"):
+            if not cache_stats(s, model).get("disk", {}).get("pending_writes"):
                 break
             time.sleep(0.2)
 
@@ -100,6 +113,47 @@ def log_digest(path: Path) -> str:
     keys = ("lifespan", "cache_fetch", "HIT", "prefix cache", "Prompt cache", "Traceback", "Error")
     picked = [line for line in lines if any(k in line for k in keys)][-60:]
     return "\n".join(picked + ["--- tail ---"] + lines[-30:])
+
+
+def disk_hit_tokens(server) -> dict:
+    """Prompt tokens each model has served from its disk tier so far (mlxd's own counter)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{server.url}/metrics", timeout=30).text
+    return {s.labels["model"]: s.value for f in text_string_to_metric_families(text) for s in f.samples
+            if s.name == "mlxd_prefix_cache_hits_total" and s.labels.get("tier") == "disk"}
+
+
+def swap_run(tmp: Path, chats: dict, res: dict) -> dict:
+    """(c): the two models take turns under a budget that holds one, so every request finds the
+    other model resident: stop it, start this one's worker, promote the chat's prefix from disk."""
+    c = {"turns": {m: [] for m in SWAP_MODELS}, "error": None}
+    msgs = {m: [] for m in SWAP_MODELS}
+    models = [{"name": m, **SWAP_CFG, "preload": m == SWAP_MODELS[0]} for m in SWAP_MODELS]
+    with mlxd(tmp, {}, name="mlxd-swap", cache_dir=tmp / "swap", models=models, server=SWAP_SERVER) as s:
+        try:
+            c["startup"] = s.start(timeout=300)
+            warm_up(s)
+            for i in range(TURNS):
+                for m in SWAP_MODELS:
+                    res["gates"].append(wait_quiet())
+                    for x in SWAP_MODELS:
+                        settle([s], model=x)
+                    started, disk = model_status(s, m)["workers_started"], disk_hit_tokens(s).get(m, 0)
+                    r = turn(s, msgs[m], chats[m][i], model=m)
+                    st = model_status(s, m)
+                    r["loaded"] = st["workers_started"] > started
+                    r["start_seconds"] = st["start_seconds"] if r["loaded"] else None
+                    r["from_disk"] = disk_hit_tokens(s).get(m, 0) - disk
+                    r["others_ready"] = [x["name"] for x in httpx.get(f"{s.url}/v1/status", timeout=30).json()["models"]
+                                         if x["state"] == "ready" and x["name"] != m]
+                    c["turns"][m].append(r)
+            c["cache_stats"] = {m: cache_stats(s, m) for m in SWAP_MODELS}
+        except Exception as e:
+            c["error"] = f"{type(e).__name__}: {e}"[:3000]
+            print(f"  (c) FAILED: {c['error'][:300]}", flush=True)
+    c["messages"] = msgs
+    return c
 
 
 # -- in-process measurements (re-executed with OpenBLAS preloaded) ---------------------------
@@ -231,8 +285,7 @@ def report(res: dict, cmd: str) -> str:
           "saves its prefix cache at shutdown and reloads it at start (its log: 'Loaded 10 prefix cache entries', "
           "then a HIT with cached=prompt, remaining=0), yet its TTFT stays that of a cold prefill.", "",
           *([f"Failures: {json.dumps(res['errors'])}", ""] if res["errors"] else []),
-          "## (c) Two models alternating under a memory budget", "",
-          "Skipped: not possible yet, mlxd has no model lifecycle/eviction feature.", "",
+          *swap_report(res), "",
           f"## (d) mlxd start-up until /v1/status says the model is ready (median of {len(res['d']['empty'])})", "",
           "| prefix-cache entries on disk | start-up (s) | runs |", "|---|---|---|",
           f"| 0 | {fmt(median(res['d']['empty']))} | {', '.join(fmt(x) for x in res['d']['empty'])} |",
@@ -242,6 +295,43 @@ def report(res: dict, cmd: str) -> str:
           f"`{res['d']['made']['namespace']}` in {res['d']['made']['seconds']:.0f} s; the daemon reported "
           f"{res['d']['loaded_entries']} disk entries after start.", ""]
     return "\n".join(L)
+
+
+def swap_report(res: dict) -> list[str]:
+    c, a_name, b_name = res["c"], *SWAP_MODELS
+    A, B = c["turns"][a_name], c["turns"][b_name]
+    L = ["## (c) Two models alternating under a memory budget that holds one", "",
+         f"One mlxd, models `{a_name}` and `{b_name}` (same f32 weights), `server.memory_budget: "
+         f"{SWAP_SERVER['memory_budget']}`, prefix memory tier {SWAP_CFG['prefix_cache']['memory_budget']} each. "
+         f"They take turns, so every request first stops the other model's worker and starts its own; "
+         f"`{a_name}` replays (a)'s chat, so (a)'s floor is its floor. Target on `{a_name}`'s swap-back turns "
+         f"(2-{TURNS}): TTFT <= its worker start + 1.2 x floor. 'start' = spawn until ready, as mlxd measures it "
+         "(`start_seconds` in /v1/status); 'from disk' = prompt tokens served from the disk tier "
+         "(`mlxd_prefix_cache_hits_total{tier=\"disk\"}` before/after).", "",
+         f"| turn | prompt tok | {a_name} TTFT | cached | from disk | start (s) | floor | start + 1.2 x floor | "
+         f"TTFT / target | {b_name} TTFT | {b_name} cached | {b_name} start (s) |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    ratios = []
+    for i, (x, y) in enumerate(zip(A, B)):
+        f = res["floor"][i]["ttft"] if i < len(res["floor"]) else None
+        target = (x["start_seconds"] or 0) + 1.2 * f if f is not None and x["loaded"] else None
+        r = ratio(x["ttft"], target)
+        if i > 0 and r is not None:
+            ratios.append(r)
+        L.append(f"| {i + 1} | {x['prompt_tokens']} | {fmt(x['ttft'])} | {x['cached_tokens']} | "
+                 f"{int(x['from_disk'])} | {fmt(x['start_seconds'])} | {fmt(f, 3)} | {fmt(target)} | "
+                 f"{fmt(r)} | {fmt(y['ttft'])} | {y['cached_tokens']} | {fmt(y['start_seconds'])} |")
+    same = all(x["prompt_tokens"] == d["prompt_tokens"] for x, d in zip(A, res["a"]["mlxd"]))
+    swaps = sum(t["loaded"] for t in A + B)
+    alone = sum(not t["others_ready"] for t in A + B)
+    L += ["", f"{swaps} of {len(A) + len(B)} requests started their model's worker; after {alone} of them the "
+              "other model was no longer resident. "
+              + (f"Swap-back turns: TTFT / target max {max(ratios):.2f}, median {median(ratios):.2f} "
+                 f"({sum(r <= 1 for r in ratios)} of {len(ratios)} within). " if ratios else "")
+              + ("" if same else f"`{a_name}`'s prompt sizes differ from (a)'s, so the floor is approximate. ")]
+    if c.get("error"):
+        L += ["", f"Failure: {c['error']}"]
+    return L
 
 
 def plot(res: dict, path: Path) -> None:
@@ -256,6 +346,12 @@ def plot(res: dict, path: Path) -> None:
         line, = ax.plot(turns, [t["ttft"] or nan for t in res["a"][name]], style, label=name)
         ax.plot([TURNS], [res["b"][name]["ttft"] or nan], style[0], mfc="none", ms=12, color=line.get_color(),
                 label=f"{name} after restart")
+    swapped = res["c"]["turns"][SWAP_MODELS[0]]
+    ax.plot(turns[:len(swapped)], [t["ttft"] or nan for t in swapped], "o:", color="tab:purple",
+            label="mlxd, model swapped out and back every turn (c)")
+    ax.plot(turns[1:len(swapped)], [(t["start_seconds"] or nan) + 1.2 * f["ttft"]
+                                    for t, f in zip(swapped[1:], res["floor"][1:])], "--", color="tab:purple",
+            alpha=0.5, label="(c) target: its worker start + 1.2 x floor")
     ax.plot(turns, [t["ttft"] for t in res["floor"]], "k--", label="floor (raw mlx-lm, new tokens only)")
     ax.set_yscale("log")
     ax.set_xticks(turns)
@@ -291,7 +387,8 @@ def main() -> int:
 
     t_start = time.perf_counter()
     mdir = model_dir().path
-    turns = user_turns(AutoTokenizer.from_pretrained(str(mdir)))
+    tokenizer = AutoTokenizer.from_pretrained(str(mdir))
+    turns = user_turns(tokenizer)
     res = {"model_dir": str(mdir), "load_start": load_now(), "quiet_wait": common.QUIET_WAIT, "gates": [],
            "startup": {}, "errors": {},
            "a": {}, "b": {}, "messages": {}, "floor": []}
@@ -362,6 +459,9 @@ def main() -> int:
         for name in SERVERS:
             res["b"].setdefault(name, {"ttft": None, "cached_tokens": None, "startup": None})
 
+        print("(c) two models alternating under a memory budget", flush=True)
+        res["c"] = swap_run(tmp, {SWAP_MODELS[0]: turns, SWAP_MODELS[1]: user_turns(tokenizer, skip=TURNS)}, res)
+
         print(f"mlxd start-up with {STARTUP_ENTRIES} entries vs none", flush=True)
         d = res["d"] = {"tokens": 40, "empty": [], "full": []}
         d["made"] = run_self("--make-entries", {"cache_dir": str(prepare_cache_dir(tmp / "full")),
@@ -375,15 +475,7 @@ def main() -> int:
                         d["loaded_entries"] = cache_stats(s).get("disk", {}).get("entries")
         res["logs"] = {p.name: log_digest(p) for p in tmp.glob("*.log")}
 
-    res["load_end"] = load_now()
-    res["seconds"] = time.perf_counter() - t_start
-    md = report(res, "cd /work/main && .venv/bin/python ops/bench/prefix.py" + (" --quick" if args.quick else ""))
-    print(md)
-    out = Path(tempfile.gettempdir()) / "mlxd-bench-quick" if args.quick else RESULTS
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "prefix.md").write_text(md)
-    write_json(out / "prefix.json", res)
-    plot(res, out / "prefix_ttft.png")
+    plot(res, publish("prefix", res, report, t_start, args.quick) / "prefix_ttft.png")
     return 0
 
 
