@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import mlx.core as mx
 import pytest
 from mlx_lm.models.cache import RotatingKVCache, make_prompt_cache
 
 from conftest import TEST_CACHE
 from daemon.models import resolve_model
+from daemon.worker.disk_cache import RECORD_GRACE
 from daemon.worker.prefix_cache import BLOCK, PrefixCache, block_hashes
 
 
@@ -78,6 +82,36 @@ def test_disk_entries_are_found_after_a_restart_and_loaded_on_demand(model, tmp_
     assert (n, tier) == (38, "disk") and cache[0].offset == 38
     assert again.stats()["memory"]["entries"] == 1       # promoted
     again.close()
+
+
+def test_two_workers_sharing_a_namespace_do_not_spoil_each_other(model, tmp_path):
+    """Same weights, two workers (two models, or a replacement starting beside the old one):
+    a starting worker keeps the other's writes in flight, and an entry the other evicted is
+    gone, not corrupt. Leftovers of dead writers and overdue records still go."""
+    first = new_cache(model, tmp_path)
+    first.store(TOKENS, prefill(model, TOKENS, make_prompt_cache(model)))
+    first.disk.flush()
+    ns = first.disk.dir
+    live_tmp = ns / f"a{'0' * 31}.tmp.{os.getpid()}.safetensors"          # a write in progress
+    fresh = ns / f"b{'0' * 31}.safetensors"                               # renamed, record not yet
+    dead_tmp = ns / f"c{'0' * 31}.tmp.999999999.safetensors"              # its writer is gone
+    overdue = ns / f"d{'0' * 31}.safetensors"
+    for p in (live_tmp, fresh, dead_tmp, overdue):
+        p.write_bytes(b"x")
+    old = time.time() - 2 * RECORD_GRACE
+    os.utime(overdue, (old, old))
+
+    second = new_cache(model, tmp_path)
+    assert live_tmp.exists() and fresh.exists()
+    assert not dead_tmp.exists() and not overdue.exists()
+    assert second.stats()["disk"]["entries"] == 1
+
+    first.clear()                                        # the other worker drops what both know
+    cache, n, tier = second.fetch(TOKENS + [7])
+    assert (cache, n) == (None, 0)
+    assert second.stats()["disk"]["corrupt"] == 0 and second.stats()["disk"]["entries"] == 0
+    first.close()
+    second.close()
 
 
 def test_block_hashes_chain():

@@ -11,6 +11,10 @@ Why this shape:
 - Entries live under a namespace directory named by the model fingerprint, so different
   weights never read each other's KV. Namespaces of models no longer served age out.
 - Start-up reads only the small records, never the tensors.
+- Two workers can share a namespace (two configured models with the same weights, or a
+  replacement worker starting beside the one it replaces), so start-up removes only
+  leftovers that no live writer can still finish: temp files of dead processes and files
+  whose record is overdue. An entry the other worker evicted is simply gone, not corrupt.
 """
 
 from __future__ import annotations
@@ -33,6 +37,26 @@ from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 log = logging.getLogger("mlxd.prefix_cache")
 
 _SUFFIX = ".safetensors"
+RECORD_GRACE = 300.0     # a file without its record for this long was cut mid-write
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _stale_tmp(name: str) -> bool:
+    """`<key>.tmp.<pid>.safetensors` or `<key>.json.tmp.<pid>`: stale once its writer is gone."""
+    parts = name.split(".tmp.", 1)
+    if len(parts) != 2:
+        return False
+    pid = parts[1].split(".", 1)[0]
+    return not pid.isdigit() or not _alive(int(pid))
 
 
 def _crc32(path: Path) -> int:
@@ -57,7 +81,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -102,8 +126,9 @@ class DiskTier:
         metas = []
         for p in self.dir.iterdir():
             name = p.name
-            if name.endswith(".tmp") or ".tmp." in name:
-                p.unlink(missing_ok=True)
+            if ".tmp" in name:
+                if _stale_tmp(name):
+                    p.unlink(missing_ok=True)
             elif name.endswith(".json"):
                 try:
                     meta = json.loads(p.read_text())
@@ -117,8 +142,12 @@ class DiskTier:
                 metas.append(meta)
         known = {m["key"] for m in metas}
         for p in self.dir.glob(f"*{_SUFFIX}"):
-            if p.name.removesuffix(_SUFFIX) not in known:
-                p.unlink(missing_ok=True)     # its record never landed: the write was cut
+            if ".tmp" not in p.name and p.name.removesuffix(_SUFFIX) not in known:
+                try:
+                    if time.time() - p.stat().st_mtime > RECORD_GRACE:
+                        p.unlink()            # its record never landed: the write was cut
+                except OSError:
+                    pass
         with self.lock:
             self.records = {m["key"]: m for m in metas}
         return metas
@@ -144,7 +173,7 @@ class DiskTier:
 
     def _write(self, key: str, tokens: np.ndarray, cache: list, meta: dict) -> None:
         path = self.dir / f"{key}{_SUFFIX}"
-        tmp = self.dir / f"{key}.tmp{_SUFFIX}"
+        tmp = self.dir / f"{key}.tmp.{os.getpid()}{_SUFFIX}"
         save_prompt_cache(str(tmp), cache, metadata={
             "key": key, "tokens": base64.b64encode(tokens.astype("<i4").tobytes()).decode()})
         with open(tmp, "rb+") as f:
@@ -185,7 +214,12 @@ class DiskTier:
             return None     # evicted by the budget meanwhile
         path = self.dir / f"{key}{_SUFFIX}"
         try:
-            if path.stat().st_size != record["size"] or _crc32(path) != record["crc32"]:
+            size = path.stat().st_size
+        except FileNotFoundError:     # evicted by another worker sharing this namespace
+            self._discard(key)
+            return None
+        try:
+            if size != record["size"] or _crc32(path) != record["crc32"]:
                 raise ValueError("size or checksum mismatch")
             cache, meta = load_prompt_cache(str(path), return_metadata=True)
             tokens = np.frombuffer(base64.b64decode(meta["tokens"]), dtype="<i4").astype(np.int32)
