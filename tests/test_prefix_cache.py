@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -107,6 +108,30 @@ def test_cached_prefix_of_a_longer_entry_is_trimmed(daemon):
     ref, ref_usage = chat(c, "plain", edited)
     assert got == ref
     assert 0 < usage.prompt_tokens_details.cached_tokens < ref_usage.prompt_tokens
+
+
+def test_a_cached_follow_up_joins_a_running_batch(daemon):
+    """Continuous batching and the cache together: a follow-up arriving while another request
+    decodes joins that batch with its prefix from the cache, and both finish."""
+    c = client_for(daemon)
+    msgs = [{"role": "user", "content": f"Explain this module:\n{CODE}"}]
+    answer, first = chat(c, "cached", msgs)
+    follow_up = turn(msgs + [{"role": "assistant", "content": answer}], QUESTIONS[0])
+    hits_before = cache_stats(daemon)["hit_tokens"]
+
+    long_chunks: list[float] = []
+    stream = c.chat.completions.create(model="cached", stream=True, max_tokens=200, temperature=0,
+                                       messages=[{"role": "user", "content": "Count from 1 to 100, one per line."}])
+    it = iter(stream)
+    next(it)                                                   # the long request is in the batch
+    reader = threading.Thread(target=lambda: long_chunks.extend(time.monotonic() for _ in it))
+    reader.start()
+    _, usage = chat(c, "cached", follow_up)
+    follow_up_done = time.monotonic()
+    reader.join(300)
+    assert usage.prompt_tokens_details.cached_tokens >= first.prompt_tokens + first.completion_tokens - 4
+    assert long_chunks and long_chunks[-1] > follow_up_done, "the long request was not still decoding"
+    assert cache_stats(daemon)["hit_tokens"] - hits_before >= usage.prompt_tokens_details.cached_tokens
 
 
 def test_restart_keeps_the_cache_and_corrupt_files_are_discarded(tmp_path):
