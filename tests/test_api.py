@@ -77,6 +77,12 @@ def test_unknown_model_is_404_in_openai_format(client):
     ({"model": "smol-a"}, "messages"),
     ({"model": "smol-a", "messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
     ({"messages": FRANCE}, "model"),
+    ({"model": "smol-a", "messages": FRANCE, "max_tokens": "8"}, "max_tokens"),     # no guessing at types
+    ({"model": "smol-a", "messages": FRANCE, "max_tokens": True}, "max_tokens"),
+    ({"model": "smol-a", "messages": FRANCE, "stream": "yes"}, "stream"),
+    ({"model": "smol-a", "messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
+    ({"model": "smol-a", "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+     "messages.0.content.0.text"),
 ])
 def test_malformed_bodies_are_400_naming_the_field(two_model_daemon, body, field):
     r = httpx.post(f"{two_model_daemon.url}/v1/chat/completions", json=body, timeout=30)
@@ -84,6 +90,18 @@ def test_malformed_bodies_are_400_naming_the_field(two_model_daemon, body, field
     err = r.json()["error"]
     assert err["param"] == field
     assert field in err["message"]
+
+
+@pytest.mark.parametrize("prompt,field", [(None, "prompt"), ([1, "2"], "prompt.1"), ([1, 2.5], "prompt.1")])
+def test_malformed_completion_prompts_name_the_field(two_model_daemon, prompt, field):
+    r = httpx.post(f"{two_model_daemon.url}/v1/completions", json={"model": "smol-a", "prompt": prompt}, timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == field
+
+
+def test_integers_are_fine_where_numbers_are_expected(client):
+    r = client.chat.completions.create(model="smol-a", messages=FRANCE, max_tokens=2, temperature=0, top_p=1)
+    assert r.usage.completion_tokens >= 1
 
 
 def test_invalid_json_is_400(two_model_daemon):

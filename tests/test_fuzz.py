@@ -200,12 +200,12 @@ def test_invalid_values_are_400_naming_the_field(http, body, param):
     r = http.post(url, json=body)
     assert r.status_code == 400, r.text
     assert_openai_error(r)
-    assert r.json()["error"]["param"].startswith(param)     # a union adds its branch: "prompt.str"
+    assert r.json()["error"]["param"] == param
 
 
 @pytest.mark.parametrize("body", [
     chat(stop=["a", "b", "c", "d"], max_tokens=2),
-    chat(max_tokens=2.0),                                   # an integral float is an int to pydantic
+    chat(max_tokens=2.0),                                   # an integral float is an int
     chat(max_tokens=2, user="u1", logprobs=False, frequency_penalty=0, tools=None, some_future_field={"x": 1}),
     chat(messages=[{"role": "user", "content": "hi", "name": "bob", "extra": 1}], max_tokens=2),
     completion(prompt=[1, 2, 3], max_tokens=2),

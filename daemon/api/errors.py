@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 from pydantic import ValidationError
@@ -25,10 +26,16 @@ class APIError(Exception):
         return resp
 
 
+# Union branches and validators appear in pydantic's locations; clients never spelled them.
+_NOT_A_FIELD = re.compile(r"^(function-.*|str|int|float|bool|none|list\[.*\]|dict\[.*\]|[A-Z]\w*)$")
+
+
 def from_validation(e: ValidationError) -> APIError:
-    """The first problem, naming the field the way the client spelled it."""
-    err = e.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
+    """The first field with a problem, named the way the client spelled it. For a union
+    (`prompt`: text or token ids) the branch that got furthest says what is wrong."""
+    errors = e.errors()
+    err = max((x for x in errors if x["loc"][:1] == errors[0]["loc"][:1]), key=lambda x: len(x["loc"]))
+    loc = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and _NOT_A_FIELD.match(p)))
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "missing":
         msg = f"'{loc}' is a required property"

@@ -1,28 +1,40 @@
 """Request bodies of the OpenAI routes, validated by pydantic.
 
 Unknown fields are accepted and ignored, as clients send many (user, n=1, logprobs=false);
-fields we accept are checked strictly so that a bad value gets a 400 naming it.
+fields we accept are checked strictly (no "8" for 8, no 1 for true: OpenAI refuses them too)
+so that a bad value gets a 400 naming it instead of a guess.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+
+
+def _whole(v):
+    """2.0 is 2 (a JSON encoder's choice, no information lost); 2.5, "2" and true are not."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+Count = Annotated[int, BeforeValidator(_whole)]
+
+
+STRICT = ConfigDict(extra="allow", strict=True)
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = STRICT
 
     model: str = Field(min_length=1)
-    max_tokens: Optional[int] = Field(None, ge=1)
+    max_tokens: Optional[Count] = Field(None, ge=1)
     temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
     top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
-    seed: Optional[int] = Field(None, ge=-(2**63), le=2**64 - 1, description="Any 64-bit integer.")
+    seed: Optional[Count] = Field(None, ge=-(2**63), le=2**64 - 1, description="Any 64-bit integer.")
     stop: Optional[Union[str, list[str]]] = None
     stream: bool = False
     stream_options: Optional["StreamOptions"] = None
-    n: int = Field(1, ge=1, le=1, description="Only one choice per request is supported.")
+    n: Count = Field(1, ge=1, le=1, description="Only one choice per request is supported.")
 
     @field_validator("stop")
     @classmethod
@@ -36,17 +48,18 @@ class _Body(BaseModel):
 
 
 class StreamOptions(BaseModel):
+    model_config = STRICT
     include_usage: bool = False
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = STRICT
     type: str
     text: Optional[str] = None
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = STRICT
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Optional[Union[str, list[ContentPart]]] = None
 
@@ -60,7 +73,7 @@ class Message(BaseModel):
 
 class ChatCompletionRequest(_Body):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[Count] = Field(None, ge=1)
 
     def template_messages(self) -> list[dict[str, Any]]:
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
