@@ -114,7 +114,6 @@ class _WorkerCollector:
         g = {name: GaugeMetricFamily(P + name, doc, labels=labels) for name, doc, labels in (
             ("num_requests_running", "Requests decoding now.", ["model"]),
             ("num_requests_waiting", "Requests queued or prefilling.", ["model"]),
-            ("batch_size", "Sequences in the running batch.", ["model"]),
             ("model_state", "1 for the model's current state.", ["model", "state"]),
             ("model_memory_bytes", "MLX memory in use by the model's worker.", ["model"]),
             ("prefix_cache_bytes", "Prefix-cache bytes per tier.", ["model", "tier"]),
@@ -129,7 +128,6 @@ class _WorkerCollector:
             cache = s.get("cache") or {}
             g["num_requests_running"].add_metric([h.name], s.get("running", 0))
             g["num_requests_waiting"].add_metric([h.name], s.get("waiting", 0))
-            g["batch_size"].add_metric([h.name], s.get("running", 0))
             for state in STATES:
                 g["model_state"].add_metric([h.name, state], 1.0 if h.state == state else 0.0)
             g["model_memory_bytes"].add_metric([h.name], s.get("memory_bytes", 0))
