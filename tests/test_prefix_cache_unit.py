@@ -106,10 +106,23 @@ def test_two_workers_sharing_a_namespace_do_not_spoil_each_other(model, tmp_path
     assert not dead_tmp.exists() and not overdue.exists()
     assert second.stats()["disk"]["entries"] == 1
 
-    first.clear()                                        # the other worker drops what both know
-    cache, n, tier = second.fetch(TOKENS + [7])
+    entry = sum(r["size"] for r in first.disk.records.values())
+    first.clear()                                        # deletes the entry second indexed at start
+    cache, n, _ = second.fetch(TOKENS + [7])
     assert (cache, n) == (None, 0)
     assert second.stats()["disk"]["corrupt"] == 0 and second.stats()["disk"]["entries"] == 0
+
+    for p in (live_tmp, fresh):
+        p.unlink()
+    # one budget for the namespace: what both write stays under it, whoever wrote it
+    budget = first.disk.budget = second.disk.budget = int(2.5 * entry)     # room for two entries
+    for i in range(3):
+        for j, pc in enumerate((first, second)):
+            toks = [i + 1, j + 50] + TOKENS
+            pc.store(toks, prefill(model, toks, make_prompt_cache(model)))
+            pc.disk.flush()
+            assert sum(p.stat().st_size for p in ns.glob("*.safetensors")) <= budget
+    assert len(list(ns.glob("*.safetensors"))) == 2
     first.close()
     second.close()
 

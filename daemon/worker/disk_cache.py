@@ -192,17 +192,27 @@ class DiskTier:
         self._enforce_budget()
 
     def _enforce_budget(self) -> None:
-        with self.lock:
-            total = sum(r["size"] for r in self.records.values())
-            victims = []
-            for r in sorted(self.records.values(), key=lambda r: r["mtime"]):
-                if total <= self.budget:
-                    break
-                victims.append(r["key"])
-                total -= r["size"]
-        for key in victims:
+        """LRU down to the budget over the whole namespace: a twin worker's entries (same
+        weights) count too, so sizes and ages come from the directory, not only our records."""
+        entries = self._scan()
+        total = sum(size for size, _ in entries.values())
+        for key in sorted(entries, key=lambda k: entries[k][1]):
+            if total <= self.budget:
+                break
             self._discard(key)
             self.counters["evictions"] += 1
+            total -= entries[key][0]
+
+    def _scan(self) -> dict[str, tuple[int, float]]:
+        """key -> (file size, last use) for every complete entry on disk."""
+        out = {}
+        for p in self.dir.glob("*.json"):
+            key = p.name.removesuffix(".json")
+            try:
+                out[key] = ((self.dir / f"{key}{_SUFFIX}").stat().st_size, p.stat().st_mtime)
+            except OSError:
+                continue      # mid-write or just evicted
+        return out
 
     # -- reads ------------------------------------------------------------------------
 
