@@ -96,7 +96,7 @@ class DiskTier:
         self.budget = budget
         self.records: dict[str, dict] = {}
         self.lock = threading.Lock()
-        self.counters = {"writes": 0, "write_errors": 0, "evictions": 0, "corrupt": 0, "loads": 0}
+        self.counters = {"writes": 0, "write_errors": 0, "evictions": 0, "superseded": 0, "corrupt": 0, "loads": 0}
         self.queue: queue.Queue = queue.Queue()
         self.usable = True
         try:
@@ -154,9 +154,15 @@ class DiskTier:
 
     # -- writes (behind the request) ------------------------------------------------------
 
-    def write(self, key: str, tokens: np.ndarray, cache: list, meta: dict) -> None:
+    def write(self, key: str, tokens: np.ndarray, cache: list, meta: dict, supersedes: list[str] = ()) -> None:
+        """Queue an entry; the entries it `supersedes` are removed once it is durable."""
         if self.usable:
-            self.queue.put((key, tokens, cache, meta))
+            self.queue.put((key, tokens, cache, meta, list(supersedes)))
+
+    def supersede(self, keys: list[str]) -> None:
+        for key in keys:
+            self._discard(key)
+            self.counters["superseded"] += 1
 
     def _writer(self) -> None:
         while (item := self.queue.get()) is not None:
@@ -171,7 +177,7 @@ class DiskTier:
                 self.queue.task_done()
         self.queue.task_done()
 
-    def _write(self, key: str, tokens: np.ndarray, cache: list, meta: dict) -> None:
+    def _write(self, key: str, tokens: np.ndarray, cache: list, meta: dict, supersedes: list[str]) -> None:
         path = self.dir / f"{key}{_SUFFIX}"
         tmp = self.dir / f"{key}.tmp.{os.getpid()}{_SUFFIX}"
         save_prompt_cache(str(tmp), cache, metadata={
@@ -189,6 +195,7 @@ class DiskTier:
         with self.lock:
             self.records[key] = record
         self.counters["writes"] += 1
+        self.supersede(supersedes)
         self._enforce_budget()
 
     def _enforce_budget(self) -> None:

@@ -10,6 +10,10 @@ whole and only when they are a strict prefix of the request, so output never cha
 The memory tier holds mlx-lm cache objects under an LRU byte budget; the disk tier
 (`disk_cache.DiskTier`) keeps every stored entry too, written behind the request, and is
 consulted when it knows a longer prefix than memory. A disk hit is promoted to memory.
+
+A trimmable entry serves every prefix of itself, so storing turn N of a conversation
+supersedes turns 1..N-1 in both tiers (on disk once turn N is durably written): a long chat
+costs the disk its last snapshot, not the sum of all of them.
 """
 
 from __future__ import annotations
@@ -43,6 +47,11 @@ def block_hashes(tokens, n_blocks: Optional[int] = None) -> list[str]:
         prev = hashlib.blake2b(prev + arr[i * BLOCK:(i + 1) * BLOCK].tobytes(), digest_size=12).digest()
         out.append(prev.hex())
     return out
+
+
+def _key(tokens: np.ndarray) -> str:
+    """An entry's name: a hash of its whole int32 token sequence."""
+    return hashlib.blake2b(tokens.tobytes(), digest_size=16).hexdigest()
 
 
 def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -205,7 +214,7 @@ class PrefixCache:
         if not tokens or not cache:
             return
         arr = np.asarray(tokens, dtype=np.int32)
-        key = hashlib.blake2b(arr.tobytes(), digest_size=16).hexdigest()
+        key = _key(arr)
         old = self.entries.get(key)
         if old is not None and old.cache is not None:
             self.memory.move_to_end(key)
@@ -218,14 +227,37 @@ class PrefixCache:
                   cache=cache, nbytes=cache_nbytes(cache), on_disk=old is not None and old.on_disk)
         if old is not None:
             self._unindex(old)
+        covered = self._covered(e) if trimmable else []
+        for c in covered:
+            self._forget(c)
         self._index(e)
         self._remember(e)
         self.counters["stores"] += 1
         if trimmable:
             self._drop_covered(e)
+        superseded = [c.key for c in covered if c.on_disk]
         if self.disk is not None and not e.on_disk:
             e.on_disk = True
-            self.disk.write(key, arr, cache, {"blocks": e.blocks, "trimmable": trimmable})
+            self.disk.write(key, arr, cache, {"blocks": e.blocks, "trimmable": trimmable}, supersedes=superseded)
+        elif self.disk is not None and superseded:
+            self.disk.supersede(superseded)          # e is durable already
+
+    def _covered(self, e: Entry) -> list[Entry]:
+        """Entries that are strict prefixes of `e`: an entry whose last full block is one of
+        e's blocks shares all of e's tokens up to there; its key settles the partial tail."""
+        out = []
+        for depth, h in enumerate(e.blocks, start=1):
+            for k in self.by_block.get(h, ()):
+                c = self.entries[k]
+                if len(c.blocks) == depth and c.n_tokens < e.n_tokens and c.key == _key(e.tokens[:c.n_tokens]):
+                    out.append(c)
+        return out
+
+    def _forget(self, e: Entry) -> None:
+        if self.memory.pop(e.key, None) is not None:
+            self.memory_bytes -= e.nbytes
+        e.cache, e.nbytes = None, 0
+        self._unindex(e)
 
     def _drop_covered(self, e: Entry) -> None:
         """A trimmable entry serves all its prefixes, so shorter in-memory ones only cost RAM."""
