@@ -271,6 +271,7 @@ def report(res: dict, cmd: str) -> str:
     L += ["", f"mlxd / floor on turns 2-{TURNS} (cache hits): median {fmt(median(warm))}x, max {fmt(max(w for w in warm if w is not None))}x; median excess "
               f"{fmt(median(excess) and median(excess) * 1000, 0)} ms per turn. vllm-mlx reports no cached_tokens.", "",
           *peer_lines(a), "",
+          *disk_line(res), "",
           f"## (b) Last turn (turn {TURNS}, {a['mlxd'][-1]['prompt_tokens']} prompt tokens) after a restart", "",
           "| server | TTFT without restart (s) | TTFT after restart (s) | cached after restart | start-up (s) |",
           "|---|---|---|---|---|"]
@@ -312,6 +313,14 @@ def peer_lines(a: dict) -> list[str]:
         L[0] += (f"; two identical mlxd instances (columns 'mlxd' and 'mlxd 2nd run') differ by up to "
                  f"{max(twins):.0%} (median {median(twins):.0%}) on the same turn, which is the noise of this box.")
     return L
+
+
+def disk_line(res: dict) -> list[str]:
+    d = (res.get("mlxd_cache_stats") or {}).get("disk") or {}
+    if "entries" not in d:
+        return []
+    return [f"mlxd's disk tier after these turns (and the warm-up request): {d['entries']} entries, "
+            f"{d['bytes'] / 1e6:.0f} MB; {d.get('superseded', 0)} earlier snapshots of the chat superseded."]
 
 
 def swap_report(res: dict) -> list[str]:
