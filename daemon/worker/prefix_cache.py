@@ -233,8 +233,6 @@ class PrefixCache:
         self._index(e)
         self._remember(e)
         self.counters["stores"] += 1
-        if trimmable:
-            self._drop_covered(e)
         superseded = [c.key for c in covered if c.on_disk]
         if self.disk is not None and not e.on_disk:
             e.on_disk = True
@@ -244,27 +242,20 @@ class PrefixCache:
 
     def _covered(self, e: Entry) -> list[Entry]:
         """Entries that are strict prefixes of `e`: an entry whose last full block is one of
-        e's blocks shares all of e's tokens up to there; its key settles the partial tail."""
-        out = []
+        e's blocks shares all of e's tokens up to there; its key settles the partial tail.
+        Entries under one block have no block to be found by; those in memory are looked at."""
+        def prefix_of_e(c: Entry) -> bool:
+            return c.n_tokens < e.n_tokens and c.key == _key(e.tokens[:c.n_tokens])
+
+        out = [c for c in self.memory.values() if not c.blocks and prefix_of_e(c)]
         for depth, h in enumerate(e.blocks, start=1):
-            for k in self.by_block.get(h, ()):
-                c = self.entries[k]
-                if len(c.blocks) == depth and c.n_tokens < e.n_tokens and c.key == _key(e.tokens[:c.n_tokens]):
-                    out.append(c)
+            out += [self.entries[k] for k in self.by_block.get(h, ())
+                    if len(self.entries[k].blocks) == depth and prefix_of_e(self.entries[k])]
         return out
 
     def _forget(self, e: Entry) -> None:
-        if self.memory.pop(e.key, None) is not None:
-            self.memory_bytes -= e.nbytes
-        e.cache, e.nbytes = None, 0
+        self._evict_memory(e)
         self._unindex(e)
-
-    def _drop_covered(self, e: Entry) -> None:
-        """A trimmable entry serves all its prefixes, so shorter in-memory ones only cost RAM."""
-        for other in list(self.memory.values()):
-            if other is not e and other.n_tokens < e.n_tokens and other.tokens is not None \
-                    and common_prefix(other.tokens, e.tokens) == other.n_tokens:
-                self._evict_memory(other)
 
     def _remember(self, e: Entry) -> None:
         if e.key in self.memory:
