@@ -33,6 +33,21 @@ def _request_schemas(*models) -> dict:
 _str, _int = {"type": "string"}, {"type": "integer"}
 _nullable_str = {"type": ["string", "null"]}
 
+
+def _completion(object_: str, field: str, schema: dict) -> dict:
+    """A completion response: OpenAI's envelope, choices carrying `field` (message or text)."""
+    return {
+        "type": "object", "required": ["id", "object", "created", "model", "choices", "usage"],
+        "properties": {
+            "id": _str, "object": {"const": object_}, "created": _int, "model": _str,
+            "choices": {"type": "array", "items": {
+                "type": "object", "required": ["index", field, "finish_reason"],
+                "properties": {"index": _int, field: schema, "finish_reason": _nullable_str}}},
+            "usage": _ref("Usage"),
+        },
+    }
+
+
 _RESPONSES = {
     "Error": {
         "type": "object", "required": ["error"],
@@ -47,30 +62,10 @@ _RESPONSES = {
         "properties": {"prompt_tokens": _int, "completion_tokens": _int, "total_tokens": _int,
                        "prompt_tokens_details": {"type": "object", "properties": {"cached_tokens": _int}}},
     },
-    "ChatCompletion": {
-        "type": "object", "required": ["id", "object", "created", "model", "choices", "usage"],
-        "properties": {
-            "id": _str, "object": {"const": "chat.completion"}, "created": _int, "model": _str,
-            "choices": {"type": "array", "items": {
-                "type": "object", "required": ["index", "message", "finish_reason"],
-                "properties": {
-                    "index": _int, "finish_reason": _nullable_str,
-                    "message": {"type": "object", "required": ["role", "content"],
-                                "properties": {"role": {"const": "assistant"}, "content": _nullable_str}},
-                }}},
-            "usage": _ref("Usage"),
-        },
-    },
-    "TextCompletion": {
-        "type": "object", "required": ["id", "object", "created", "model", "choices", "usage"],
-        "properties": {
-            "id": _str, "object": {"const": "text_completion"}, "created": _int, "model": _str,
-            "choices": {"type": "array", "items": {
-                "type": "object", "required": ["index", "text", "finish_reason"],
-                "properties": {"index": _int, "text": _str, "finish_reason": _nullable_str}}},
-            "usage": _ref("Usage"),
-        },
-    },
+    "ChatCompletion": _completion("chat.completion", "message", {
+        "type": "object", "required": ["role", "content"],
+        "properties": {"role": {"const": "assistant"}, "content": _nullable_str}}),
+    "TextCompletion": _completion("text_completion", "text", _str),
     "ModelList": {
         "type": "object", "required": ["object", "data"],
         "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": {
