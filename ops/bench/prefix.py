@@ -141,12 +141,11 @@ def swap_run(tmp: Path, chats: dict, res: dict) -> dict:
                         settle([s], model=x)
                     started, disk = model_status(s, m)["workers_started"], disk_hit_tokens(s).get(m, 0)
                     r = turn(s, msgs[m], chats[m][i], model=m)
-                    st = model_status(s, m)
-                    r["loaded"] = st["workers_started"] > started
-                    r["start_seconds"] = st["start_seconds"] if r["loaded"] else None
+                    status = {x["name"]: x for x in httpx.get(f"{s.url}/v1/status", timeout=30).json()["models"]}
+                    r["loaded"] = status[m]["workers_started"] > started
+                    r["start_seconds"] = status[m]["start_seconds"] if r["loaded"] else None
                     r["from_disk"] = disk_hit_tokens(s).get(m, 0) - disk
-                    r["others_ready"] = [x["name"] for x in httpx.get(f"{s.url}/v1/status", timeout=30).json()["models"]
-                                         if x["state"] == "ready" and x["name"] != m]
+                    r["others_ready"] = [n for n, x in status.items() if x["state"] == "ready" and n != m]
                     c["turns"][m].append(r)
             c["cache_stats"] = {m: cache_stats(s, m) for m in SWAP_MODELS}
         except Exception as e:
