@@ -82,7 +82,7 @@ class Sampling(_Strict):
 
 
 class Engine(_Strict):
-    """Settings that need a new worker process when they change."""
+    """The worker's batching; a change needs a new worker process, except max_waiting (enforced by the daemon)."""
 
     max_batch_size: int = Field(8, ge=1, le=256, description="Requests decoded together.")
     prefill_batch_size: int = Field(4, ge=1, le=64, description="Prompts prefilled together.")
@@ -113,7 +113,9 @@ class ModelConfig(_Strict):
 
     def worker_key(self) -> str:
         """What a running worker depends on; a change to anything else applies live."""
-        return json.dumps(self.model_dump(include={"source", "dtype", "engine", "prefix_cache"}), sort_keys=True)
+        key = self.model_dump(include={"source", "dtype", "engine", "prefix_cache"})
+        del key["engine"]["max_waiting"]
+        return json.dumps(key, sort_keys=True)
 
 
 def default_cache_dir() -> Path:
@@ -135,6 +137,8 @@ class RateLimit(_Strict):
 
 
 class Server(_Strict):
+    """Applied live at a reload, except host and port (a restart of mlxd) and cache_dir (new workers)."""
+
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     cache_dir: Optional[Path] = Field(None, description="Converted models and prefix caches; default follows platform conventions.")
@@ -147,6 +151,7 @@ class Server(_Strict):
     max_body_bytes: Size = parse_size("8MiB")
     request_timeout: Optional[float] = Field(900.0, gt=0, description="Seconds a request may take in all; null: no limit.")
     worker_hang_timeout: float = Field(120.0, gt=0, description="A worker silent this long (no step, no stats) is restarted.")
+    worker_stop_timeout: float = Field(60.0, gt=0, description="Seconds a stopping worker may take to flush its prefix cache before it is killed.")
 
     @property
     def resolved_cache_dir(self) -> Path:

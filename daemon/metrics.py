@@ -19,7 +19,8 @@ log = logging.getLogger("mlxd.requests")
 disable_created_metrics()   # one `_created` twin per series only doubles what Prometheus stores
 
 P = "mlxd_"
-STATES = ("loading", "ready", "restarting", "draining", "stopped", "failed")
+STATES = ("loading", "ready", "restarting", "draining", "stopping", "stopped", "failed")
+COMPONENTS = ("supervisor", "handle", "poll_stats", "reaper", "reload", "watch")
 # Local LLM latencies: milliseconds for a cached short prompt, minutes for a cold long one.
 LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0,
            60.0, 90.0, 120.0, 180.0, 300.0, 600.0)
@@ -57,6 +58,10 @@ class Metrics:
         self.reloads = Counter(P + "config_reloads", "Config reloads.", ["result"], registry=r)
         for result in ("success", "error"):   # present from the start, so increase() sees the first one
             self.reloads.labels(result)
+        self.internal_errors = Counter(P + "internal_errors", "Unexpected errors caught in the daemon's own tasks "
+                                       "(a bug: see the log); the task goes on.", ["component"], registry=r)
+        for c in COMPONENTS:
+            self.internal_errors.labels(c)
         if supervisor is not None:
             r.register(_WorkerCollector(supervisor))
 
@@ -87,6 +92,9 @@ class Metrics:
         else:
             self.success.labels(model, ev["finish_reason"]).inc()
         self.log_request(model, ev)
+
+    def internal_error(self, component: str) -> None:
+        self.internal_errors.labels(component).inc()
 
     def request_failed(self, model: str, reason: str) -> None:
         self.errors.labels(model, reason).inc()

@@ -18,7 +18,7 @@ from hypercorn.config import Config as HypercornConfig
 
 from .api import create_app
 from .config import Config
-from .supervisor import Supervisor
+from .lifecycle.supervisor import Supervisor
 from .watch import watch_config
 
 log = logging.getLogger("mlxd")
@@ -65,15 +65,16 @@ async def run(config: Config, host: str, port: int, json_logs: bool = False, con
             os._exit(1)
 
         async def graceful():
-            await _drain(supervisor, config.server.shutdown_timeout)
+            await _drain(supervisor, supervisor.config.server.shutdown_timeout)   # as reloaded
             stopped.set()
         loop.create_task(graceful())
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_stop_signal)
     if config_path is not None:
-        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(supervisor.reload()))
-        watcher = loop.create_task(watch_config(config_path, supervisor.reload, stop_watch))
+        loop.add_signal_handler(signal.SIGHUP, lambda: supervisor.spawn(supervisor.reload()))
+        watcher = loop.create_task(watch_config(config_path, supervisor.reload, stop_watch,
+                                                on_error=lambda: supervisor.metrics.internal_error("watch")))
 
     log.info("mlxd listening on http://%s:%d with %d model(s)", host, port, len(config.models))
     if host not in ("127.0.0.1", "localhost", "::1") and not config.server.auth.api_keys:

@@ -1,7 +1,12 @@
-"""Model lifecycle: on-demand loads (single-flight), idle TTL, pinning, the memory budget."""
+"""Model lifecycle: on-demand loads (single-flight), idle TTL, pinning, the memory budget,
+/health, and the handle's state machine under races and faults."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import os
+import signal
 import threading
 import time
 
@@ -55,6 +60,8 @@ def test_on_demand_load_is_single_flight(tmp_path):
     d = start_unready(Daemon(tmp_path, [smol("lazy", preload=False)]))
     try:
         assert d.model_status("lazy")["state"] == "stopped"
+        health = httpx.get(f"{d.url}/health", timeout=10)      # preload: false does not count
+        assert health.status_code == 200 and health.json() == {"status": "ok", "models": {"lazy": "stopped"}}
         c = client_for(d)
         results = []
         threads = [threading.Thread(target=lambda: results.append(ask(c, "lazy"))) for _ in range(2)]
@@ -77,6 +84,7 @@ def test_idle_ttl_stops_the_worker_and_the_next_request_reloads(tmp_path):
         ask(c, "brief")
         st = wait_state(d, "brief", "stopped", timeout=30)
         assert st["pid"] is None
+        assert httpx.get(f"{d.url}/health", timeout=10).status_code == 200   # parked: loads at the next request
         started = st["workers_started"]
         time.sleep(3)
         assert d.model_status("kept")["state"] == "ready"        # pinned: never reaped
@@ -118,6 +126,9 @@ def test_a_model_that_cannot_load_fails_fast_and_others_serve(tmp_path):
         st = wait_state(d, "broken", "failed", timeout=120)
         assert "ModelSourceError" in st["last_error"] and "absent.gguf" in st["last_error"]
         assert st["restarts"] >= 4
+        health = httpx.get(f"{d.url}/health", timeout=10)
+        assert health.status_code == 503
+        assert health.json() == {"status": "failed", "models": {"ok": "ready", "broken": "failed"}}
         c = client_for(d)
         t0 = time.monotonic()
         with pytest.raises(openai.APIStatusError) as e:
@@ -127,3 +138,193 @@ def test_a_model_that_cannot_load_fails_fast_and_others_serve(tmp_path):
         assert ask(c, "ok").choices[0].message.content is not None
     finally:
         d.stop()
+
+
+def test_a_request_during_a_stop_waits_for_it_then_loads_once(tmp_path):
+    """Once, such a request started a second run loop: the old one took the stop for a crash and
+    spawned another worker, and the stop (awaited by the idle reaper) never returned."""
+    d = Daemon(tmp_path, [smol("m", idle_ttl=2)])
+    d.start()
+    try:
+        gen = d.status()["config"]["generation"]
+        d.write_config([smol("m", idle_ttl=2)], server={"worker_stop_timeout": 3})     # applies live
+        wait_until(lambda: d.status()["config"]["generation"] > gen, 10, "reload")
+        c = client_for(d)
+        ask(c, "m")
+        pid = d.model_status("m")["pid"]
+        os.kill(pid, signal.SIGSTOP)           # the idle stop now lasts worker_stop_timeout, then kills it
+        wait_state(d, "m", "stopping", timeout=30)
+        assert ask(c, "m").choices[0].message.content is not None     # waited for the stop, loaded again
+        st = d.model_status("m")
+        assert (st["state"], st["workers_started"], st["restarts"]) == ("ready", 2, 0)
+        assert st["pid"] != pid
+        assert "did not stop in 3s; killing it" in d.tail(20000)
+        st = wait_state(d, "m", "stopped", timeout=30)                   # the reaper lives on
+        assert (st["workers_started"], st["restarts"]) == (2, 0)
+    finally:
+        d.stop()
+
+
+def test_a_replacement_loading_under_the_budget_leaves_the_routed_model_serving(tmp_path):
+    # One f32 SmolLM2 worker holds ~0.55 GB: a 0.9 GB budget fits one, so the replacement
+    # loads over budget (with a warning) rather than stopping the model it replaces.
+    server = {"memory_budget": "900MB"}
+    d = Daemon(tmp_path, [smol("m")], server=server)
+    d.start()
+    try:
+        c = client_for(d)
+        ask(c, "m")
+        time.sleep(2.5)                                        # one stats poll: its memory is known
+        pid = d.model_status("m")["pid"]
+        d.write_config([smol("m", engine={"max_batch_size": 4})], server=server)
+        seen = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and (not seen or st["loading"]):
+            st = d.status()
+            if st["loading"]:
+                seen.append((st["models"][0]["state"], st["models"][0]["pid"]))
+            time.sleep(0.1)
+        assert seen and set(seen) == {("ready", pid)}
+        d.wait_restarted("m", pid)
+        assert ask(c, "m").choices[0].message.content is not None
+    finally:
+        d.stop()
+
+
+# -- the state machine and its background tasks, without a model --------------------------
+
+from daemon.config import parse_config                    # noqa: E402
+from daemon.lifecycle import budget, handle                # noqa: E402
+from daemon.lifecycle.supervisor import Supervisor          # noqa: E402
+from daemon.metrics import STATES                           # noqa: E402
+from daemon.watch import watch_config                      # noqa: E402
+
+CONFIG = "models: [{name: m, source: embedded:smollm2, preload: false}]\n"
+
+
+def wait_until(pred, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (got := pred()):
+            return got
+        time.sleep(0.05)
+    raise AssertionError(f"not within {timeout}s: {what}")
+
+
+def internal_errors(sup, component: str) -> float:
+    return sup.metrics.registry.get_sample_value("mlxd_internal_errors_total", {"component": component})
+
+
+def test_transitions_are_checked():
+    async def main():
+        sup = Supervisor(parse_config(CONFIG))
+        h = handle.ModelHandle(sup.config.models[0], lambda: sup.config.server, sup.metrics)
+        assert set(handle.TRANSITIONS) == set(STATES)
+        with pytest.raises(handle.InvalidTransition, match="stopped -> ready"):
+            h._transition("ready")
+        assert h.state == "stopped"
+    asyncio.run(main())
+
+
+def test_a_failed_background_task_is_logged_and_counted(caplog):
+    async def main():
+        sup = Supervisor(parse_config(CONFIG))
+
+        async def broken():
+            raise RuntimeError("boom")
+        sup.spawn(broken())
+        await asyncio.sleep(0.05)
+        return sup
+    with caplog.at_level(logging.ERROR):
+        sup = asyncio.run(main())
+    assert "background task" in caplog.text and "boom" in caplog.text
+    assert internal_errors(sup, "supervisor") == 1
+
+
+def test_the_idle_reaper_survives_any_exception(monkeypatch, caplog):
+    monkeypatch.setattr(budget, "REAP_INTERVAL", 0.01)
+
+    async def main():
+        sup = Supervisor(parse_config(CONFIG))
+        sup.handles["m"] = None           # not a handle: every pass raises
+        reaper = asyncio.create_task(sup.budget.reap_idle())
+        await asyncio.sleep(0.2)
+        assert not reaper.done()
+        reaper.cancel()
+        return sup
+    with caplog.at_level(logging.ERROR):
+        sup = asyncio.run(main())
+    assert internal_errors(sup, "reaper") >= 3 and "idle reaper failed" in caplog.text
+
+
+def test_an_exception_while_applying_a_reload_is_reported_not_raised(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(CONFIG)
+
+    async def main():
+        sup = Supervisor(parse_config(CONFIG), config_path=str(path))
+
+        async def broken(new):
+            raise KeyError("surprise")
+        sup.apply = broken
+        return sup, await sup.reload()
+    sup, result = asyncio.run(main())
+    assert result["applied"] is False and "internal error" in result["error"] and "surprise" in result["error"]
+    assert sup.status()["last_error"] == result["error"]
+    assert internal_errors(sup, "reload") == 1
+
+
+def test_the_config_watcher_survives_a_failing_reload(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(CONFIG)
+    calls, errors = [], []
+
+    async def reload():
+        calls.append(time.monotonic())
+        raise RuntimeError("reload failed")
+
+    async def main():
+        stop = asyncio.Event()
+        watcher = asyncio.create_task(watch_config(path, reload, stop, on_error=lambda: errors.append(1)))
+        await asyncio.sleep(0.5)
+        for i in range(2):
+            path.write_text(CONFIG + f"# edit {i}\n")
+            deadline = time.monotonic() + 10
+            while len(calls) <= i and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+        stop.set()
+        await asyncio.wait_for(watcher, 10)
+    asyncio.run(main())
+    assert len(calls) == 2 and len(errors) == 2
+
+
+class BadStatsWorker:
+    """A worker whose stats replies are malformed and that has been silent for a while."""
+
+    pid = 1
+
+    def __init__(self):
+        self.exited = asyncio.get_running_loop().create_future()
+        self.last_frame = time.monotonic() - 10
+        self.killed = None
+
+    async def call(self, op, timeout):
+        return ["not", "a", "dict"]
+
+    async def kill(self, reason=""):
+        self.killed = reason
+        self.exited.set_result(-9)
+
+
+def test_stats_polling_survives_a_bad_reply_and_still_detects_a_hang(monkeypatch):
+    monkeypatch.setattr(handle, "STATS_INTERVAL", 0.01)
+
+    async def main():
+        sup = Supervisor(parse_config("server: {worker_hang_timeout: 1}\n" + CONFIG))
+        h = handle.ModelHandle(sup.config.models[0], lambda: sup.config.server, sup.metrics)
+        worker = BadStatsWorker()
+        await asyncio.wait_for(h._poll_stats(worker), 5)
+        return sup, worker
+    sup, worker = asyncio.run(main())
+    assert worker.killed and "hung" in worker.killed
+    assert internal_errors(sup, "poll_stats") >= 1

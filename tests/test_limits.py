@@ -41,3 +41,38 @@ def test_tokens_are_charged_after_the_fact_and_block_until_repaid():
     assert 10.0 <= wait <= 10.01
     clock.t = wait
     assert rl.admit("k") == 0
+
+
+def test_buckets_per_client_are_bounded_and_full_ones_go_first():
+    clock = Clock()
+    rl = RateLimiter(requests_per_minute=2, tokens_per_minute=None, clock=clock, max_keys=10)
+    for i in range(9):
+        rl.admit(f"idle-{i}")                # half used at t=0: full again by t=60
+    clock.t = 60
+    assert rl.admit("hot") == 0 and rl.admit("hot") == 0
+    for i in range(1000):                    # a scan from many addresses
+        rl.admit(f"scan-{i}")
+        assert len(rl.buckets) <= 10
+    assert not any(k.startswith("idle-") for k in rl.buckets)
+
+
+def test_a_full_bucket_is_dropped_before_a_drained_one():
+    clock = Clock()
+    rl = RateLimiter(requests_per_minute=2, tokens_per_minute=None, clock=clock, max_keys=3)
+    rl.admit("refilled")
+    clock.t = 60                             # "refilled" is full again: same as no bucket
+    rl.admit("hot"), rl.admit("hot")         # drained
+    rl.admit("new-1")
+    rl.admit("new-2")                        # over the cap: "refilled" goes, "hot" stays limited
+    assert "refilled" not in rl.buckets
+    assert rl.admit("hot") == 30.0
+
+
+def test_new_limits_apply_to_every_key():
+    clock = Clock()
+    rl = RateLimiter(requests_per_minute=1, tokens_per_minute=None, clock=clock)
+    assert rl.admit("k") == 0 and rl.admit("k") > 0
+    rl.configure(requests_per_minute=100, tokens_per_minute=None)
+    assert rl.admit("k") == 0
+    rl.configure(requests_per_minute=None, tokens_per_minute=None)
+    assert all(rl.admit("k") == 0 for _ in range(1000)) and not rl.buckets

@@ -8,6 +8,7 @@ import threading
 import time
 
 import httpx
+import openai
 import pytest
 import yaml
 from openai import OpenAI
@@ -175,5 +176,138 @@ def test_removed_model_drains_in_flight_requests(daemon):
     rest = list(stream)
     assert first.choices[0].delta.role == "assistant"
     assert rest[-1].choices[0].finish_reason in ("stop", "length")
-    with pytest.raises(Exception):
+    with pytest.raises(openai.NotFoundError) as e:
         client.chat.completions.create(model="b", max_tokens=2, messages=[{"role": "user", "content": "Hi"}])
+    assert e.value.body["code"] == "model_not_found"
+
+
+# -- server settings apply live (host and port excepted) ----------------------------------
+# One daemon for all of them; each test starts from BASE and puts it back. The shutdown test
+# stops the daemon, so it comes last.
+
+LIVE = smol("a", engine={"max_batch_size": 1}, sampling={"temperature": 0.0, "max_tokens": 4})
+BASE = {"shutdown_timeout": 120}
+HI = [{"role": "user", "content": "Hi"}]
+STORY = [{"role": "user", "content": "Write a long story about the sea."}]
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    d = Daemon(tmp_path_factory.mktemp("live"), [LIVE], server=BASE)
+    d.start()
+    yield d
+    d.stop()
+
+
+def reconfigure(d: Daemon, models=(LIVE,), **server) -> None:
+    gen = d.status()["config"]["generation"]
+    d.write_config(list(models), {**BASE, **server})
+    wait_until(lambda: d.status()["config"]["generation"] > gen, 10, f"config with {server} applied")
+
+
+def client_of(d: Daemon, key: str = "x") -> OpenAI:
+    return OpenAI(base_url=f"{d.url}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def test_max_waiting_applies_without_a_new_worker(live):
+    pid = live.model_status("a")["pid"]
+    reconfigure(live, [{**LIVE, "engine": {"max_batch_size": 1, "max_waiting": 0}}])
+    c = client_of(live)
+    stream = c.chat.completions.create(model="a", max_tokens=200, stream=True, messages=STORY)
+    next(iter(stream))                                  # running: the model's one slot
+    with pytest.raises(openai.RateLimitError) as e:
+        c.chat.completions.create(model="a", messages=HI)
+    assert e.value.body["code"] == "model_at_capacity"
+    stream.close()
+    assert live.model_status("a")["pid"] == pid
+    reconfigure(live)
+
+
+def test_max_body_bytes_applies_live(live):
+    body = {"model": "a", "messages": HI, "max_tokens": 1, "user": "u" * 5000}
+    reconfigure(live, max_body_bytes=4096)
+    r = httpx.post(f"{live.url}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["message"]
+    assert "server settings applied live: server.max_body_bytes" in live.tail(20000)
+    reconfigure(live)
+    assert httpx.post(f"{live.url}/v1/chat/completions", json=body, timeout=60).status_code == 200
+
+
+def test_rate_limits_apply_live(live):
+    c = client_of(live)
+    reconfigure(live, rate_limit={"requests_per_minute": 2})
+    for _ in range(2):
+        c.chat.completions.create(model="a", messages=HI)
+    with pytest.raises(openai.RateLimitError) as e:
+        c.chat.completions.create(model="a", messages=HI)
+    assert e.value.body["code"] == "rate_limit_exceeded"
+    reconfigure(live)
+    assert c.chat.completions.create(model="a", messages=HI).choices[0].message.content is not None
+
+
+def test_api_keys_apply_live(live):
+    live.headers = {"Authorization": "Bearer sk-live"}    # for the status polls, before and after
+    try:
+        reconfigure(live, auth={"api_keys": ["sk-live"]})
+        with pytest.raises(openai.AuthenticationError):
+            client_of(live, "wrong").chat.completions.create(model="a", messages=HI)
+        assert client_of(live, "sk-live").chat.completions.create(model="a", messages=HI).choices
+        reconfigure(live)
+    finally:
+        live.headers = {}
+    assert client_of(live, "anything").chat.completions.create(model="a", messages=HI).choices
+
+
+def test_request_timeout_applies_live(live):
+    reconfigure(live, request_timeout=1)
+    with pytest.raises(openai.APIStatusError) as e:
+        client_of(live).chat.completions.create(model="a", max_tokens=400, messages=STORY)
+    assert e.value.status_code == 504 and e.value.body["code"] == "timeout"
+    reconfigure(live)
+
+
+def test_memory_budget_applies_live(live):
+    reconfigure(live, memory_budget="100MB")            # below what the idle model uses: it stops
+    st = wait_until(lambda: (s := live.model_status("a"))["state"] == "stopped" and s, 30, "a stopped")
+    assert st["pid"] is None
+    assert httpx.get(f"{live.url}/health", timeout=10).status_code == 200     # parked: loads on demand
+    reconfigure(live)
+    assert client_of(live).chat.completions.create(model="a", messages=HI).choices[0].message.content is not None
+
+
+def test_worker_hang_timeout_applies_live(live):
+    reconfigure(live, worker_hang_timeout=3)
+    pid = live.model_status("a")["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    st = live.wait_restarted("a", pid, timeout=60)
+    assert "hung" in st["last_error"]
+    reconfigure(live)
+
+
+def test_drain_timeout_applies_live(live):
+    b = smol("b", sampling={"temperature": 0.0})
+    reconfigure(live, [LIVE, b], drain_timeout=60)
+    wait_until(lambda: "b" in models_ids(live) and live.model_status("b")["state"] == "ready", 120, "b ready")
+    stream = client_of(live).chat.completions.create(model="b", max_tokens=2000, stream=True, messages=STORY)
+    next(iter(stream))
+    t0 = time.monotonic()
+    reconfigure(live, [LIVE], drain_timeout=1)            # the removal uses the new deadline
+    with pytest.raises(openai.APIError, match="cancelled"):
+        for _ in stream:
+            pass
+    assert time.monotonic() - t0 < 30
+    reconfigure(live)
+
+
+def test_shutdown_timeout_applies_live(live):
+    """Last: it stops the daemon."""
+    reconfigure(live, shutdown_timeout=1)
+    stream = client_of(live).chat.completions.create(model="a", max_tokens=2000, stream=True, messages=STORY)
+    next(iter(stream))
+    t0 = time.monotonic()
+    live.proc.send_signal(signal.SIGTERM)
+    with pytest.raises(openai.APIError, match="cancelled"):
+        for _ in stream:
+            pass
+    assert live.proc.wait(60) == 0
+    assert time.monotonic() - t0 < 30

@@ -19,9 +19,14 @@ from .openapi import bp as openapi_bp
 def create_app(supervisor) -> Quart:
     app = Quart("mlxd")
     app.config["SUPERVISOR"] = supervisor
-    server = supervisor.config.server
-    app.config["MAX_CONTENT_LENGTH"] = server.max_body_bytes
-    app.config["LIMITER"] = RateLimiter(server.rate_limit.requests_per_minute, server.rate_limit.tokens_per_minute)
+    limiter = app.config["LIMITER"] = RateLimiter(None, None)
+
+    def apply_server_settings(server) -> None:
+        """At start and after every reload: the limits in force are the config's."""
+        app.config["MAX_CONTENT_LENGTH"] = server.max_body_bytes
+        limiter.configure(server.rate_limit.requests_per_minute, server.rate_limit.tokens_per_minute)
+    apply_server_settings(supervisor.config.server)
+    supervisor.listeners.append(apply_server_settings)
 
     @app.before_request
     async def authenticate():
@@ -45,9 +50,13 @@ def create_app(supervisor) -> Quart:
 
     @app.get("/health")
     async def health():
+        """200 once every preloaded model is ready; 503 with the states before, and while stopping."""
         states = {h.name: h.state for h in supervisor.handles.values()}
-        resp = jsonify({"status": "stopping" if supervisor.draining else "ok", "models": states})
-        resp.status_code = 503 if supervisor.draining else 200
+        ok = supervisor.healthy()
+        status = "stopping" if supervisor.draining else "ok" if ok else \
+            "failed" if "failed" in states.values() else "loading"
+        resp = jsonify({"status": status, "models": states})
+        resp.status_code = 200 if ok else 503
         return resp
 
     @app.get("/metrics")

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from quart import Blueprint, Response, current_app, g, jsonify, request
 
 from ..process import RequestTimeout, WorkerGone
-from ..supervisor import ModelAtCapacity, ModelUnavailable
+from ..lifecycle.handle import ModelAtCapacity, ModelUnavailable
 from .errors import APIError, from_validation, model_not_found
 from .schemas import ChatCompletionRequest, CompletionRequest
 

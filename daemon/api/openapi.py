@@ -128,7 +128,7 @@ def build_spec() -> dict:
                  "description": "MLX language models behind an OpenAI-compatible API."},
         "security": [{"bearer": []}],
         "paths": {
-            "/health": {"get": _op("Liveness; 503 while shutting down.", obj, errors=(503,), security=[])},
+            "/health": {"get": _op("200 once every preloaded model is ready; 503 before, and while shutting down.", obj, errors=(503,), security=[])},
             "/v1/status": {"get": _op("Models, workers, config generation.", obj)},
             "/metrics": {"get": _op("Prometheus metrics.", {
                 "description": "OK", "content": {"text/plain": {"schema": _str}}})},
