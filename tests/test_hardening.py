@@ -81,20 +81,24 @@ def test_missing_env_key_is_a_config_error(tmp_path):
         parse_config("server:\n  auth:\n    api_keys: ['${env:MLXD_NOT_SET}']\nmodels: [{name: a, source: x}]\n")
 
 
+TIGHT_KEYS = ("sk-burst", "sk-limited", "sk-other")     # one bucket each: the tests cannot share one
+
+
 @pytest.fixture(scope="module")
 def tight(tmp_path_factory):
     d = Daemon(tmp_path_factory.mktemp("tight"), [
         smol("tiny", engine={"max_batch_size": 1, "max_waiting": 1}, sampling={"max_tokens": 48},
              prefix_cache={"enabled": False}),
         smol("limited", sampling={"max_tokens": 2}, prefix_cache={"enabled": False})],
-        server={"rate_limit": {"requests_per_minute": 3}, "request_timeout": 60})
+        server={"rate_limit": {"requests_per_minute": 3}, "request_timeout": 60,
+                "auth": {"api_keys": list(TIGHT_KEYS)}}, api_key=TIGHT_KEYS[0])
     d.start()
     yield d
     d.stop()
 
 
 def test_burst_beyond_the_queue_gets_429_and_every_request_is_accounted_for(tight):
-    c = OpenAI(base_url=f"{tight.url}/v1", api_key="x", max_retries=0, timeout=120)
+    c = OpenAI(base_url=f"{tight.url}/v1", api_key="sk-burst", max_retries=0, timeout=120)
     outcomes, lock = [], threading.Lock()
 
     def one():
@@ -120,12 +124,15 @@ def test_burst_beyond_the_queue_gets_429_and_every_request_is_accounted_for(tigh
 
 
 def test_rate_limit_per_key_says_when_to_retry(tight):
-    c = OpenAI(base_url=f"{tight.url}/v1", api_key="x", max_retries=0, timeout=120)
+    c = OpenAI(base_url=f"{tight.url}/v1", api_key="sk-limited", max_retries=0, timeout=120)
+    for _ in range(3):                                   # the key's 3 a minute, all admitted
+        assert c.chat.completions.create(model="limited", messages=HI).choices[0].message.content is not None
     with pytest.raises(openai.RateLimitError) as e:
-        for _ in range(4):
-            c.chat.completions.create(model="limited", messages=HI)
+        c.chat.completions.create(model="limited", messages=HI)
     assert e.value.body["code"] == "rate_limit_exceeded"
-    assert int(e.value.response.headers["Retry-After"]) >= 1
+    assert 1 <= int(e.value.response.headers["Retry-After"]) <= 20     # one request back in 60/3 s
+    other = OpenAI(base_url=f"{tight.url}/v1", api_key="sk-other", max_retries=0, timeout=120)
+    assert other.chat.completions.create(model="limited", messages=HI).choices    # per key, not global
 
 
 def test_fifty_clients_disconnecting_free_everything(tmp_path):
