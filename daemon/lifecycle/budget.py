@@ -43,8 +43,9 @@ class MemoryBudget:
             used = sum(x.memory_estimate for x in loaded)
             if used + need <= budget:
                 return
+            routed = {id(x) for x in self.sup.handles.values()}       # not a replacement about to switch in
             victims = [x for x in loaded if x.state == "ready" and not x.cfg.pinned and not x.busy
-                       and (h is None or x.name != h.name) and id(x) not in tried]
+                       and id(x) in routed and (h is None or x.name != h.name) and id(x) not in tried]
             if not victims:
                 log.warning("%s exceeds the memory budget (%d + %d > %d bytes) and nothing idle can be stopped",
                             h.name if h else "what runs", used, need, budget)
