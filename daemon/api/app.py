@@ -53,8 +53,8 @@ def create_app(supervisor) -> Quart:
         """200 once every preloaded model is ready; 503 with the states before, and while stopping."""
         states = {h.name: h.state for h in supervisor.handles.values()}
         ok = supervisor.healthy()
-        status = "stopping" if supervisor.draining else "ok" if ok else \
-            "failed" if "failed" in states.values() else "loading"
+        failed = any(h.state == "failed" for h in supervisor.handles.values() if h.cfg.preload)
+        status = "stopping" if supervisor.draining else "ok" if ok else "failed" if failed else "loading"
         resp = jsonify({"status": status, "models": states})
         resp.status_code = 200 if ok else 503
         return resp
