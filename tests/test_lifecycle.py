@@ -165,27 +165,33 @@ def test_a_request_during_a_stop_waits_for_it_then_loads_once(tmp_path):
         d.stop()
 
 
-def test_a_replacement_loading_under_the_budget_leaves_the_routed_model_serving(tmp_path):
-    # One f32 SmolLM2 worker holds ~0.55 GB: a 0.9 GB budget fits one, so the replacement
-    # loads over budget (with a warning) rather than stopping the model it replaces.
-    server = {"memory_budget": "900MB"}
-    d = Daemon(tmp_path, [smol("m")], server=server)
+def test_a_replacement_under_the_budget_stops_another_idle_model_not_the_one_it_replaces(tmp_path):
+    # One f32 SmolLM2 worker holds ~0.54 GB: 1.3 GB fits two. The replacement of m must stop
+    # the idle o (once, m itself went: requests to m failed or loaded the old settings again)
+    # and keep m serving until the switch (once, a load that waited for room read as failed).
+    server = {"memory_budget": "1300MB"}
+    d = Daemon(tmp_path, [smol("m"), smol("o")], server=server)
     d.start()
     try:
         c = client_for(d)
-        ask(c, "m")
-        time.sleep(2.5)                                        # one stats poll: its memory is known
+        ask(c, "o")
+        ask(c, "m")                                            # o is the least recently used
         pid = d.model_status("m")["pid"]
-        d.write_config([smol("m", engine={"max_batch_size": 4})], server=server)
-        seen = []
+        d.write_config([smol("m", engine={"max_batch_size": 4}), smol("o")], server=server)
+        seen = []                                  # m while its replacement loads
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and (not seen or st["loading"]):
+        while time.monotonic() < deadline:
             st = d.status()
+            m = next(x for x in st["models"] if x["name"] == "m")
             if st["loading"]:
-                seen.append((st["models"][0]["state"], st["models"][0]["pid"]))
+                seen.append((m["state"], m["pid"]))
+            elif seen or st["config"]["last_error"]:
+                break                              # switched, or the replacement was given up
             time.sleep(0.1)
+        assert st["config"]["last_error"] is None
         assert seen and set(seen) == {("ready", pid)}
         d.wait_restarted("m", pid)
+        assert d.model_status("o")["state"] == "stopped"
         assert ask(c, "m").choices[0].message.content is not None
     finally:
         d.stop()

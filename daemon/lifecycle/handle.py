@@ -113,10 +113,19 @@ class ModelHandle:
             return False
 
     async def settled(self) -> str:
-        """The next resting state: ready, failed or stopped."""
-        while self.state not in ("ready", "failed", "stopped"):
+        """Once started, the state it comes to rest in: ready, failed or stopped; at once if retired.
+
+        A handle not started yet is waited for: its load may first wait for room under the budget.
+        """
+        while not self.retired and (self.state not in ("ready", "failed", "stopped") or self._task is None):
             await self._changed.wait()
         return self.state
+
+    def retire(self) -> None:
+        """Removed or replaced: never loads again; whoever waits on it hears of it now."""
+        self.retired = True
+        self._changed.set()
+        self._changed = asyncio.Event()
 
     # -- the owner task ---------------------------------------------------------------
 
@@ -234,7 +243,7 @@ class ModelHandle:
 
     async def drain(self, timeout: float) -> None:
         """Retire the handle: no new requests; in-flight ones get `timeout` to finish, then stop."""
-        self.retired = True
+        self.retire()
         if self.state == "ready":
             self._transition("draining")
             deadline = time.monotonic() + timeout

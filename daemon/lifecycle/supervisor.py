@@ -116,7 +116,7 @@ class Supervisor:
                     self.handles[name] = self._new_handle(m)
                     changes["added"].append(name)
                 elif (h.cfg.worker_key() != m.worker_key() or h.state == "failed") and not h.running:
-                    h.retired = True                             # not loaded: nothing to switch over
+                    h.retire()                                   # not loaded: nothing to switch over
                     self.handles[name] = self._new_handle(m)
                     self.spawn(h.stop())
                     changes["replaced"].append(name)
@@ -164,7 +164,7 @@ class Supervisor:
     def _cancel_pending(self, name: str) -> None:
         old = self.pending.pop(name, None)
         if old is not None:
-            old.retired = True
+            old.retire()
             self.spawn(old.stop())
 
     async def _switch_when_ready(self, name: str, new: ModelHandle) -> None:
@@ -177,7 +177,7 @@ class Supervisor:
             if new.state != "ready":
                 self.last_error = f"model {name!r}: new settings failed to load, still serving the old ones: {new.last_error}"
                 log.error("%s", self.last_error)
-                new.retired = True
+                new.retire()
                 self.spawn(new.stop())
                 return
             old = self.handles.get(name)
