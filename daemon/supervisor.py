@@ -58,10 +58,17 @@ class ModelHandle:
         self.requests = 0                   # admitted and not finished, waiting for a load included
         self.on_demand = None               # the supervisor's loader, for models not preloaded
         self.on_ready = None                # the supervisor's budget check, once memory is known
+        self.pin_override = None            # (cfg, pinned) set at runtime; holds while cfg is current
 
     @property
     def name(self) -> str:
         return self.cfg.name
+
+    @property
+    def pinned(self) -> bool:
+        """A runtime pin or unpin (console, POST /v1/models/{name}/pin) lasts until this model's entry changes."""
+        over = self.pin_override
+        return over[1] if over is not None and over[0] is self.cfg else self.cfg.pinned
 
     @property
     def running(self) -> bool:
@@ -185,7 +192,7 @@ class ModelHandle:
         try:
             worker = await self.wait_ready(self.server_cfg.worker_start_timeout)
             self.last_used = time.time()
-            async for ev in worker.generate(payload, timeout):
+            async for ev in self.metrics.recent.track(self.name, payload, worker.generate(payload, timeout)):
                 if ev["op"] == "done":
                     finished = True
                     self.tokens["prompt"] += ev["usage"]["prompt_tokens"]
@@ -236,7 +243,7 @@ class ModelHandle:
             "requests_running": self.stats.get("running", 0), "requests_waiting": self.stats.get("waiting", 0),
             "memory_bytes": self.stats.get("memory_bytes", 0), "tokens": dict(self.tokens),
             "cache": _cache_summary(self.stats.get("cache")),
-            "workers_started": self.starts, "start_seconds": self.start_seconds, "preload": self.cfg.preload, "pinned": self.cfg.pinned,
+            "workers_started": self.starts, "start_seconds": self.start_seconds, "preload": self.cfg.preload, "pinned": self.pinned,
             "last_used": self.last_used,
             "worker": {k: v for k, v in (w.info if w else {}).items() if k != "op"},
         }
@@ -312,7 +319,7 @@ class Supervisor:
                                           if x.cfg.source == h.cfg.source and x.cfg.dtype == h.cfg.dtype), default=0)
         loaded = [x for x in self.all_handles() if x.running and x is not h]
         used = sum(x.memory_estimate for x in loaded)
-        victims = sorted((x for x in loaded if not x.cfg.pinned and not x.busy), key=lambda x: x.last_used or 0)
+        victims = sorted((x for x in loaded if not x.pinned and not x.busy), key=lambda x: x.last_used or 0)
         while used + need > budget and victims:
             v = victims.pop(0)
             log.info("stopping idle model %s to make room for %s under the memory budget", v.name, h.name)
@@ -329,7 +336,7 @@ class Supervisor:
             now = time.time()
             for h in list(self.handles.values()):
                 ttl = h.cfg.idle_ttl
-                if ttl and h.running and h.state == "ready" and not h.cfg.pinned and not h.busy \
+                if ttl and h.running and h.state == "ready" and not h.pinned and not h.busy \
                         and now - (h.last_used or h.started_wall) > ttl:
                     log.info("model %s idle for %.0fs: stopping its worker", h.name, ttl)
                     await h.stop()
