@@ -326,7 +326,7 @@ function renderRequests(reqs) {
   for (const r of reqs) {
     const tr = el("tr", "status-" + r.status);
     const status = r.status === "running"
-      ? (r.progress ? `prefill ${r.progress[0]}/${r.progress[1]}` : "decoding")
+      ? (r.progress ? `prefill ${r.progress[0]}/${r.progress[1]}` : r.generated ? "decoding" : "started")
       : r.status;
     const cells = [clock(r.time), r.model, r.surface, num(r.prompt_tokens), num(r.cached_tokens), r.generated,
       r.ttft !== null ? r.ttft.toFixed(3) + " s" : "–", num(r.tokens_per_s, 1), r.finish_reason || "–", status];
