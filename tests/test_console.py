@@ -6,6 +6,7 @@ Screenshots land in .cache/test/screenshots (git-ignored); docs/ holds a copy of
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -155,6 +156,40 @@ def test_playground_streams_an_answer_with_cached_tokens_on_the_second_turn(daem
     expect(stats.nth(1)).to_contain_text("TTFT")
     expect(stats.nth(1)).to_contain_text("tok/s")
     shot(page, "playground.png")
+    assert page.errors == []
+
+
+def test_playground_shows_reasoning_collapsed_and_tool_calls(daemon, page):
+    """Rendering only: the model here emits neither, so the browser gets a canned stream."""
+    def chunk(delta=None, usage=None):
+        body = {"choices": [{"index": 0, "delta": delta, "finish_reason": None}]} if delta else {"choices": []}
+        return "data: " + json.dumps({**body, **({"usage": usage} if usage else {})}) + "\n\n"
+    sse = "".join([
+        chunk({"role": "assistant", "content": ""}),
+        chunk({"reasoning_content": "The user wants <b>weather</b>; "}),
+        chunk({"reasoning_content": "call the tool."}),
+        chunk({"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                               "function": {"name": "get_weather", "arguments": '{"city": '}}]}),
+        chunk({"tool_calls": [{"index": 0, "function": {"arguments": '"<Paris>"}'}}]}),
+        chunk({"content": "Checking."}),
+        chunk(usage={"prompt_tokens": 20, "completion_tokens": 9, "prompt_tokens_details": {"cached_tokens": 12}}),
+        "data: [DONE]\n\n"])
+    page.route("**/v1/chat/completions", lambda route: route.fulfill(
+        status=200, headers={"Content-Type": "text/event-stream"}, body=sse))
+    open_console(page, daemon)
+    page.click("button.tab[data-tab=playground]")
+    page.fill("#pg-input", "Weather in Paris?")
+    page.press("#pg-input", "Enter")
+    turn = page.locator(".turn.assistant")
+    expect(turn.locator(".turn-stats")).to_have_attribute("data-cached", "12")
+    reasoning = turn.locator("details.reasoning")
+    assert reasoning.get_attribute("open") is None                 # collapsed
+    expect(reasoning.locator(".content")).to_have_text("The user wants <b>weather</b>; call the tool.",
+                                                       use_inner_text=False)
+    expect(turn.locator(".tool-name")).to_have_text("tool call: get_weather")
+    expect(turn.locator(".tool-call pre")).to_have_text('{"city": "<Paris>"}')
+    expect(turn.locator(":scope > .content")).to_have_text("Checking.")
+    assert page.locator("b").count() == 0
     assert page.errors == []
 
 
