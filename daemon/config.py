@@ -152,6 +152,7 @@ class Server(_Strict):
     request_timeout: Optional[float] = Field(900.0, gt=0, description="Seconds a request may take in all; null: no limit.")
     worker_hang_timeout: float = Field(120.0, gt=0, description="A worker silent this long (no step, no stats) is restarted.")
     worker_stop_timeout: float = Field(60.0, gt=0, description="Seconds a stopping worker may take to flush its prefix cache before it is killed.")
+    console: bool = Field(True, description="Serve the web console at / and /ui/ (the model actions API stays on).")
 
     @property
     def resolved_cache_dir(self) -> Path:

@@ -15,6 +15,8 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from .recent import RecentRequests
+
 log = logging.getLogger("mlxd.requests")
 disable_created_metrics()   # one `_created` twin per series only doubles what Prometheus stores
 
@@ -32,6 +34,7 @@ class Metrics:
     def __init__(self, supervisor=None, json_logs: bool = False):
         self.registry = r = CollectorRegistry()
         self.json_logs = json_logs
+        self.recent = RecentRequests()      # what the web console lists, beside the series
         m = ["model"]
         self.ttft = Histogram(P + "time_to_first_token_seconds", "Time to first token.", m, buckets=LATENCY, registry=r)
         self.itl = Histogram(P + "inter_token_latency_seconds", "Time between generated tokens.", m, buckets=ITL, registry=r)

@@ -19,6 +19,8 @@ if [[ "$(uname -s)" == "Linux" ]]; then
   ldconfig -p 2>/dev/null | grep -q libopenblas.so.0 || apt_install libopenblas0-pthread
   if [[ $want_test == 1 ]]; then
     command -v prometheus >/dev/null && command -v promtool >/dev/null || apt_install prometheus
+    # The console's browser tests drive Debian's chromium (Playwright never downloads its own).
+    command -v chromium >/dev/null || apt_install chromium
   fi
 fi
 

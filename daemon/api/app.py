@@ -11,7 +11,9 @@ from werkzeug.exceptions import HTTPException
 
 from .errors import APIError
 from .limits import RateLimiter
+from .actions import bp as actions_bp
 from .cache import bp as cache_bp
+from .console import bp as console_bp, is_public
 from .openai import bp as openai_bp
 from .openapi import bp as openapi_bp
 
@@ -30,9 +32,9 @@ def create_app(supervisor) -> Quart:
 
     @app.before_request
     async def authenticate():
-        """Bearer keys, compared in constant time; /health stays open for supervisors and probes."""
+        """Bearer keys, compared in constant time; /health stays open for probes, the console's page to ask for a key."""
         auth = supervisor.config.server.auth
-        if not auth.api_keys or request.path == "/health" or (request.path == "/metrics" and not auth.protect_metrics):
+        if not auth.api_keys or request.path == "/health" or is_public(request.path) or (request.path == "/metrics" and not auth.protect_metrics):
             return None
         header = request.headers.get("Authorization", "")
         given = header[7:].strip() if header[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
@@ -47,6 +49,8 @@ def create_app(supervisor) -> Quart:
     app.register_blueprint(openai_bp)
     app.register_blueprint(cache_bp)
     app.register_blueprint(openapi_bp)
+    app.register_blueprint(actions_bp)
+    app.register_blueprint(console_bp)
 
     @app.get("/health")
     async def health():

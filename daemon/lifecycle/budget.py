@@ -44,7 +44,7 @@ class MemoryBudget:
             if used + need <= budget:
                 return
             routed = {id(x) for x in self.sup.handles.values()}       # not a replacement about to switch in
-            victims = [x for x in loaded if x.state == "ready" and not x.cfg.pinned and not x.busy
+            victims = [x for x in loaded if x.state == "ready" and not x.pinned and not x.busy
                        and id(x) in routed and (h is None or x.name != h.name) and id(x) not in tried]
             if not victims:
                 log.warning("%s exceeds the memory budget (%d + %d > %d bytes) and nothing idle can be stopped",
@@ -70,7 +70,7 @@ class MemoryBudget:
     def reap_once(self, now: float) -> None:
         for h in list(self.sup.handles.values()):
             ttl = h.cfg.idle_ttl
-            if ttl and h.state == "ready" and not h.cfg.pinned and not h.busy \
+            if ttl and h.state == "ready" and not h.pinned and not h.busy \
                     and now - (h.last_used or h.started_wall) > ttl:
                 log.info("model %s idle for %.0fs: stopping its worker", h.name, ttl)
                 h.parked = True

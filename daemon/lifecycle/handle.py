@@ -79,10 +79,17 @@ class ModelHandle:
         self.requests = 0                   # admitted and not finished, waiting for a load included
         self.on_demand = None               # the supervisor's loader, for models not preloaded
         self.on_ready = None                # the supervisor's budget check, once memory is known
+        self.pin_override = None            # (cfg, pinned) set at runtime; holds while cfg is current
 
     @property
     def name(self) -> str:
         return self.cfg.name
+
+    @property
+    def pinned(self) -> bool:
+        """A runtime pin or unpin (console, POST /v1/models/{name}/pin) lasts until this model's entry changes."""
+        over = self.pin_override
+        return over[1] if over is not None and over[0] is self.cfg else self.cfg.pinned
 
     @property
     def server(self) -> Server:
@@ -241,6 +248,15 @@ class ModelHandle:
         if task is not None:
             await asyncio.shield(task)
 
+    async def unload(self, timeout: float) -> None:
+        """Park it: in-flight requests get `timeout` to finish, then the worker stops; the next
+        request loads it again (unlike `drain`, which retires the handle for good)."""
+        self.parked = True
+        deadline = time.monotonic() + timeout
+        while self.state == "ready" and self.busy and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await self.stop()
+
     async def drain(self, timeout: float) -> None:
         """Retire the handle: no new requests; in-flight ones get `timeout` to finish, then stop."""
         self.retire()
@@ -322,7 +338,7 @@ class ModelHandle:
         try:
             worker = await self.wait_ready(self.server.worker_start_timeout)
             self.last_used = time.time()
-            async for ev in worker.generate(payload, timeout):
+            async for ev in self.metrics.recent.track(self.name, payload, worker.generate(payload, timeout)):
                 if ev["op"] == "done":
                     finished = True
                     self.tokens["prompt"] += ev["usage"]["prompt_tokens"]
@@ -356,7 +372,7 @@ class ModelHandle:
             "requests_running": self.stats.get("running", 0), "requests_waiting": self.stats.get("waiting", 0),
             "memory_bytes": self.stats.get("memory_bytes", 0), "tokens": dict(self.tokens),
             "cache": _cache_summary(self.stats.get("cache")),
-            "workers_started": self.starts, "start_seconds": self.start_seconds, "preload": self.cfg.preload, "pinned": self.cfg.pinned,
+            "workers_started": self.starts, "start_seconds": self.start_seconds, "preload": self.cfg.preload, "pinned": self.pinned,
             "last_used": self.last_used,
             "worker": {k: v for k, v in (w.info if w else {}).items() if k != "op"},
         }
