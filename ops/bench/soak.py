@@ -38,7 +38,7 @@ import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import httpx
@@ -57,10 +57,15 @@ ALL_FAULTS = ("yaml_add", "yaml_remove", "yaml_change", "yaml_break", "sighup", 
               "fill", "corrupt")
 SYSTEM = ("You are a terse assistant inside a soak test of a model server. Answer in one short sentence, "
           "without lists, without code, and without repeating the question back to the user.")
-GREEDY = ("Name three colors.", "What is the capital of France?", "Count from one to five.",
-          "Say hello to a cat.")
 WORDS = ("cache worker daemon batch token prefix stream model budget signal reload config memory disk "
          "request answer crash restart drain queue").split()
+_doc = random.Random(42)
+# Short ones hit in memory; the long ones' entries (~20 MB) get evicted, so they also hit on disk
+# (and are larger than a small memory budget).
+GREEDY = ("Name three colors.", "What is the capital of France?", "Count from one to five.",
+          "Say hello to a cat.",
+          *(f"Document {i}: " + " ".join(_doc.choice(WORDS) for _ in range(400)) + "\nIn one sentence, what is it about?"
+            for i in range(2)))
 LONG_WORDS = (250, 450)           # ~320-560 prompt tokens with the template
 MAX_SEQ = 640                     # tokens of the longest entry a request can store (prompt + completion)
 
@@ -256,26 +261,31 @@ def log_findings(log: Path) -> list[dict]:
 
 # -- the run --------------------------------------------------------------------------------
 
-@dataclass
 class Soak:
-    plan: Plan
-    tmp: Path
-    rng: random.Random = None
-    t0: float = 0.0
-    requests: list = field(default_factory=list)
-    faults: list = field(default_factory=list)
-    violations: list = field(default_factory=list)
-    cold: dict = field(default_factory=dict)
-    greedy_checks: Counter = field(default_factory=Counter)
-    peaks: dict = field(default_factory=dict)
-    stopped: dict = field(default_factory=dict)      # SIGSTOPped pid -> model
-    surplus_since: dict = field(default_factory=dict)
-    ns_budget: dict = field(default_factory=dict)   # namespace kind -> largest disk budget configured
-    mem_budget: dict = field(default_factory=dict)  # model -> largest memory budget configured
-    batch: dict = field(default_factory=dict)       # model -> largest max_batch_size configured
-    stop_traffic: bool = False
-    chaos_over: bool = False
-    tmpfs: str = ""
+    """One run: the daemon, the traffic, the chaos, the monitor, and what they saw."""
+
+    def __init__(self, plan: Plan, tmp: Path):
+        self.plan, self.tmp = plan, Path(tmp)
+        self.rng = random.Random(plan.seed)
+        self.t0 = self.wall0 = self.wall = 0.0
+        self.requests, self.faults, self.violations = [], [], []
+        self.cold: dict[str, str] = {}                  # greedy prompt -> first answer
+        self.greedy_checks: Counter = Counter()
+        self.models: dict[str, dict] = {}               # the last good config written
+        self.desired_since: dict[str, float] = {}
+        self.broken_since: float | None = None
+        self.ns_budget: dict[str, int] = {}             # namespace kind -> largest disk budget configured
+        self.mem_budget: dict[str, int] = {}            # model -> largest memory budget configured
+        self.batch: dict[str, int] = {}                 # model -> largest max_batch_size configured
+        self.stopped: dict[int, str] = {}               # SIGSTOPped pid -> model
+        self.surplus_since: dict[int, float] = {}
+        self.peaks: dict = {}
+        self.peak_disk: dict[str, int] = {}
+        self.final_disk: dict[str, int] = {}
+        self.leaked: set[int] = set()
+        self.disk_over: set[str] = set()
+        self.daemon_over = self.dead = self.finished = self.stop_traffic = False
+        self.tmpfs = ""
 
     def now(self) -> float:
         return round(time.monotonic() - self.t0, 2)
@@ -427,7 +437,7 @@ class Soak:
         async with openai.AsyncOpenAI(base_url=f"{self.d.url}/v1", api_key="unused", max_retries=0,
                                       timeout=self.plan.deadline + 30) as client:
             n = 0
-            while not self.stop_traffic:
+            while not (self.stop_traffic or self.dead):
                 n += 1
                 await self.one(client, self.make_request(rng, rng.choice(models), i * 100000 + n))
                 await asyncio.sleep(rng.uniform(0, 0.5))
@@ -646,7 +656,6 @@ class Soak:
         monitor = asyncio.create_task(self.monitor())
         try:
             await self.chaos_loop()
-            self.chaos_over = True
             if not self.dead:
                 await self.recover()
                 after = self.now()
@@ -688,10 +697,6 @@ class Soak:
             self.violations.append({"t": round(f["wall"] - self.wall0, 2), **f})
 
     def execute(self) -> dict:
-        self.rng = random.Random(self.plan.seed)
-        self.models, self.broken_since, self.desired_since = {}, None, {}
-        self.dead = self.finished = self.daemon_over = False
-        self.leaked, self.disk_over, self.peak_disk, self.final_disk = set(), set(), {}, {}
         cache = self.tmp / "cache"
         cache.mkdir(parents=True, exist_ok=True)
         why = mount_tmpfs(cache, self.plan.tmpfs_mib)
