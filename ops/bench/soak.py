@@ -47,7 +47,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
-from conftest import MODELS_CACHE, Daemon, smol  # noqa: E402
+from conftest import Daemon, smol  # noqa: E402
 
 RESULTS = ROOT / "ops" / "bench" / "results"
 MiB = 2**20
@@ -268,6 +268,7 @@ class Soak:
         self.plan, self.tmp = plan, Path(tmp)
         self.rng = random.Random(plan.seed)
         self.t0 = self.wall0 = self.wall = 0.0
+        self.weights = 0
         self.requests, self.faults, self.violations = [], [], []
         self.cold: dict[str, str] = {}                  # greedy prompt -> first answer
         self.greedy_checks: Counter = Counter()
@@ -648,6 +649,14 @@ class Soak:
                      f"{self.plan.recover_timeout:.0f}s: " + json.dumps(
                          [(m["name"], m["state"], m["last_error"]) for m in st.get("models", [])]))
 
+    async def final_greedy_pass(self) -> None:
+        """Every greedy prompt once more on the control model after all the chaos (traffic goes on)."""
+        async with openai.AsyncOpenAI(base_url=f"{self.d.url}/v1", api_key="unused", max_retries=0,
+                                      timeout=self.plan.deadline + 30) as client:
+            for prompt in list(self.cold):
+                await self.one(client, {"model": CTL, "kind": "greedy", "stream": False, "endpoint": "chat",
+                                        "prompt": prompt, "max_tokens": 12, "temperature": 0.0})
+
     async def run(self) -> None:
         chaos_models = [A, "chaos", "chaos2"] + ([B] if self.plan.extra_model else [])
         clients = [asyncio.create_task(self.client_loop(i, [CTL, "ctl"])) for i in range(self.plan.ctl_clients)]
@@ -658,9 +667,7 @@ class Soak:
             await self.chaos_loop()
             if not self.dead:
                 await self.recover()
-                after = self.now()
-                while self.now() - after < 10 and not self.dead:    # traffic on the recovered daemon
-                    await asyncio.sleep(1)
+                await self.final_greedy_pass()
         finally:
             self.stop_traffic = True
             done, pending = await asyncio.wait(clients, timeout=self.plan.deadline + 60)
@@ -704,11 +711,12 @@ class Soak:
         self.storage = f"tmpfs of {self.plan.tmpfs_mib} MiB" if not why else \
             f"a plain directory (tmpfs not mounted: {why}); the fill fault is skipped, small disk budgets remain"
         self.d = Daemon(self.tmp, [])
-        self.weights = sum(p.stat().st_size for p in MODELS_CACHE.glob("*-float32-*/*.safetensors"))
         try:
             self.apply_models(base_models(self.plan))
             print(f"soak: {self.plan.duration:.0f}s, cache on {self.storage}, log {self.d.log_path}", flush=True)
             self.d.start(timeout=600)
+            served = Path(self.d.model_status(CTL)["worker"]["path"])       # the weights the workers load
+            self.weights = sum(p.stat().st_size for p in served.glob("*.safetensors"))
             self.t0, self.wall0 = time.monotonic(), time.time()
             asyncio.run(self.run())
             self.wall = self.now()
