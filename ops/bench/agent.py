@@ -47,6 +47,9 @@ FLOOR_REPS = 3
 JSON_REPS = 3
 REQUEST_TIMEOUT = 400
 TARGET_FLOOR, TARGET_JSON = 1.2, 0.9
+# The floor prefills in mlxd's chunks: on CPU a one-shot causal prefill of N tokens computes all
+# N^2 attention scores (masked), chunks about half of them, so the cold floor would not be a floor.
+PREFILL_STEP = MLXD_CFG["engine"]["prefill_step_size"]
 AGENT = {"tools": TOOLS, "tool_choice": "auto"}
 PROJECT_SCHEMA = {
     "type": "object", "additionalProperties": False, "required": ["name", "summary", "files"],
@@ -182,11 +185,11 @@ def floor_worker(payload: dict) -> None:
         if held > reuse:
             trim_prompt_cache(cache, held - reuse)
             held = reuse
-        forward(cache, stream[held:reuse], 512)
+        forward(cache, stream[held:reuse], PREFILL_STEP)
         times = []
         for rep in range(req["reps"]):
             t0 = time.perf_counter()
-            forward(cache, stream[reuse:reuse + new], 2048)
+            forward(cache, stream[reuse:reuse + new], PREFILL_STEP)
             times.append(time.perf_counter() - t0)
             if rep < req["reps"] - 1:
                 trim_prompt_cache(cache, new)
@@ -217,18 +220,12 @@ def common_prefix(a: list, b: list) -> int:
 
 # -- report ---------------------------------------------------------------------------------
 
-def own_floor(res: dict, name: str) -> list:
-    """The floor series measured on this server's token counts (peers share one where counts match)."""
-    if name == "mlxd":
-        return res["floor"].get("mlxd", [])
-    src = res.get("peer_series")
-    if src and all(x.get("prompt_tokens") == y.get("prompt_tokens") for x, y in zip(res["a"][name], res["a"][src])):
-        return res["floor"].get("peers", [])
-    return []
+def tok(n) -> str:
+    return "-" if n is None else str(n)
 
 
 def floor_ratios(res: dict, name: str) -> list:
-    fl, steps = own_floor(res, name), res["a"][name]
+    fl, steps = res["floor"].get(name, []), res["a"][name]
     return [ratio(steps[i].get("ttft"), fl[i]["ttft"] if fl[i] else None) for i in range(min(len(fl), len(steps)))]
 
 
@@ -253,13 +250,13 @@ def summary(res: dict) -> list[str]:
     row = []
     for name in names:
         rs = [r for r in floor_ratios(res, name)[1:] if r is not None]
-        row.append(f"median {fmt(median(rs))}x, max {fmt(max(rs))}x" if rs else "n/a (no floor on its prompts)")
+        row.append(f"median {fmt(median(rs))}x, max {fmt(max(rs))}x" if rs else "n/a")
     L.append(f"| requests 2-{len(res['requests'])}: TTFT / floor on its own prompts | <= {TARGET_FLOOR}x | "
              + " | ".join(row) + " |")
     row = []
     for name in names:
         new, cold = b["servers"].get(name) or {}, a[name][0]
-        row.append(f"{new.get('cached_tokens')} of {new.get('prompt_tokens')} cached; TTFT {fmt(new.get('ttft'))} s "
+        row.append(f"{tok(new.get('cached_tokens'))} of {new.get('prompt_tokens')} cached; TTFT {fmt(new.get('ttft'))} s "
                    f"vs {fmt(cold.get('ttft'))} s cold")
     L.append("| new session (same system prompt + tools): opening request | reuses the shared prefix | "
              + " | ".join(row) + " |")
@@ -283,31 +280,29 @@ def report(res: dict, cmd: str) -> str:
          f"Session: {res['session']['system_tokens']}-token system prompt, {len(TOOLS)} tools "
          f"({res['session']['tools_tokens']} tokens as JSON), {n - 1} tool steps; requests as opencode sends them "
          f"(streamed, include_usage, tools, tool_choice auto), max_tokens {STEP_TOKENS}.", "", *summary(res), ""]
-    L += ["## (a) TTFT per request (s); cached = prompt tokens the server reported as reused", ""]
+    L += ["## (a) TTFT per request (s); (cached) = prompt tokens the server reported as reused", ""]
     head = ["req", "added"]
     for name in names:
-        head += [f"{name} prompt", f"{name} cached", f"{name} TTFT"]
-        if name == "mlxd" or name == res.get("peer_series"):
-            head += [f"floor ({'mlxd' if name == 'mlxd' else 'peers'})"]
-        head += [f"{name} / floor"]
+        head += [f"{name} prompt (cached)", f"{name} TTFT", "its floor", "/ floor"]
     L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for i in range(n):
         row = [str(i + 1), res["requests"][i]["added"]]
         for name in names:
             s = a[name][i]
-            row += [str(s.get("prompt_tokens")), str(s.get("cached_tokens")), fmt(s.get("ttft"))]
-            if name == "mlxd" or name == res.get("peer_series"):
-                f = res["floor"].get("mlxd" if name == "mlxd" else "peers", [])
-                row.append(f"{fmt(f[i]['ttft'], 3)} ({f[i]['new']} new)" if i < len(f) and f[i] else "n/a")
+            row += [f"{s.get('prompt_tokens')} ({tok(s.get('cached_tokens'))})", fmt(s.get("ttft"))]
+            f = res["floor"].get(name, [])
+            row.append(fmt(f[i]["ttft"], 3) if i < len(f) and f[i] else "n/a")
             rs = floor_ratios(res, name)
             row.append(fmt(rs[i]) + "x" if i < len(rs) and rs[i] is not None else "n/a")
         L.append("| " + " | ".join(row) + " |")
     L += ["", *summary_lines(res), ""]
     kinds = {name: sorted({s.get("first_kind") or "none" for s in a[name]}) for name in names}
-    L += ["The floor prefills as many tokens as the server's prompt grew by onto a cache as long as its previous "
-          "prompt (the first request: its whole prompt, cold, once). Peers render SmolLM2's own template, which has "
-          "no tools: they drop the tools and the calls, so their prompts are shorter; vllm-mlx shares the peers' "
-          "floor where its prompt sizes equal mlx_lm.server's. TTFT is the first chunk carrying content, reasoning "
+    L += ["Each server's floor prefills as many tokens as its prompt grew by onto a cache as long as its previous "
+          f"prompt, in {PREFILL_STEP}-token chunks (the first request: its whole prompt, cold, once; median of "
+          f"{res.get('floor_reps', FLOOR_REPS)} otherwise); servers whose prompt sizes are equal so far share one. "
+          "Each server renders the prompt its own way: SmolLM2's template has no tools, so a server that does not "
+          "render them itself drops them (see the summary). '-': the server reports no cached tokens. "
+          "TTFT is the first chunk carrying content, reasoning "
           "or tool-call deltas; first chunk by kind: "
           + "; ".join(f"{k}: {', '.join(v)}" for k, v in kinds.items()) + ".", ""]
 
@@ -320,8 +315,8 @@ def report(res: dict, cmd: str) -> str:
           "|---|---|---|---|---|---|"]
     for name in names:
         first, new = a[name][0], b["servers"].get(name) or {}
-        L.append(f"| {name} | {fmt(first.get('ttft'))} | {first.get('cached_tokens')} | {fmt(new.get('ttft'))} | "
-                 f"{new.get('cached_tokens')} | {new.get('prompt_tokens')} |")
+        L.append(f"| {name} | {fmt(first.get('ttft'))} | {tok(first.get('cached_tokens'))} | "
+                 f"{fmt(new.get('ttft'))} | {tok(new.get('cached_tokens'))} | {new.get('prompt_tokens')} |")
     if b.get("floor") and res["floor"].get("mlxd"):
         L.append(f"| floor | {fmt(res['floor']['mlxd'][0]['ttft'], 3)} (cold) | | {fmt(b['floor']['ttft'], 3)} "
                  f"({b['floor']['new']} new on {b['floor']['reuse']}) | | |")
@@ -411,10 +406,9 @@ def plot(res: dict, path: Path) -> None:
         if (new := res["b"]["servers"].get(name)) and new.get("ttft"):
             ax.plot([1], [new["ttft"]], style[0], mfc="none", ms=12, color=line.get_color(),
                     label=f"{name}, new session's opening request")
-    for series, style, label in (("mlxd", "k--", "floor on mlxd's prompts"),
-                                 ("peers", "k:", "floor on the peers' prompts")):
-        if f := res["floor"].get(series):
-            ax.plot(x[:len(f)], [p["ttft"] if p else nan for p in f], style, label=label)
+        if f := res["floor"].get(name):
+            ax.plot(x[:len(f)], [p["ttft"] if p else nan for p in f], "--", color=line.get_color(), alpha=0.6,
+                    label=f"floor on {name}'s prompts")
     ax.set_yscale("log")
     ax.set_xticks(x)
     ax.set_xlabel("request (each adds a tool call and its result)")
@@ -464,9 +458,8 @@ def main() -> int:
     opening_2 = session(count, USER_2, 0)[0]
     f1, f2 = (template_ids(tokenizer, fallback_render(m)) for m in (reqs[0], opening_2))
     shared = common_prefix(f1, f2)
-    peer_series = next((n for n in names if n != "mlxd"), None)
     res = {"model_dir": str(mdir), "load_start": load_now(), "quiet_wait": common.QUIET_WAIT, "gates": [],
-           "servers": names, "peer_series": peer_series, "startup": {}, "errors": {},
+           "servers": names, "floor_reps": FLOOR_REPS, "startup": {}, "errors": {},
            "session": {"system_tokens": count(reqs[0][0]["content"]),
                        "tools_tokens": count("\n".join(json.dumps(t) for t in TOOLS)),
                        "opening_without_tools": len(template_ids(tokenizer, reqs[0])), "opening_fallback": len(f1)},
@@ -508,6 +501,8 @@ def main() -> int:
                 if i >= len(steps) or not steps[i].get("prompt_tokens"):
                     return None
                 prev = steps[i - 1]["prompt_tokens"] if i else 0
+                if prev is None:
+                    return None
                 f = floor.call({"series": series, "reuse": prev, "new": steps[i]["prompt_tokens"] - prev,
                                 "reps": reps})
                 print(f"  floor ({series}) request {i + 1}: ttft {f['ttft']:.3f}s new {f['new']}", flush=True)
@@ -521,9 +516,11 @@ def main() -> int:
                     settle(servers.values())
                     res["a"][name].append(play(name, messages, f"request {i + 1}") or dict(empty))
                 reps = 1 if i == 0 else FLOOR_REPS                 # the cold opening request: once
-                for series, name in (("mlxd", "mlxd"), ("peers", peer_series)):
-                    if name in servers:
-                        res["floor"].setdefault(series, []).append(floor_for(series, name, i, reps))
+                sizes = {n: [s["prompt_tokens"] for s in res["a"][n]] for n in names}
+                for name in names:                                 # servers with the same prompt sizes share one
+                    twin = next((m for m in names[:names.index(name)] if sizes[m] == sizes[name]), None)
+                    res["floor"].setdefault(name, []).append(
+                        res["floor"][twin][-1] if twin else floor_for(name, name, i, reps))
 
             res["gates"].append(wait_quiet())                      # (b) a new session
             for name in names:
