@@ -5,11 +5,11 @@
     sent as opencode sends it: streamed, `stream_options.include_usage`, `tools`,
     `tool_choice: "auto"`, assistant turns with `content: ""` + `tool_calls`, `tool` messages.
     11 requests (the opening one, then one after each tool result), each the previous one plus
-    a call and its result, with max_tokens 16: TTFT and cached tokens per request. The floor is
-    raw mlx-lm prefilling only the tokens a request added (as many as mlxd's prompt grew by)
-    onto a KV cache holding the previous request's (as many as mlxd's previous prompt), plus
-    the first token. Peers render their own prompts (SmolLM2's template has no tools; they drop
-    them), so they get a floor of their own on their own token counts.
+    a call and its result, with max_tokens 16: TTFT and cached tokens per request. Each server
+    renders its own prompt (SmolLM2's template has no tools: a server that does not render them
+    itself drops them), so each gets its own floor: raw mlx-lm prefilling as many tokens as that
+    server's prompt grew by onto a KV cache as long as its previous prompt, plus the first token
+    (token counts follow the server; the tokens are the session rendered with its tools).
 (b) A new session: same system prompt and tools, another first user message: cached tokens
     and TTFT against the first session's cold opening request.
 (c) Tool calls: one streamed request per server with `tool_choice: "auto"` and one with
@@ -41,7 +41,7 @@ from prefix import MLXD_CFG, cache_stats, fmt, log_digest, ratio, settle, warm_u
 SERVERS = ("mlxd", "mlx_lm.server", "vllm-mlx")
 STEPS = 10
 STEP_TOKENS = 16
-PROBE_TOKENS = 96
+PROBE_TOKENS = 160   # room for a whole call: a forced `todowrite` or `write` runs long
 JSON_TOKENS = 96
 FLOOR_REPS = 3
 JSON_REPS = 3
@@ -256,8 +256,8 @@ def summary(res: dict) -> list[str]:
     row = []
     for name in names:
         new, cold = b["servers"].get(name) or {}, a[name][0]
-        row.append(f"{tok(new.get('cached_tokens'))} of {new.get('prompt_tokens')} cached; TTFT {fmt(new.get('ttft'))} s "
-                   f"vs {fmt(cold.get('ttft'))} s cold")
+        row.append(f"{tok(new.get('cached_tokens'))} of {new.get('prompt_tokens')} cached; "
+                   f"TTFT {fmt(new.get('ttft'))} s vs {fmt(cold.get('ttft'))} s cold")
     L.append("| new session (same system prompt + tools): opening request | reuses the shared prefix | "
              + " | ".join(row) + " |")
     L.append("| streamed tool calls, tool_choice auto / required | parseable; required honored | " + " | ".join(
