@@ -169,10 +169,11 @@ def floor_worker(payload: dict) -> None:
     caches: dict[str, list] = {}
 
     def forward(cache, tokens, chunk):
+        """As mlx-lm prefills: the cache chunk by chunk, then the first token from the last chunk."""
         for s in range(0, len(tokens), chunk):
             logits = model(mx.array(tokens[s:s + chunk])[None], cache=cache)
-            y = mx.argmax(logits[:, -1, :], axis=-1)
-            mx.eval(y, [c.state for c in cache])
+            y = mx.argmax(logits[:, -1, :], axis=-1) if s + chunk >= len(tokens) else None
+            mx.eval([y] if y is not None else [], [c.state for c in cache])
 
     scratch = make_prompt_cache(model)
     forward(scratch, stream[:64], 64)                     # warm-up
