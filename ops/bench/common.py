@@ -196,11 +196,12 @@ def vllm_mlx_server(workdir: Path, mdir: Path, preload: bool = True, name: str =
 
 
 def stream_chat(server: Server, messages: list[dict], max_tokens: int, timeout: float = 600,
-                model: str | None = None) -> dict:
-    """One greedy streamed chat completion, timed per content chunk (SSE comments are skipped)."""
+                model: str | None = None, extra: dict | None = None) -> dict:
+    """One greedy streamed chat completion (`extra` fields added to the body), timed per chunk that
+    carries output: content, reasoning or tool-call deltas (SSE comments are skipped)."""
     body = {"model": model or server.model, "messages": messages, "max_tokens": max_tokens, "temperature": 0.0,
-            "stream": True, "stream_options": {"include_usage": True}}
-    times, parts, usage, finish = [], [], None, None
+            "stream": True, "stream_options": {"include_usage": True}, **(extra or {})}
+    times, parts, usage, finish, kinds = [], [], None, None, []
     t0 = time.perf_counter()
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body,
                       timeout=httpx.Timeout(timeout, connect=10)) as r:
@@ -219,8 +220,13 @@ def stream_chat(server: Server, messages: list[dict], max_tokens: int, timeout: 
             usage = obj.get("usage") or usage
             for ch in obj.get("choices") or []:
                 finish = ch.get("finish_reason") or finish
-                if content := (ch.get("delta") or {}).get("content"):
+                delta = ch.get("delta") or {}
+                kind = next((k for k in ("content", "reasoning_content", "reasoning", "tool_calls") if delta.get(k)),
+                            None)
+                if kind:
                     times.append(time.perf_counter())
+                    kinds.append(kind)
+                if content := delta.get("content"):
                     parts.append(content)
     n = (usage or {}).get("completion_tokens") or len(times)
     details = (usage or {}).get("prompt_tokens_details") or {}
@@ -230,6 +236,7 @@ def stream_chat(server: Server, messages: list[dict], max_tokens: int, timeout: 
         "completion_tokens": n, "chunks": len(times),
         "prompt_tokens": (usage or {}).get("prompt_tokens"), "cached_tokens": details.get("cached_tokens"),
         "total": time.perf_counter() - t0, "text": "".join(parts), "finish_reason": finish,
+        "first_kind": kinds[0] if kinds else None, "tool_call_chunks": kinds.count("tool_calls"),
     }
 
 
@@ -312,7 +319,8 @@ def publish(name: str, res: dict, report, t_start: float, quick: bool) -> Path:
     results/, or into a temp dir for a --quick smoke run (its numbers mean nothing); returns the dir."""
     res["load_end"] = load_now()
     res["seconds"] = time.perf_counter() - t_start
-    md = report(res, f"cd {ROOT} && .venv/bin/python ops/bench/{name}.py" + (" --quick" if quick else ""))
+    res["command"] = f"cd {ROOT} && .venv/bin/python ops/bench/{name}.py" + (" --quick" if quick else "")
+    md = report(res, res["command"])
     print(md)
     out = Path(tempfile.gettempdir()) / "mlxd-bench-quick" if quick else RESULTS
     out.mkdir(parents=True, exist_ok=True)
