@@ -214,7 +214,7 @@ def make_entries(payload: dict) -> dict:
     from mlx_lm import load
     from mlx_lm.models.cache import make_prompt_cache
 
-    from daemon.models.resolve import resolve_model
+    from daemon.models.sources import resolve_model
     from daemon.worker.prefix_cache import PrefixCache
 
     cache_dir = Path(payload["cache_dir"])

