@@ -105,7 +105,7 @@ def _config(f: GGUFFile, arch: Arch, name: str) -> dict:
         "rms_norm_eps": float(f"{get('attention.layer_norm_rms_epsilon', 1e-5):.7g}"),
         "rope_theta": float(f"{get('rope.freq_base', 10000.0):.7g}"),
         "max_position_embeddings": get("context_length", 4096),
-        "vocab_size": f.tensors["token_embd.weight"].shape.tolist()[-1],
+        "vocab_size": f.tensors["token_embd.weight"].shape[0],
         "attention_bias": "blk.0.attn_q.bias" in f.tensors,
         "mlp_bias": False,
         "tie_word_embeddings": "output.weight" not in f.tensors,
@@ -172,7 +172,7 @@ def _weights(f: GGUFFile, arch: Arch, config: dict, dtype: str) -> tuple[dict, d
             continue  # in config.json's rope_scaling
         name, kind = _hf_name(arch, key)
         rows = (lambda w: _unpermute(w, heads[kind])) if arch.permute_qk and kind in heads else (lambda w: w)
-        packed = f.packed(key) if dtype == "quantized" and key.endswith(".weight") and len(f.tensors[key].shape) == 2 else None
+        packed = f.packed(key) if dtype == "quantized" and key.endswith(".weight") else None
         if packed is not None:
             module = name.removesuffix(".weight")
             w, scales, biases, bits[module] = packed
