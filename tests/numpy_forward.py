@@ -1,29 +1,29 @@
 """An independent forward pass over a GGUF, in numpy, with llama.cpp's semantics.
 
-It reads tensors with the `gguf` package's own GGUFReader and dequantizer and follows
-llama.cpp's graph: llama-family Q/K rows stay permuted and take interleaved ("normal")
+It dequantizes with the `gguf` package (llama.cpp's code) and follows llama.cpp's graph: llama-family Q/K rows stay permuted and take interleaved ("normal")
 rope, the others take NeoX rope; Gemma 3's norms are used as stored (1 + w baked in),
 its sliding layers use a 10K rope base and a windowed mask. Nothing here comes from the
-importer, so a wrong name map, permutation, norm offset or config value shows up as a
-logit difference.
+importer but the header reader (`GGUFFile`, which test_gguf_reader.py checks byte for
+byte against the `gguf` package's GGUFReader, ~100x slower on Gemma's 262K-token
+vocabulary), so a wrong name map, permutation, norm offset or config value shows up as
+a logit difference.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from gguf import GGUFReader
 from gguf.quants import dequantize
+
+from daemon.models.gguf.reader import GGUFFile
 
 NEOX = {"qwen2", "qwen3", "gemma3"}
 
 
 def read(path):
-    reader = GGUFReader(path)
-    meta = {k: f.contents() for k, f in reader.fields.items()
-            if not k.startswith("tokenizer.ggml.") or k.endswith("_id")}
-    weights = {t.name: np.asarray(dequantize(t.data, t.tensor_type), np.float32).reshape(tuple(reversed(t.shape.tolist())))
-               for t in reader.tensors}
-    return meta, weights
+    f = GGUFFile(path)
+    weights = {t.name: np.asarray(dequantize(np.asarray(t.data), t.type), np.float32).reshape(t.shape)
+               for t in f.tensors.values()}
+    return f.meta, weights
 
 
 def logits(path, ids: list[int], loaded=None) -> np.ndarray:
