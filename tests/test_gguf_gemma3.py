@@ -64,21 +64,72 @@ def test_matches_numpy_reference(gemma):
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory, gemma):
+    sampling = {"temperature": 0.0}
     d = Daemon(tmp_path_factory.mktemp("gemma3"), [
-        {"name": "gemma", "source": "embedded:gemma3-270m", "sampling": {"temperature": 0.0}},
+        {"name": "gemma", "source": "embedded:gemma3-270m", "sampling": sampling},
+        {"name": "plain", "source": "embedded:gemma3-270m", "sampling": sampling, "prefix_cache": {"enabled": False}},
     ])
     d.start(timeout=600)
     yield d
     d.stop()
 
 
-def test_greedy_completion_through_the_daemon(daemon):
+@pytest.fixture(scope="module")
+def client(daemon):
     from openai import OpenAI
 
-    c = OpenAI(base_url=f"{daemon.url}/v1", api_key="unused", max_retries=0, timeout=300)
+    return OpenAI(base_url=f"{daemon.url}/v1", api_key="unused", max_retries=0, timeout=600)
+
+
+def complete(client, model, prompt, max_tokens=6):
+    r = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0)
+    return r.choices[0].text, r.usage
+
+
+def test_greedy_completion_through_the_daemon(client):
     # Measured: " The capital of France is Paris.\nQ: ..." (greedy). Bare "The capital of France
     # is" continues " the capital of the country of France." here and in the numpy reference
     # alike (" Paris" is its third choice), so the question form is the test.
-    r = c.completions.create(model="gemma", prompt="Q: What is the capital of France?\nA:", max_tokens=8, temperature=0)
-    assert "Paris" in r.choices[0].text, r.choices[0].text
-    assert r.usage.completion_tokens <= 8
+    text, usage = complete(client, "gemma", "Q: What is the capital of France?\nA:", max_tokens=8)
+    assert "Paris" in text, text
+    assert usage.completion_tokens <= 8
+
+
+# ~590 tokens: past the 512-token window of Gemma 3's sliding layers (rotating KV caches).
+LEDGER = "".join(f"Box {i} is {c} and holds {i * 7 % 31} marbles. " for i, c in
+                 zip(range(46), ["red", "blue", "green", "yellow", "white", "black"] * 8))
+
+
+def test_prefix_cache_past_the_sliding_window(client):
+    """A rotating (sliding-window) cache cannot be trimmed once it has wrapped: an entry past
+    the window is reused whole by a prompt that extends it, and never for a prompt that shares
+    only part of it. Either way the output is the uncached model's, token for token."""
+    first, u1 = complete(client, "gemma", LEDGER + "\nQuestion: how many marbles does box 3 hold?\nAnswer:")
+    # At most <bos>, from an earlier short (still trimmable) entry.
+    assert u1.prompt_tokens > 560 and u1.prompt_tokens_details.cached_tokens <= 1
+
+    follow_up = LEDGER + "\nQuestion: how many marbles does box 3 hold?\nAnswer:" + first + "\nQuestion: and box 4?\nAnswer:"
+    got, u2 = complete(client, "gemma", follow_up)
+    ref, _ = complete(client, "plain", follow_up)
+    assert got == ref
+    # The whole stored entry (prompt + reply, less the reply's last token, whose KV was never
+    # computed, and a token the re-tokenized reply may merge differently) is reused.
+    assert u2.prompt_tokens_details.cached_tokens >= u1.prompt_tokens + u1.completion_tokens - 3
+
+    branch = LEDGER[: len(LEDGER) // 2] + "\nQuestion: which box is the last one listed?\nAnswer:"
+    got, u3 = complete(client, "gemma", branch)
+    ref, _ = complete(client, "plain", branch)
+    assert got == ref
+    # It shares ~290 tokens with the entry above, which cannot be cut there: at most <bos> again.
+    assert u3.prompt_tokens_details.cached_tokens <= 1
+
+
+def test_prefix_cache_within_the_window_trims(client):
+    """Below the window nothing has rotated yet, so an entry serves any prefix of itself."""
+    short = LEDGER[:400]
+    complete(client, "gemma", short + "\nQuestion: what colour is box 2?\nAnswer:")
+    branch = short + "\nQuestion: what colour is box 5?\nAnswer:"
+    got, usage = complete(client, "gemma", branch)
+    ref, _ = complete(client, "plain", branch)
+    assert got == ref
+    assert 100 < usage.prompt_tokens_details.cached_tokens < usage.prompt_tokens
