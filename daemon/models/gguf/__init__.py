@@ -94,7 +94,7 @@ def _config(f: GGUFFile, arch: Arch, name: str) -> dict:
     config = {
         "model_type": arch.model_type,
         "architectures": [arch.architectures],
-        "hidden_act": "silu",
+        "hidden_act": arch.hidden_act,
         "hidden_size": hidden,
         "intermediate_size": get("feed_forward_length"),
         "num_hidden_layers": get("block_count"),

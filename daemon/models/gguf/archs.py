@@ -32,11 +32,11 @@ TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output"
 class Arch:
     model_type: str  # mlx-lm's
     architectures: str  # HF's class name, for config.json readers
+    hidden_act: str = "silu"
     permute_qk: bool = False  # llama.cpp reordered q/k rows for interleaved rope
     norm_offset: float = 0.0  # subtracted from every *norm.weight
     layer: dict = field(default_factory=dict)  # name overrides on top of _LAYER
     extra: Callable[[Callable, dict], dict] = lambda get, config: {}  # config llama.cpp does not store
-    ignore: tuple = ()  # tensors that carry nothing for mlx-lm (handled elsewhere)
 
     def layer_name(self, gguf_name: str) -> str | None:
         return self.layer.get(gguf_name, _LAYER.get(gguf_name))
@@ -52,7 +52,6 @@ def _gemma3(get, config):
         "sliding_window_pattern": 6,
         "rope_local_base_freq": 10000.0,
         "query_pre_attn_scalar": scalar,
-        "hidden_activation": "gelu_pytorch_tanh",
     }
 
 
@@ -63,6 +62,7 @@ ARCHS = {
     "gemma3": Arch(
         "gemma3_text",
         "Gemma3ForCausalLM",
+        hidden_act="gelu_pytorch_tanh",
         norm_offset=1.0,  # llama.cpp's converter stores 1 + w; mlx-lm's Gemma RMSNorm adds the 1 itself
         layer={
             "ffn_norm": "pre_feedforward_layernorm",
