@@ -1,4 +1,4 @@
-"""qwen2, qwen3, Mistral and Llama 3 GGUFs (no real file here): tiny random-weight files in
+"""qwen2, qwen3, Mistral, Llama 3 and small Gemma 3 GGUFs (no real file here): tiny random-weight files in
 each family's real layout and block types, imported and checked against an independent
 numpy forward pass over the same file (tests/numpy_forward.py).
 
@@ -54,7 +54,7 @@ def _ids(model):
 def test_float32_import_matches_numpy_reference(files, cache, name):
     resolved = resolve_model(str(files[name]), dtype="float32", cache_dir=cache)
     model, _ = _load(resolved.path)
-    expected_type = {"qwen2": "qwen2", "qwen3": "qwen3", "mistral": "llama", "llama3": "llama"}[name]
+    expected_type = {"qwen2": "qwen2", "qwen3": "qwen3", "mistral": "llama", "llama3": "llama", "gemma3": "gemma3_text"}[name]
     assert model.model_type == expected_type
     ids = _ids(model)
     ref = numpy_forward.logits(files[name], ids)

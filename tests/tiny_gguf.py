@@ -58,6 +58,12 @@ SPECS = {
     "llama3": dict(arch="llama", tok="llama-bpe", rope_freqs=True, output=Q.F16, embd=Q.Q6_K,
                    types={"attn_q": Q.Q5_0, "attn_k": Q.Q5_0, "attn_v": Q.Q6_K, "attn_output": Q.Q4_K,
                           "ffn_gate": Q.Q4_K, "ffn_up": Q.Q4_K, "ffn_down": Q.Q6_K}),
+    # Gemma 3 (as Ollama ships it: the vision tower in the same file): q/k norms, post-norms,
+    # norms stored as 1 + w, a sliding window short enough for a 24-token test to cross it.
+    # Six layers: five sliding, one global, as Gemma 3 alternates them.
+    "gemma3": dict(arch="gemma3", tok="spm", gemma=True, tied=True, embd=Q.Q8_0, layers=6,
+                   types={"attn_q": Q.Q5_0, "attn_k": Q.Q5_0, "attn_v": Q.Q8_0, "attn_output": Q.Q4_K,
+                          "ffn_gate": Q.Q5_0, "ffn_up": Q.Q5_0, "ffn_down": Q.Q6_K}),
 }
 
 
@@ -99,7 +105,8 @@ def write(path, name: str, seed: int = 0) -> None:
     arch = spec["arch"]
     rng = np.random.default_rng(seed)
     w = GGUFWriter(str(path), arch)
-    w.add_uint32(f"{arch}.block_count", LAYERS)
+    layers = spec.get("layers", LAYERS)
+    w.add_uint32(f"{arch}.block_count", layers)
     w.add_uint32(f"{arch}.context_length", 4096)
     w.add_uint32(f"{arch}.embedding_length", HIDDEN)
     w.add_uint32(f"{arch}.feed_forward_length", FFN)
@@ -111,6 +118,8 @@ def write(path, name: str, seed: int = 0) -> None:
     base = 500000.0 if spec.get("rope_freqs") else 1e6 if arch.startswith("qwen") else 10000.0
     w.add_float32(f"{arch}.rope.freq_base", base)
     w.add_uint32(f"{arch}.rope.dimension_count", HEAD_DIM)
+    if spec.get("gemma"):
+        w.add_uint32(f"{arch}.attention.sliding_window", 8)
 
     if spec["tok"] == "spm":
         tokens, types, scores = spm_vocab()
@@ -124,6 +133,7 @@ def write(path, name: str, seed: int = 0) -> None:
         w.add_uint32("tokenizer.ggml.unknown_token_id", 0)
         w.add_bool("tokenizer.ggml.add_bos_token", True)
         w.add_bool("tokenizer.ggml.add_eos_token", False)
+        w.add_bool("tokenizer.ggml.add_space_prefix", not spec.get("gemma"))
     else:
         specials = ["<|begin_of_text|>", "<|end_of_text|>"] if spec["tok"] == "llama-bpe" else ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
         _, merges, types, tokens = gpt2_vocab(specials)
@@ -151,7 +161,7 @@ def write(path, name: str, seed: int = 0) -> None:
     q_rows, kv_rows = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
     shapes = {"attn_q": (q_rows, HIDDEN), "attn_k": (kv_rows, HIDDEN), "attn_v": (kv_rows, HIDDEN),
               "attn_output": (HIDDEN, q_rows), "ffn_gate": (FFN, HIDDEN), "ffn_up": (FFN, HIDDEN), "ffn_down": (HIDDEN, FFN)}
-    for i in range(LAYERS):
+    for i in range(layers):
         for kind, shape in shapes.items():
             _tensor(w, rng, f"blk.{i}.{kind}.weight", shape, spec["types"][kind], scale=0.08)
         for kind in ("attn_norm", "ffn_norm"):
@@ -159,9 +169,15 @@ def write(path, name: str, seed: int = 0) -> None:
         if spec.get("bias"):
             for kind, rows in (("attn_q", q_rows), ("attn_k", kv_rows), ("attn_v", kv_rows)):
                 _tensor(w, rng, f"blk.{i}.{kind}.bias", (rows,), Q.F32, 0.5)
-        if spec.get("qk_norm"):
+        if spec.get("gemma"):
+            for kind in ("post_attention_norm", "post_ffw_norm"):
+                _tensor(w, rng, f"blk.{i}.{kind}.weight", (HIDDEN,), Q.F32, 0.1, 1.0)
+        if spec.get("qk_norm") or spec.get("gemma"):
             for kind in ("attn_q_norm", "attn_k_norm"):
                 _tensor(w, rng, f"blk.{i}.{kind}.weight", (HEAD_DIM,), Q.F32, 0.3, 1.0)
+    if spec.get("gemma"):
+        _tensor(w, rng, "v.patch_embd.weight", (HIDDEN, 48), Q.F16)
+        _tensor(w, rng, "mm.input_projection.weight", (HIDDEN, HIDDEN), Q.F32)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -167,9 +167,12 @@ def _weights(f: GGUFFile, arch: Arch, config: dict, dtype: str) -> tuple[dict, d
     heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
     float_dtype = mx.float16 if dtype == "quantized" else getattr(mx, dtype)
     out, bits, unpacked = {}, {}, Counter()
+    skipped = [k for k in f.tensors if k.startswith(arch.skip or "\0")]
+    if skipped:
+        log.info("left out %d tensors a text model does not use (%s...)", len(skipped), skipped[0])
     for key in f.tensors:
-        if key == "rope_freqs.weight":
-            continue  # in config.json's rope_scaling
+        if key == "rope_freqs.weight" or key in skipped:
+            continue  # rope_freqs is in config.json's rope_scaling
         name, kind = _hf_name(arch, key)
         rows = (lambda w: _unpermute(w, heads[kind])) if arch.permute_qk and kind in heads else (lambda w: w)
         packed = f.packed(key) if dtype == "quantized" and key.endswith(".weight") else None

@@ -37,6 +37,7 @@ class Arch:
     norm_offset: float = 0.0  # subtracted from every *norm.weight
     layer: dict = field(default_factory=dict)  # name overrides on top of _LAYER
     extra: Callable[[Callable, dict], dict] = lambda get, config: {}  # config llama.cpp does not store
+    skip: tuple = ()  # name prefixes of tensors a text model does not use (a bundled vision tower)
 
     def layer_name(self, gguf_name: str) -> str | None:
         return self.layer.get(gguf_name, _LAYER.get(gguf_name))
@@ -63,6 +64,7 @@ ARCHS = {
         "gemma3_text",
         "Gemma3ForCausalLM",
         hidden_act="gelu_pytorch_tanh",
+        skip=("v.", "mm."),  # Ollama's gemma3 blobs carry the vision encoder and projector
         norm_offset=1.0,  # llama.cpp's converter stores 1 + w; mlx-lm's Gemma RMSNorm adds the 1 itself
         layer={
             "ffn_norm": "pre_feedforward_layernorm",
