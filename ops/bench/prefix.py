@@ -525,7 +525,7 @@ def gemma_main(quick: bool) -> int:
                     previous, prompt = prompt, prompt + t
                     r = stream_completion(s, prompt, GEMMA_REPLY_TOKENS)
                     f = floor.call({"prompt": prompt, "previous": previous, "reps": FLOOR_REPS})
-                    res["turns"].append({k: r[k] for k in ("ttft", "prompt_tokens", "cached_tokens", "completion_tokens")})
+                    res["turns"].append({k: r[k] for k in ("ttft", "prompt_tokens", "cached_tokens", "completion_tokens", "text")})
                     res["floor"].append(f)
                     print(f"  turn {i + 1}: prompt {r['prompt_tokens']} cached {r['cached_tokens']} "
                           f"ttft {r['ttft']:.2f}s floor {f['ttft']:.3f}s (new {f['new']})", flush=True)
