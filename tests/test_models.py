@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 from daemon.models import ModelSourceError, resolve_model
-from daemon.models.gguf_import import IMPORTER_VERSION, import_gguf
-from daemon.models.resolve import _embedded_gguf
+from daemon.models.gguf import IMPORTER_VERSION, import_gguf
+from daemon.models.sources import _embedded_gguf
 
 PROSE = (
     "The history of the city begins in the early Middle Ages, when a small group of farmers settled on "

@@ -31,7 +31,7 @@ PEER_BIN = {"mlx-lm": ROOT / ".venv-bench/mlx-lm/bin", "vllm-mlx": ROOT / ".venv
 
 def model_dir():
     """The f32 mlx-lm directory of SmolLM2-135M-Instruct that mlxd serves (resolved like its worker)."""
-    from daemon.models.resolve import resolve_model
+    from daemon.models.sources import resolve_model
 
     return resolve_model("embedded:smollm2", dtype="float32", cache_dir=MODELS_CACHE)
 

@@ -10,11 +10,16 @@
     other model out, so each turn pays a worker start plus a prefix promoted from disk. Model
     A replays (a)'s chat, so (a)'s floor applies to it; model B chats about other code.
 (d) mlxd start-up with 1,000 prefix-cache entries on disk vs none.
+(e) `--gemma` (a separate run): Gemma 3 270M, whose sliding-window layers keep rotating KV
+    caches that cannot be trimmed once past the 512-token window. A multi-turn completion
+    (base model, no chat template: each turn appends a ~450-token slice of code, a question
+    and the greedy 16-token answer) growing past 4K tokens: mlxd's TTFT per turn against the
+    floor (raw mlx-lm prefilling only the new tokens onto a copy of a cache holding the rest).
 
 All servers run at once, OpenBLAS preloaded, on the same f32 model directory, and take
 each turn round-robin (one computing at a time, after mlxd's background disk writes have
 drained), so load from other processes on this shared box falls on all of them alike.
-Run: .venv/bin/python ops/bench/prefix.py   (about 22-30 minutes)
+Run: .venv/bin/python ops/bench/prefix.py   (about 22-30 minutes; --gemma: (e) alone, about 10)
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[2]))   # this checkout's daemon package, not an installed one
 import common  # noqa: E402
 from common import (InProc, load_now, median, mlx_lm_server, mlxd, model_dir, prepare_cache_dir,  # noqa: E402
                     publish, run_self, serve_inproc, stream_chat, vllm_mlx_server, wait_quiet)
@@ -214,7 +220,7 @@ def make_entries(payload: dict) -> dict:
     from mlx_lm import load
     from mlx_lm.models.cache import make_prompt_cache
 
-    from daemon.models.resolve import resolve_model
+    from daemon.models.sources import resolve_model
     from daemon.worker.prefix_cache import PrefixCache
 
     cache_dir = Path(payload["cache_dir"])
@@ -389,16 +395,168 @@ def plot(res: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+# -- (e) Gemma 3: rotating sliding-window caches --------------------------------------------
+
+GEMMA_REPLY_TOKENS = 16
+GEMMA_CFG = {"source": "embedded:gemma3-270m", **MLXD_CFG}
+
+
+def gemma_turns(tokenizer) -> list[str]:
+    """TURNS completion-style turns: a code slice and a question, to be followed by the answer."""
+    return [t.replace("Here is part", "\nHere is part").replace("```\n", "```\nQuestion: ") + "\nAnswer:"
+            for t in user_turns(tokenizer)]
+
+
+def stream_completion(server, prompt: str, max_tokens: int, timeout: float = REQUEST_TIMEOUT) -> dict:
+    """One greedy streamed /v1/completions request, timed at its first text chunk."""
+    body = {"model": server.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+            "stream": True, "stream_options": {"include_usage": True}}
+    first, parts, usage = None, [], {}
+    t0 = time.perf_counter()
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=httpx.Timeout(timeout, connect=10)) as r:
+        if r.status_code != 200:
+            r.read()
+            raise RuntimeError(f"{server.name}: HTTP {r.status_code}: {r.text[:500]}")
+        for line in r.iter_lines():
+            if not line.startswith("data:") or line[5:].strip() == "[DONE]":
+                continue
+            obj = json.loads(line[5:])
+            usage = obj.get("usage") or usage
+            for ch in obj.get("choices") or []:
+                if ch.get("text"):
+                    first = first or time.perf_counter()
+                    parts.append(ch["text"])
+    return {"ttft": first - t0 if first else None, "text": "".join(parts), "prompt_tokens": usage.get("prompt_tokens"),
+            "cached_tokens": (usage.get("prompt_tokens_details") or {}).get("cached_tokens"),
+            "completion_tokens": usage.get("completion_tokens"), "total": time.perf_counter() - t0}
+
+
+def gemma_floor_worker(payload: dict) -> None:
+    """Per turn: prefill only the new tokens onto a copy of a cache holding the reusable prefix
+    (the previous prompt + reply, as far as it matches), plus the first token. A rotating cache
+    cannot be trimmed, so the held cache only ever grows; each timed run gets a deep copy."""
+    import copy
+
+    import mlx.core as mx
+    from mlx_lm import load
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model, tok = load(payload["model_dir"])
+    state = {"cache": make_prompt_cache(model), "held": []}
+
+    def prefill(tokens, cache):
+        # As mlx-lm generates: the prompt but its last token without logits (a 262K vocabulary
+        # makes them the biggest matmul), in chunks of 512.
+        for s in range(0, len(tokens), 512):
+            model(mx.array(tokens[s:s + 512])[None], cache=cache)
+            mx.eval([c.state for c in cache])
+
+    def forward(tokens, cache):
+        prefill(tokens[:-1], cache)
+        y = mx.argmax(model(mx.array(tokens[-1:])[None], cache=cache)[:, -1, :], axis=-1)
+        mx.eval(y, [c.state for c in cache])
+
+    forward(list(range(100, 164)), make_prompt_cache(model))     # warm-up
+
+    def handle(req):
+        tokens, prev = tok.encode(req["prompt"]), tok.encode(req["previous"]) if req["previous"] else []
+        n = next((i for i, (a, b) in enumerate(zip(prev, tokens)) if a != b), min(len(prev), len(tokens)))
+        reuse = min(n, len(tokens) - 1)
+        held = state["held"]
+        if held != tokens[:len(held)] or len(held) > reuse:        # cannot trim: start over
+            state["cache"], held = make_prompt_cache(model), []
+        prefill(tokens[len(held):reuse], state["cache"])
+        state["held"] = tokens[:reuse]
+        times = []
+        for _ in range(req["reps"]):
+            cache = copy.deepcopy(state["cache"])
+            t0 = time.perf_counter()
+            forward(tokens[reuse:], cache)
+            times.append(time.perf_counter() - t0)
+        return {"prompt_tokens": len(tokens), "reused": reuse, "new": len(tokens) - reuse, "ttft": median(times),
+                "runs": times}
+
+    serve_inproc(handle, {"ok": True})
+
+
+def gemma_report(res: dict, cmd: str) -> str:
+    rows = res["turns"]
+    cmd = cmd.replace("prefix-gemma.py", "prefix.py --gemma")
+    L = ["# Prefix-cache benchmark (e): Gemma 3 270M, rotating sliding-window caches", "", f"Command: `{cmd}`", "",
+         f"Model: Gemma 3 270M base (Q4_K_M GGUF imported as f32), OpenBLAS preloaded, greedy, "
+         f"{GEMMA_REPLY_TOKENS}-token answers, /v1/completions. Sliding layers: 15 of 18, window 512 "
+         f"(`RotatingKVCache`, not trimmable once wrapped). Took {res['seconds'] / 60:.1f} min. Load average "
+         f"{res['load_start']} at start, {res['load_end']} at end (shared 2-core box).", "",
+         "| turn | prompt tok | mlxd cached | floor new tok | floor TTFT (s) | mlxd TTFT (s) | mlxd / floor |",
+         "|---|---|---|---|---|---|---|"]
+    for i, (m, f) in enumerate(zip(rows, res["floor"])):
+        L.append(f"| {i + 1} | {m['prompt_tokens']} | {m['cached_tokens']} | {f['new']} | {fmt(f['ttft'], 3)} | "
+                 f"{fmt(m['ttft'])} | {fmt(ratio(m['ttft'], f['ttft']))}x |")
+    warm = [ratio(m["ttft"], f["ttft"]) for m, f in zip(rows[1:], res["floor"][1:])]
+    L += ["", f"Turns 2-{len(rows)} (cache hits past the window): mlxd / floor median {fmt(median(warm))}x, "
+              f"max {fmt(max((w for w in warm if w is not None), default=None))}x. "
+              f"Cold turn 1 is a full prefill for both.", ""]
+    if res.get("error"):
+        L += [f"Failure: {res['error']}", ""]
+    return "\n".join(L)
+
+
+def gemma_main(quick: bool) -> int:
+    from transformers import AutoTokenizer
+
+    from daemon.models.sources import resolve_model
+
+    t_start = time.perf_counter()
+    mdir = resolve_model("embedded:gemma3-270m", dtype="float32", cache_dir=common.MODELS_CACHE).path
+    turns = gemma_turns(AutoTokenizer.from_pretrained(str(mdir)))
+    res = {"model_dir": str(mdir), "load_start": load_now(), "turns": [], "floor": [], "gates": [], "error": None}
+    with tempfile.TemporaryDirectory(prefix="mlxd-prefix-gemma-") as tmp:
+        tmp = Path(tmp)
+        floor = None
+        with mlxd(tmp, {}, name="mlxd-gemma", models=[{"name": "gemma", **GEMMA_CFG}]) as s:
+            try:
+                res["startup"] = s.start(timeout=600)
+                stream_completion(s, "Hello", 2)                            # warm-up
+                floor = InProc("--gemma-floor", {"model_dir": str(mdir)}, tmp, timeout=600)
+                prompt = ""
+                for i, t in enumerate(turns):
+                    res["gates"].append(wait_quiet())
+                    settle([s], model="gemma")
+                    previous, prompt = prompt, prompt + t
+                    r = stream_completion(s, prompt, GEMMA_REPLY_TOKENS)
+                    f = floor.call({"prompt": prompt, "previous": previous, "reps": FLOOR_REPS})
+                    res["turns"].append({k: r[k] for k in ("ttft", "prompt_tokens", "cached_tokens", "completion_tokens", "text")})
+                    res["floor"].append(f)
+                    print(f"  turn {i + 1}: prompt {r['prompt_tokens']} cached {r['cached_tokens']} "
+                          f"ttft {r['ttft']:.2f}s floor {f['ttft']:.3f}s (new {f['new']})", flush=True)
+                    prompt += r["text"]
+                res["cache_stats"] = cache_stats(s, "gemma")
+            except Exception as e:
+                res["error"] = f"{type(e).__name__}: {e}"[:3000]
+                print(f"  (e) FAILED: {res['error'][:300]}", flush=True)
+            finally:
+                if floor is not None:
+                    floor.close()
+        res["logs"] = {p.name: log_digest(p) for p in tmp.glob("*.log")}
+    publish("prefix-gemma", res, gemma_report, t_start, quick)
+    return 0 if res["error"] is None else 1
+
+
 # -- the run --------------------------------------------------------------------------------
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--floor", help=argparse.SUPPRESS)          # internal: in-process measurements
     ap.add_argument("--make-entries", help=argparse.SUPPRESS)
+    ap.add_argument("--gemma-floor", help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="smoke-test the harness (tiny sizes, numbers meaningless)")
+    ap.add_argument("--gemma", action="store_true", help="run only (e): Gemma 3 270M and its sliding-window caches")
     args = ap.parse_args()
     if args.floor:
         floor_worker(json.loads(args.floor))
+        return 0
+    if args.gemma_floor:
+        gemma_floor_worker(json.loads(args.gemma_floor))
         return 0
     if args.make_entries:
         print(json.dumps(make_entries(json.loads(args.make_entries))))
@@ -407,6 +565,8 @@ def main() -> int:
     common.QUIET_WAIT = 30.0
     if args.quick:
         TURNS, REPLY_TOKENS, STARTUP_ENTRIES, STARTUP_REPS, common.QUIET_WAIT = 3, 8, 30, 1, 3.0
+    if args.gemma:
+        return gemma_main(args.quick)
 
     from transformers import AutoTokenizer
 

