@@ -176,7 +176,8 @@ class ChatCompletionRequest(_Body):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: Optional[Count] = Field(None, ge=1)
     tools: Optional[list[Tool]] = None
-    tool_choice: Annotated[Optional[Union[str, NamedToolChoice]], BeforeValidator(_tool_choice)] = None
+    tool_choice: Annotated[Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]],
+                           BeforeValidator(_tool_choice)] = None
     parallel_tool_calls: Optional[bool] = None
     response_format: Optional[ResponseFormat] = None
     chat_template_kwargs: Optional[dict[str, Any]] = Field(
