@@ -16,9 +16,14 @@ import pytest
 
 from conftest import Daemon, smol
 
+# SmolLM2's format, opening <think> unless enable_thinking is false, rejecting late system messages
 THINK_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n<think>\n' }}{% endif %}")
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' and not loop.first %}{{ raise_exception('System message must be first') }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if reasoning_effort is defined %}{{ 'Effort: ' + reasoning_effort + '\n' }}{% endif %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% if enable_thinking %}{{ '<think>\n' }}{% endif %}"
+    "{% endif %}")
 
 
 def _tool(name, desc, **props):
@@ -180,6 +185,24 @@ def test_think_template_goes_to_reasoning_content(client):
     assert "<think>" not in (m.content or "") and "</think>" not in (m.content or "")
     s = stream(client, **kw)
     assert s["reasoning"] == m.model_extra["reasoning_content"] and s["content"] == (m.content or "")
+
+
+def test_template_kwargs_and_reasoning_effort_reach_the_template(client):
+    kw = dict(model="thinker", messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=6)
+    r = client.chat.completions.create(**kw, extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert r.choices[0].message.content and "reasoning_content" not in (r.choices[0].message.model_extra or {})
+    effort = client.chat.completions.create(**kw, reasoning_effort="high")
+    plain = client.chat.completions.create(**kw)
+    assert effort.usage.prompt_tokens > plain.usage.prompt_tokens      # "Effort: high" was rendered
+
+
+def test_late_system_messages_are_merged_for_a_template_that_insists(client):
+    late = client.chat.completions.create(model="thinker", max_tokens=1, messages=[
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+        {"role": "system", "content": "Be kind."}])
+    merged = client.chat.completions.create(model="thinker", max_tokens=1, messages=[
+        {"role": "system", "content": "Be brief.\n\nBe kind."}, {"role": "user", "content": "Hi"}])
+    assert late.usage.prompt_tokens == merged.usage.prompt_tokens
 
 
 def test_max_tokens_is_clamped_to_the_room_left(client, daemon):

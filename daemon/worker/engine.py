@@ -104,6 +104,7 @@ class Engine:
         except toolfmt.BadArguments as e:
             raise RequestError(str(e), param=e.param) from None
         kwargs = dict(msg.get("chat_template_kwargs") or {})
+        kwargs.setdefault("enable_thinking", self.think is not None)   # mlx-lm's default, on our markers
         if msg.get("reasoning_effort") is not None:
             kwargs.setdefault("reasoning_effort", msg["reasoning_effort"])
         if tools and self.native_tools:

@@ -171,12 +171,11 @@ WholeCall = _Call
 
 class JsonCall(_Call):
     _HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"(?:arguments|parameters)"\s*:\s*')
-    _TAIL = re.compile(r"\s*\}?\s*$")
 
     def __init__(self, parser, tools):
         super().__init__(parser, tools)
         self.start: Optional[int] = None   # where the arguments value starts in self.text
-        self.sent = 0
+        self.sent = 0                      # how far into self.text the arguments were sent
 
     def feed(self, text):
         self.text += text
@@ -185,33 +184,42 @@ class JsonCall(_Call):
             m = self._HEAD.match(self.text)
             if m is None:
                 return out
-            self.start = m.end()
+            self.start = self.sent = m.end()
             out.append(("name", json.loads(m.group(1))))
-        value = self.text[self.start:]
-        if not value.strip():
-            return out
-        if value[0].isspace():              # the value starts after the whitespace that follows the colon
-            self.start += len(value) - len(value.lstrip())
-            value = value.lstrip()
-        if value[0] == '"':                 # a JSON string holding the arguments: sent whole at the end
-            return out
-        end = self._TAIL.search(value).start()
+        if self.sent == self.start:          # the value's first character decides how it is sent
+            while self.start < len(self.text) and self.text[self.start].isspace():
+                self.start = self.sent = self.start + 1
+            if self.start == len(self.text) or self.text[self.start] == '"':
+                return out                   # not begun, or a JSON string holding the arguments: whole at the end
+        end = _tail_start(self.text)
         if end > self.sent:
-            out.append(("args", value[self.sent:end]))
+            out.append(("args", self.text[self.sent:end]))
             self.sent = end
         return out
 
     def close(self):
         if self.start is None:
             return self._whole()
-        value = self.text[self.start:].strip()
-        value = value[:-1].rstrip() if value.endswith("}") else value
+        value = self.text[self.start:_tail_start(self.text)]
         if value.startswith('"'):
             try:
                 value = json.loads(value)
             except ValueError:
                 pass
-        return [("args", value[self.sent:])] if len(value) > self.sent else []
+            return [("args", value)]
+        return [("args", self.text[self.sent:self.start + len(value)])] if self.start + len(value) > self.sent else []
+
+
+def _tail_start(s: str) -> int:
+    """Where the trailing whitespace, `}`, whitespace of `s` begins: what could still be the call's end."""
+    i = len(s)
+    while i and s[i - 1].isspace():
+        i -= 1
+    if i and s[i - 1] == "}":
+        i -= 1
+        while i and s[i - 1].isspace():
+            i -= 1
+    return i
 
 
 class Qwen3CoderCall(_Call):
