@@ -71,6 +71,16 @@ class ToolArgs(_Event):
 
 
 @dataclass
+class Logprob(_Event):
+    """One generated token's log-probability, and the most likely alternatives when asked."""
+    op: ClassVar[str] = "logprob"
+    id: str
+    token: str
+    logprob: float
+    top: list = field(default_factory=list)     # [[token, logprob], ...], most likely first
+
+
+@dataclass
 class Done(_Event):
     op: ClassVar[str] = "done"
     id: str
@@ -91,9 +101,9 @@ class Error(_Event):
     status: int = 400
 
 
-Event = Union[Started, Progress, Text, Reasoning, ToolCall, ToolArgs, Done, Error]
+Event = Union[Started, Progress, Text, Reasoning, ToolCall, ToolArgs, Logprob, Done, Error]
 _BY_OP = {c.op: (c, {f.name for f in fields(c)}) for c in (Started, Progress, Text, Reasoning, ToolCall, ToolArgs,
-                                                             Done, Error)}
+                                                             Logprob, Done, Error)}
 
 
 def parse(msg: dict) -> Event:

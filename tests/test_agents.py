@@ -226,6 +226,8 @@ def test_max_tokens_is_clamped_to_the_room_left(client, daemon):
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      "messages.0.content.0"),
     ({"messages": [{"role": "user"}]}, "messages.0"),
+    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"chat_template_kwargs": {"return_dict": True}}, "chat_template_kwargs"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [
         {"id": "c", "type": "function", "function": {"name": "read", "arguments": "{nope"}}]}]},
@@ -236,6 +238,27 @@ def test_bad_tool_fields_are_400_naming_the_field(daemon, extra, param):
     r = httpx.post(f"{daemon.url}/v1/chat/completions", json=body, timeout=120)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+def test_logprobs_streamed_and_not(client):
+    kw = dict(model="agent", messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=5,
+              logprobs=True, top_logprobs=3)
+    r = client.chat.completions.create(**kw)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    assert "".join(t.token for t in content) == r.choices[0].message.content
+    for t in content:
+        assert t.logprob <= 0 and len(t.top_logprobs) == 3
+        assert t.top_logprobs[0].token == t.token          # greedy: the chosen token is the most likely
+        assert t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob >= t.top_logprobs[2].logprob
+    chunks = list(client.chat.completions.create(stream=True, **kw))
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [(t.token, round(t.logprob, 4)) for t in streamed] == [(t.token, round(t.logprob, 4)) for t in content]
+
+
+def test_completions_logprobs_is_400_not_ignored(daemon):
+    r = httpx.post(f"{daemon.url}/v1/completions", json={"model": "agent", "prompt": "hi", "logprobs": 2}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
 
 
 def test_content_parts_developer_and_late_system_messages(client):

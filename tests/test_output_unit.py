@@ -221,3 +221,15 @@ def test_merge_system_keeps_order():
     merged = toolfmt.merge_system([{"role": "system", "content": "A"}, {"role": "user", "content": "u"},
                                    {"role": "system", "content": "B"}])
     assert merged == [{"role": "system", "content": "A\n\nB"}, {"role": "user", "content": "u"}]
+
+
+def test_qwen3_coder_odd_values_and_schemas_stay_json(qwen_tok):
+    """A value its declared type cannot hold, and a client's schema of the wrong shape."""
+    block = qwen_block(path="a.py", mode="4.5")
+    events, _, _ = run(qwen_tok, block, call_class=toolfmt.Qwen3CoderCall, parser=qwen_tok.tool_parser)
+    [(_, streamed)] = calls_of(events)
+    assert json.loads(streamed) == {"path": "a.py", "mode": "4.5"}
+    odd = [{"type": "function", "function": {"name": "write", "parameters": {"properties": {"mode": 5}}}}]
+    call = toolfmt.Qwen3CoderCall(qwen_tok.tool_parser, odd)
+    items = call.feed(block.removeprefix("<tool_call>").removesuffix("</tool_call>")) + call.close()
+    assert json.loads("".join(v for k, v in items if k == "args")) == {"path": "a.py", "mode": "4.5"}

@@ -179,6 +179,7 @@ async def _collect(kind: str, events: AsyncIterator[ev_.Event], meta: dict):
     text: list[str] = []
     reasoning: list[str] = []
     calls: list[dict] = []
+    logprobs: list[dict] = []
     async with contextlib.aclosing(events):
         try:
             async for ev in events:
@@ -190,6 +191,8 @@ async def _collect(kind: str, events: AsyncIterator[ev_.Event], meta: dict):
                     calls.append({"id": ev.call_id, "type": "function", "function": {"name": ev.name, "arguments": ""}})
                 elif isinstance(ev, ev_.ToolArgs):
                     calls[ev.index]["function"]["arguments"] += ev.arguments
+                elif isinstance(ev, ev_.Logprob):
+                    logprobs.append(_logprob(ev))
                 elif isinstance(ev, ev_.Error):
                     raise _worker_error(ev)
                 elif isinstance(ev, ev_.Done):
@@ -208,7 +211,8 @@ async def _collect(kind: str, events: AsyncIterator[ev_.Event], meta: dict):
             message["reasoning_content"] = message["reasoning"] = "".join(reasoning)
         if calls:
             message["tool_calls"] = calls
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": ev.finish_reason}
+        choice = {"index": 0, "message": message, "finish_reason": ev.finish_reason,
+                  "logprobs": {"content": logprobs, "refusal": None} if logprobs else None}
         obj = "chat.completion"
     else:
         choice = {"index": 0, "text": content, "logprobs": None, "finish_reason": ev.finish_reason}
@@ -218,6 +222,13 @@ async def _collect(kind: str, events: AsyncIterator[ev_.Event], meta: dict):
 
 def _sse(obj) -> bytes:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+
+
+def _logprob(ev: ev_.Logprob) -> dict:
+    def entry(token, logprob):
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    return {**entry(ev.token, ev.logprob), "top_logprobs": [entry(t, lp) for t, lp in ev.top]}
 
 
 def _chat_delta(ev) -> dict:
@@ -238,9 +249,9 @@ _OUTPUT = (ev_.Text, ev_.Reasoning, ev_.ToolCall, ev_.ToolArgs)
 async def _stream(kind: str, events: AsyncIterator[ev_.Event], meta: dict, include_usage: bool):
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
-    def chunk(delta: dict, finish=None):
+    def chunk(delta: dict, finish=None, logprobs=None):
         if kind == "chat":
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         else:
             choice = {"index": 0, "text": delta.get("content", ""), "logprobs": None, "finish_reason": finish}
         return _sse({**meta, "object": obj, "choices": [choice]})
@@ -252,6 +263,8 @@ async def _stream(kind: str, events: AsyncIterator[ev_.Event], meta: dict, inclu
             async for ev in events:
                 if isinstance(ev, _OUTPUT):
                     yield chunk(_chat_delta(ev))
+                elif isinstance(ev, ev_.Logprob):
+                    yield chunk({}, logprobs={"content": [_logprob(ev)], "refusal": None})
                 elif isinstance(ev, ev_.Progress):
                     yield f": prefill {ev.done}/{ev.total}\n\n".encode()
                 elif isinstance(ev, ev_.Error):

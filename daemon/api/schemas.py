@@ -169,7 +169,10 @@ class ResponseFormat(BaseModel):
         return self
 
 
-_TEMPLATE_OWN = ("messages", "tools", "add_generation_prompt", "tokenize", "chat_template", "continue_final_message")
+# apply_chat_template's own parameters: the server sets them, a client's value would change what it returns
+_TEMPLATE_OWN = ("messages", "conversation", "tools", "documents", "chat_template", "add_generation_prompt",
+                 "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
+                 "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs")
 
 
 class ChatCompletionRequest(_Body):
@@ -183,6 +186,15 @@ class ChatCompletionRequest(_Body):
     chat_template_kwargs: Optional[dict[str, Any]] = Field(
         None, description="Extra variables for the chat template, e.g. enable_thinking.")
     reasoning_effort: Optional[Literal["none", "minimal", "low", "medium", "high", "xhigh"]] = None
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[Count] = Field(None, ge=0, le=20, description="Needs logprobs: true.")
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top(cls, v, info):
+        if v and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return v
 
     @field_validator("chat_template_kwargs")
     @classmethod
@@ -223,12 +235,22 @@ class ChatCompletionRequest(_Body):
             out["chat_template_kwargs"] = self.chat_template_kwargs
         if self.reasoning_effort is not None:
             out["reasoning_effort"] = self.reasoning_effort
+        if self.logprobs:
+            out["logprobs"], out["top_logprobs"] = True, self.top_logprobs or 0
         return out
 
 
 class CompletionRequest(_Body):
     prompt: Union[str, list[int]]
     echo: bool = False
+    logprobs: Optional[Count] = Field(None, description="Not supported here: use /v1/chat/completions.")
+
+    @field_validator("logprobs")
+    @classmethod
+    def _logprobs(cls, v):
+        if v is not None:
+            raise ValueError("logprobs is supported on /v1/chat/completions, not on /v1/completions")
+        return v
 
     @field_validator("prompt")
     @classmethod

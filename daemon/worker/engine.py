@@ -13,15 +13,17 @@ template's own tool support, or the fallback format); each request's output goes
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.tool_parsers import json_tools
 
-from ..events import Done, Progress, Started
+from ..events import Done, Error, Logprob, Progress, Started
 from . import tools as toolfmt
 from .output import THINK, Markers, Output, initial_state, state_machine
 from .sampling import make_sampler
@@ -52,6 +54,7 @@ class Active:
     generated: int = 0
     cache_tier: Optional[str] = None
     itl: list = field(default_factory=list)
+    top_logprobs: Optional[int] = None      # None: no logprobs asked for
 
 
 class Engine:
@@ -127,6 +130,8 @@ class Engine:
         """The prompt's tokens, and its text for chat requests ("" otherwise)."""
         if "messages" in msg:
             text = self.render(msg)
+            if not isinstance(text, str):
+                raise RequestError("chat_template_kwargs made the template return no text", param="chat_template_kwargs")
             return list(self.tokenizer.encode(text, add_special_tokens=False)), text
         prompt = msg.get("prompt", "")
         if isinstance(prompt, list):
@@ -201,7 +206,8 @@ class Engine:
             all_tokens=[list(tokens[:n_cached])], samplers=[sampler], **extra)
         self.active[uid] = Active(
             id=rid, uid=uid, prompt_tokens=len(tokens), cached_tokens=n_cached, max_tokens=max_tokens,
-            out=out, t_submit=time.perf_counter(), cache_tier=tier)
+            out=out, t_submit=time.perf_counter(), cache_tier=tier,
+            top_logprobs=int(msg.get("top_logprobs") or 0) if msg.get("logprobs") else None)
         self.uid_of[rid] = uid
         return Started(rid, len(tokens), n_cached, max_tokens).wire()
 
@@ -248,24 +254,39 @@ class Engine:
             a = self.active.get(r.uid)
             if a is None:
                 continue
-            a.generated += 1
-            if a.t_first is None:
-                a.t_first = now
-            else:
-                a.itl.append(round(now - a.t_last, 5))
-            a.t_last = now
-            reason = r.finish_reason
-            out = [] if (reason == "stop" and r.token in self.eos) else a.out.add(r.token)
-            cache = (r.prompt_cache, r.all_tokens) if reason else None
-            if reason is None and a.out.stopped:
-                reason = "stop"
-                cache = self.gen.remove([r.uid], return_prompt_caches=True).get(r.uid)
-            if reason is not None:
-                tail, reason = a.out.finish(reason)
-                out += tail
-            events.extend(e.wire() for e in out)
-            if reason is None:
-                continue
+            try:
+                events.extend(self._advance(a, r, now))
+            except Exception as e:    # a bug reading one request's output fails that request, not the worker
+                log.exception("request %s: output failed", a.id)
+                if r.uid in self.active:
+                    with contextlib.suppress(Exception):
+                        self.gen.remove([r.uid])
+                    self._forget(r.uid)
+                events.append(Error(a.id, f"reading the model's output failed: {type(e).__name__}: {e}",
+                                    code="output_error", status=500).wire())
+        return events
+
+    def _advance(self, a: Active, r, now: float) -> list[dict]:
+        """One generated token of one request: its events, and its end if it ended."""
+        a.generated += 1
+        if a.t_first is None:
+            a.t_first = now
+        else:
+            a.itl.append(round(now - a.t_last, 5))
+        a.t_last = now
+        reason = r.finish_reason
+        eos = reason == "stop" and r.token in self.eos
+        events = [self._logprob(a, r).wire()] if a.top_logprobs is not None and not eos else []
+        out = [] if eos else a.out.add(r.token)
+        cache = (r.prompt_cache, r.all_tokens) if reason else None
+        if reason is None and a.out.stopped:
+            reason = "stop"
+            cache = self.gen.remove([r.uid], return_prompt_caches=True).get(r.uid)
+        if reason is not None:
+            tail, reason = a.out.finish(reason)
+            out += tail
+        events.extend(e.wire() for e in out)
+        if reason is not None:
             self._forget(r.uid)
             self._store(cache)
             events.append(self._done(a, reason))
@@ -285,6 +306,14 @@ class Engine:
         cache, tokens = cache_and_tokens
         if cache and tokens:
             self.prefix_cache.store(list(tokens), cache)
+
+    def _logprob(self, a: Active, r) -> Logprob:
+        lp, top = r.logprobs, []
+        if a.top_logprobs:
+            ids = mx.argpartition(-lp, a.top_logprobs - 1)[: a.top_logprobs]
+            top = sorted(zip(ids.tolist(), lp[ids].tolist()), key=lambda x: -x[1])
+        piece = self.tokenizer.decode
+        return Logprob(a.id, piece([r.token]), lp[r.token].item(), [[piece([t]), v] for t, v in top])
 
     def _done(self, a: Active, reason: str) -> dict:
         now = time.perf_counter()

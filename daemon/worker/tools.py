@@ -184,8 +184,12 @@ class JsonCall(_Call):
             m = self._HEAD.match(self.text)
             if m is None:
                 return out
+            try:
+                name = json.loads(m.group(1))
+            except ValueError:
+                name = m.group(1)[1:-1]
             self.start = self.sent = m.end()
-            out.append(("name", json.loads(m.group(1))))
+            out.append(("name", name))
         if self.sent == self.start:          # the value's first character decides how it is sent
             while self.start < len(self.text) and self.text[self.start].isspace():
                 self.start = self.sent = self.start + 1
@@ -239,11 +243,24 @@ class Qwen3CoderCall(_Call):
 
     def _config(self) -> dict:
         from mlx_lm.tool_parsers.qwen3_coder import _get_arguments_config
-        return _get_arguments_config(self.name, self.tools)
+        try:
+            conf = _get_arguments_config(self.name, self.tools)
+        except (AttributeError, TypeError):   # a client's odd schema: no types known
+            return {}
+        return conf if isinstance(conf, dict) else {}
+
+    def _value(self, text: str) -> str:
+        """A non-string parameter as JSON, converted as mlx-lm's parser does (its text if that fails)."""
+        from mlx_lm.tool_parsers.qwen3_coder import _convert_param_value
+        try:
+            value = _convert_param_value(text, self.param, self._config())
+        except (ValueError, TypeError, AttributeError):
+            value = text
+        return json.dumps(value, ensure_ascii=False)
 
     def _is_string(self, param: str) -> bool:
         conf = self._config().get(param)
-        if not conf:
+        if not isinstance(conf, dict) or not conf:
             return True              # mlx-lm keeps the text of an undeclared parameter
         return "type" in conf and str(conf["type"]).strip().lower() in {"string", "str", "text", "varchar", "char", "enum"}
 
@@ -292,12 +309,7 @@ class Qwen3CoderCall(_Call):
                     return out
                 value = rest[:end]
                 value = value[:-1] if value.endswith("\n") else value
-                if self.streaming:
-                    out.append(("args", _json_chars(value) + '"'))
-                else:
-                    from mlx_lm.tool_parsers.qwen3_coder import _convert_param_value
-                    out.append(("args", json.dumps(_convert_param_value(value, self.param, self._config()),
-                                                   ensure_ascii=False)))
+                out.append(("args", _json_chars(value) + '"' if self.streaming else self._value(value)))
                 self.pos += end + len(self._END_PARAM)
                 self.param = None
         return out
@@ -310,12 +322,7 @@ class Qwen3CoderCall(_Call):
         out = []
         if self.param is not None:        # cut short: close what was open
             rest = self.text[self.pos:]
-            if self.streaming:
-                out.append(("args", _json_chars(rest) + '"'))
-            else:
-                from mlx_lm.tool_parsers.qwen3_coder import _convert_param_value
-                out.append(("args", json.dumps(_convert_param_value(rest.strip("\n"), self.param, self._config()),
-                                               ensure_ascii=False)))
+            out.append(("args", _json_chars(rest) + '"' if self.streaming else self._value(rest.strip("\n"))))
             self.param = None
         out.append(("args", "}" if self.params else "{}"))
         self.closed = True
