@@ -4,6 +4,10 @@ Streaming waits for the worker's first event before sending headers, so a reques
 worker refuses (context too long, template error) still gets a proper 4xx, not a 200
 stream with an error inside. During a long prefill, SSE comment lines keep proxies and
 clients from timing out.
+
+The worker's events arrive typed (`daemon/events.py`): text, reasoning, a tool call's start
+and its argument deltas, logprobs. They map one to one onto chunk deltas, or are gathered
+into one message; nothing here reads model text.
 """
 
 from __future__ import annotations

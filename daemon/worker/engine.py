@@ -154,6 +154,8 @@ class Engine:
         if tools and choice == "none":
             stop.append(self.tool_markers[0])    # no calls: the answer ends where a call would start
         markers = Markers(self.think, self.tool_markers if tools and choice != "none" else None)
+        if markers == Markers() and not (self.tokenizer.response_transitions or self.tokenizer.structural_markers):
+            return Output(msg["id"], detok, stop)     # nothing to segment: plain text
         if markers not in self._machines:
             self._machines[markers] = state_machine(self.tokenizer, markers)
         return Output(msg["id"], detok, stop, self._machines[markers],
