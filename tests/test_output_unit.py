@@ -143,6 +143,13 @@ def test_call_cut_by_length_keeps_what_was_written(tok):
     assert name == "write" and args == '{"path": "a", "content": "abc' and reason == "length"
 
 
+def test_partial_marker_cut_by_length_is_not_content(tok):
+    events, _, reason = run(tok, "The answer is <tool_", reason="length")
+    assert text_of(events) == "The answer is " and reason == "length"
+    events, _, _ = run(tok, "Hmm </thi", think=THINK, prompt="<think>", reason="length")
+    assert text_of(events, Reasoning) == "Hmm " and not text_of(events)
+
+
 def test_arguments_as_a_json_string(tok):
     events, _, _ = run(tok, '<tool_call>{"name": "read", "arguments": "{\\"path\\": \\"a\\"}"}</tool_call>')
     assert calls_of(events) == [("read", '{"path": "a"}')]

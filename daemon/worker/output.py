@@ -76,11 +76,8 @@ class Output:
         """The last events, and the finish reason (`tool_calls` when a call ended the answer)."""
         events = self._route(self.text.finish())
         if self.sm is not None:
-            if reason == "length":
-                self.sm, rest, state = TextStateMachine.flush(self.sm)
-                events += self._emit(state, rest)
-            else:
-                self.sm, _ = TextStateMachine.discard(self.sm)
+            # What the machine still holds could only be the start of a marker: never content.
+            self.sm, _ = TextStateMachine.discard(self.sm)
             if self.call is not None:
                 events += self._close_call()
         if self.calls and reason == "stop":
