@@ -153,9 +153,12 @@ def test_agent_loop_reuses_the_cache_every_step(client):
 
 
 def test_new_session_hits_the_shared_system_prompt_and_tools(client):
-    r = client.chat.completions.create(model="agent", messages=[{"role": "system", "content": SYSTEM},
-                                                                 {"role": "user", "content": "Hello there"}],
-                                       tools=TOOLS, max_tokens=4)
+    def session(first_words):
+        return client.chat.completions.create(model="agent", tools=TOOLS, max_tokens=2, messages=[
+            {"role": "system", "content": SYSTEM}, {"role": "user", "content": first_words}])
+
+    session("Good morning")
+    r = session("Hello there")
     # the system prompt and the ten tools (all but the new user turn) come from the cache
     assert r.usage.prompt_tokens_details.cached_tokens >= r.usage.prompt_tokens - 16
 
