@@ -98,6 +98,30 @@ class PrefixCache(_Strict):
     kv_bits: Optional[Literal[4, 8]] = Field(None, description="Quantize stored KV entries; null keeps them exact.")
 
 
+def _tool_parsers() -> Optional[set[str]]:
+    """mlx-lm's tool parser modules, listed without importing mlx-lm (the daemon never loads MLX)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("mlx_lm")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    root = Path(next(iter(spec.submodule_search_locations))) / "tool_parsers"
+    return {p.stem for p in root.glob("*.py") if not p.stem.startswith("_")}
+
+
+def _check_tool_parser(v: Optional[str]) -> Optional[str]:
+    known = _tool_parsers()
+    if v is not None and v != "hermes" and known is not None and v not in known:
+        raise ValueError(f"unknown tool parser {v!r}; expected hermes or one of mlx-lm's: {', '.join(sorted(known))}")
+    return v
+
+
+def _check_template(v: Optional[Path]) -> Optional[Path]:
+    if v is not None and not Path(v).expanduser().is_file():
+        raise ValueError(f"chat template file {v} does not exist")
+    return v
+
+
 class ModelConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$", description="The id clients send as `model`.")
     source: str = Field(description="embedded:smollm2 or embedded:gemma3-270m, a .gguf file, a local MLX directory, a Hugging Face repo id in the local HF cache, ollama:NAME[:TAG] or lmstudio:PUBLISHER/MODEL (`mlxd models` lists them).")
@@ -110,11 +134,20 @@ class ModelConfig(_Strict):
     preload: bool = Field(True, description="Start with the daemon; false loads at the first request.")
     idle_ttl: Optional[float] = Field(None, gt=0, description="Seconds without requests after which the worker is stopped.")
     pinned: bool = Field(False, description="Never stopped by idle_ttl or the memory budget.")
+    chat_template: Annotated[Optional[Path], AfterValidator(_check_template)] = Field(
+        None, description="A Jinja chat template file replacing the tokenizer's.")
+    tool_parser: Annotated[Optional[str], AfterValidator(_check_tool_parser)] = Field(
+        None, description="Tool-call format when the tokenizer declares none: hermes, or an mlx-lm parser "
+                          "(json_tools, qwen3_coder, glm47, mistral, pythonic, ...).")
+    reasoning_parser: Optional[Literal["think", "none"]] = Field(
+        None, description="think: <think>...</think> is reasoning even if the vocabulary lacks those tokens; "
+                          "none: no reasoning parsing. Default: what mlx-lm infers from the vocabulary.")
 
     def worker_key(self) -> str:
         """What a running worker depends on; a change to anything else applies live."""
-        key = self.model_dump(include={"source", "dtype", "engine", "prefix_cache"})
-        del key["engine"]["max_waiting"]
+        key = self.model_dump(mode="json", include={
+            "source", "dtype", "engine", "prefix_cache", "chat_template", "tool_parser", "reasoning_parser"})
+        del key["engine"]["max_waiting"]       # enforced in the daemon: a change applies live
         return json.dumps(key, sort_keys=True)
 
 

@@ -4,7 +4,8 @@ A socketpair (not the worker's stdout) carries the protocol so that anything a l
 prints can never corrupt it. Frames are small dicts with an `op` field:
 
 daemon -> worker: submit, cancel, stats, cache_clear, shutdown
-worker -> daemon: ready, started, delta, done, error, stats, fatal
+worker -> daemon: ready, stats, fatal, and a request's events (`events.py`: started,
+progress, text, reasoning, tool_call, tool_args, done, error)
 """
 
 from __future__ import annotations

@@ -113,9 +113,14 @@ def test_invalid_json_is_400(two_model_daemon):
 
 def test_context_length_exceeded_is_400_with_numbers(client):
     with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model="smol-a", prompt="hello", max_tokens=10_000_000)
+        client.completions.create(model="smol-a", prompt=[28] * 8192, max_tokens=1)
     assert e.value.body["code"] == "context_length_exceeded"
     assert "8192" in e.value.body["message"]
+
+
+def test_max_tokens_beyond_the_context_is_clamped(client):
+    r = client.completions.create(model="smol-a", prompt="hello", max_tokens=10_000_000, stop=["\n"])
+    assert r.choices[0].finish_reason in ("stop", "length")
 
 
 def test_stop_strings_cut_the_output(client):

@@ -87,3 +87,16 @@ def test_check_fails_on_a_bad_config(tmp_path):
     out = subprocess.run([sys.executable, "-m", "daemon", "check", str(bad)], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 2
     assert f"{bad}:2: models[0].source (model 'a'): Field required" in out.stderr
+
+
+def test_output_format_fields_are_checked(tmp_path):
+    assert "c.yaml:4: models[0].tool_parser (model 'a'): unknown tool parser 'qwen9'" in errors_of(
+        "models:\n  - name: a\n    source: x\n    tool_parser: qwen9\n")
+    assert "models[0].chat_template (model 'a'): chat template file /nope.jinja does not exist" in errors_of(
+        "models:\n  - name: a\n    source: x\n    chat_template: /nope.jinja\n")
+    assert "models[0].reasoning_parser" in errors_of("models:\n  - name: a\n    source: x\n    reasoning_parser: deep\n")
+    (tmp_path / "t.jinja").write_text("{{ messages }}")
+    cfg = parse_config(f"models:\n  - name: a\n    source: x\n    chat_template: {tmp_path / 't.jinja'}\n"
+                       "    tool_parser: hermes\n    reasoning_parser: think\n")
+    other = parse_config("models:\n  - name: a\n    source: x\n")
+    assert cfg.models[0].worker_key() != other.models[0].worker_key()     # a new worker applies them

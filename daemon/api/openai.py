@@ -4,6 +4,10 @@ Streaming waits for the worker's first event before sending headers, so a reques
 worker refuses (context too long, template error) still gets a proper 4xx, not a 200
 stream with an error inside. During a long prefill, SSE comment lines keep proxies and
 clients from timing out.
+
+The worker's events arrive typed (`daemon/events.py`): text, reasoning, a tool call's start
+and its argument deltas, logprobs. They map one to one onto chunk deltas, or are gathered
+into one message; nothing here reads model text.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import AsyncIterator
 from pydantic import ValidationError
 from quart import Blueprint, Response, current_app, g, jsonify, request
 
+from .. import events as ev_
 from ..process import RequestTimeout, WorkerGone
 from ..lifecycle.handle import ModelAtCapacity, ModelUnavailable
 from .errors import APIError, from_validation, model_not_found
@@ -78,24 +83,30 @@ def _payload(body, handle) -> dict:
     }
 
 
-def _usage(done: dict) -> dict:
-    u = done["usage"]
+def _usage(done: ev_.Done) -> dict:
+    u = done.usage
     return {"prompt_tokens": u["prompt_tokens"], "completion_tokens": u["completion_tokens"],
             "total_tokens": u["prompt_tokens"] + u["completion_tokens"],
             "prompt_tokens_details": {"cached_tokens": u["cached_tokens"]}}
 
 
-def _worker_error(ev: dict) -> APIError:
-    return APIError(ev.get("status", 400), ev["message"], code=ev.get("code"), param=ev.get("param"))
+def _worker_error(ev: ev_.Error) -> APIError:
+    return APIError(ev.status, ev.message, code=ev.code, param=ev.param)
 
 
-async def _first_event(events: AsyncIterator[dict]) -> dict:
+async def _typed(events: AsyncIterator[dict]) -> AsyncIterator[ev_.Event]:
+    async with contextlib.aclosing(events):
+        async for ev in events:
+            yield ev_.parse(ev)
+
+
+async def _first_event(events: AsyncIterator[ev_.Event]) -> ev_.Started:
     """The worker's answer to the submit: `started`, or an error raised as APIError."""
     try:
         async for ev in events:
-            if ev["op"] == "error":
+            if isinstance(ev, ev_.Error):
                 raise _worker_error(ev)
-            if ev["op"] == "started":
+            if isinstance(ev, ev_.Started):
                 return ev
     except WorkerGone as e:
         raise APIError(503, str(e), type_="server_error", code="worker_unavailable") from None
@@ -140,15 +151,15 @@ async def _complete(kind: str):
         raise model_not_found(body.model)
     payload = _payload(body, handle)
     if kind == "chat":
-        try:
-            payload["messages"] = body.template_messages()
-        except ValueError as e:
-            raise APIError(400, str(e), param="messages") from None
+        if problem := body.tool_problem():
+            raise APIError(400, problem[1], param=problem[0], code="invalid_value")
+        payload["messages"] = body.template_messages()
+        payload.update(body.tool_payload())
     else:
         payload["prompt"] = body.prompt
     key = _admit(handle)
-    events = _charged(handle.generate(payload, _supervisor().config.server.request_timeout), key,
-                      current_app.config["LIMITER"])
+    events = _typed(_charged(handle.generate(payload, _supervisor().config.server.request_timeout), key,
+                             current_app.config["LIMITER"]))
     try:
         started = await _first_event(events)
     except BaseException:
@@ -157,7 +168,7 @@ async def _complete(kind: str):
     rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
     meta = {"id": rid, "created": int(time.time()), "model": handle.name}
     current_app.logger.debug("request %s on %s: %d prompt tokens, %d cached", rid, handle.name,
-                             started["prompt_tokens"], started["cached_tokens"])
+                             started.prompt_tokens, started.cached_tokens)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         resp = Response(_stream(kind, events, meta, include_usage), mimetype="text/event-stream")
@@ -168,31 +179,47 @@ async def _complete(kind: str):
     return await _collect(kind, events, meta)
 
 
-async def _collect(kind: str, events: AsyncIterator[dict], meta: dict):
-    parts: list[str] = []
+async def _collect(kind: str, events: AsyncIterator[ev_.Event], meta: dict):
+    text: list[str] = []
+    reasoning: list[str] = []
+    calls: list[dict] = []
+    logprobs: list[dict] = []
     async with contextlib.aclosing(events):
         try:
             async for ev in events:
-                if ev["op"] == "delta":
-                    parts.append(ev["text"])
-                elif ev["op"] == "error":
+                if isinstance(ev, ev_.Text):
+                    text.append(ev.text)
+                elif isinstance(ev, ev_.Reasoning):
+                    reasoning.append(ev.text)
+                elif isinstance(ev, ev_.ToolCall):
+                    calls.append({"id": ev.call_id, "type": "function", "function": {"name": ev.name, "arguments": ""}})
+                elif isinstance(ev, ev_.ToolArgs):
+                    calls[ev.index]["function"]["arguments"] += ev.arguments
+                elif isinstance(ev, ev_.Logprob):
+                    logprobs.append(_logprob(ev))
+                elif isinstance(ev, ev_.Error):
                     raise _worker_error(ev)
-                elif ev["op"] == "done":
+                elif isinstance(ev, ev_.Done):
                     break
         except WorkerGone as e:
             raise APIError(503, str(e), type_="server_error", code="worker_died") from None
         except RequestTimeout as e:
             raise _timeout_error(e) from None
-    if ev["finish_reason"] == "cancelled":
+    if ev.finish_reason == "cancelled":
         raise APIError(503, "the request was cancelled: mlxd is stopping or the model was removed",
                        type_="server_error", code="cancelled")
-    text = "".join(parts)
+    content = "".join(text)
     if kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                  "logprobs": None, "finish_reason": ev["finish_reason"]}
+        message = {"role": "assistant", "content": content or (None if calls else ""), "refusal": None}
+        if reasoning:
+            message["reasoning_content"] = message["reasoning"] = "".join(reasoning)
+        if calls:
+            message["tool_calls"] = calls
+        choice = {"index": 0, "message": message, "finish_reason": ev.finish_reason,
+                  "logprobs": {"content": logprobs, "refusal": None} if logprobs else None}
         obj = "chat.completion"
     else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": ev["finish_reason"]}
+        choice = {"index": 0, "text": content, "logprobs": None, "finish_reason": ev.finish_reason}
         obj = "text_completion"
     return jsonify({**meta, "object": obj, "choices": [choice], "usage": _usage(ev)})
 
@@ -201,36 +228,58 @@ def _sse(obj) -> bytes:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
 
 
-async def _stream(kind: str, events: AsyncIterator[dict], meta: dict, include_usage: bool):
+def _logprob(ev: ev_.Logprob) -> dict:
+    def entry(token, logprob):
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    return {**entry(ev.token, ev.logprob), "top_logprobs": [entry(t, lp) for t, lp in ev.top]}
+
+
+def _chat_delta(ev) -> dict:
+    """The chunk delta for one output event; a call's id and name come first, then its arguments."""
+    if isinstance(ev, ev_.Text):
+        return {"content": ev.text}
+    if isinstance(ev, ev_.Reasoning):
+        return {"reasoning_content": ev.text, "reasoning": ev.text}
+    if isinstance(ev, ev_.ToolCall):
+        return {"tool_calls": [{"index": ev.index, "id": ev.call_id, "type": "function",
+                                "function": {"name": ev.name, "arguments": ""}}]}
+    return {"tool_calls": [{"index": ev.index, "function": {"arguments": ev.arguments}}]}
+
+
+_OUTPUT = (ev_.Text, ev_.Reasoning, ev_.ToolCall, ev_.ToolArgs)
+
+
+async def _stream(kind: str, events: AsyncIterator[ev_.Event], meta: dict, include_usage: bool):
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
-    def chunk(content=None, finish=None, role=False):
+    def chunk(delta: dict, finish=None, logprobs=None):
         if kind == "chat":
-            delta = {"role": "assistant", "content": ""} if role else ({"content": content} if content else {})
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": content or "", "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "text": delta.get("content", ""), "logprobs": None, "finish_reason": finish}
         return _sse({**meta, "object": obj, "choices": [choice]})
 
     async with contextlib.aclosing(events):
         if kind == "chat":
-            yield chunk(role=True)
+            yield chunk({"role": "assistant", "content": ""})
         try:
             async for ev in events:
-                op = ev["op"]
-                if op == "delta":
-                    yield chunk(ev["text"])
-                elif op == "progress":
-                    yield f": prefill {ev['done']}/{ev['total']}\n\n".encode()
-                elif op == "error":
+                if isinstance(ev, _OUTPUT):
+                    yield chunk(_chat_delta(ev))
+                elif isinstance(ev, ev_.Logprob):
+                    yield chunk({}, logprobs={"content": [_logprob(ev)], "refusal": None})
+                elif isinstance(ev, ev_.Progress):
+                    yield f": prefill {ev.done}/{ev.total}\n\n".encode()
+                elif isinstance(ev, ev_.Error):
                     yield _sse(_worker_error(ev).body())
                     return
-                elif op == "done" and ev["finish_reason"] == "cancelled":
+                elif isinstance(ev, ev_.Done) and ev.finish_reason == "cancelled":
                     yield _sse(APIError(503, "the request was cancelled: mlxd is stopping or the model was "
                                              "removed", type_="server_error", code="cancelled").body())
                     return
-                elif op == "done":
-                    yield chunk(finish=ev["finish_reason"])
+                elif isinstance(ev, ev_.Done):
+                    yield chunk({}, finish=ev.finish_reason)
                     if include_usage:
                         yield _sse({**meta, "object": obj, "choices": [], "usage": _usage(ev)})
                     yield b"data: [DONE]\n\n"

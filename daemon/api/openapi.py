@@ -63,8 +63,18 @@ _RESPONSES = {
                        "prompt_tokens_details": {"type": "object", "properties": {"cached_tokens": _int}}},
     },
     "ChatCompletion": _completion("chat.completion", "message", {
-        "type": "object", "required": ["role", "content"],
-        "properties": {"role": {"const": "assistant"}, "content": _nullable_str}}),
+        "type": "object", "required": ["role", "content", "refusal"],
+        "properties": {
+            "role": {"const": "assistant"}, "content": _nullable_str, "refusal": {"type": "null"},
+            "reasoning_content": {"type": "string", "description": "The model's reasoning, apart from `content`."},
+            "reasoning": {"type": "string", "description": "The same as `reasoning_content`."},
+            "tool_calls": {"type": "array", "items": {
+                "type": "object", "required": ["id", "type", "function"],
+                "properties": {"id": _str, "type": {"const": "function"}, "function": {
+                    "type": "object", "required": ["name", "arguments"],
+                    "properties": {"name": _str, "arguments": {"type": "string",
+                                                               "description": "JSON text, as the model wrote it."}}}}}},
+        }}),
     "TextCompletion": _completion("text_completion", "text", _str),
     "ModelList": {
         "type": "object", "required": ["object", "data"],

@@ -1,6 +1,6 @@
 """Request bodies of the OpenAI routes, validated by pydantic.
 
-Unknown fields are accepted and ignored, as clients send many (user, n=1, logprobs=false);
+Unknown fields are accepted and ignored, as clients send many (user, n=1, metadata);
 fields we accept are checked strictly (no "8" for 8, no 1 for true: OpenAI refuses them too)
 so that a bad value gets a 400 naming it instead of a guess.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 
 def _whole(v):
@@ -57,32 +57,200 @@ class ContentPart(BaseModel):
     type: str
     text: Optional[str] = None
 
+    @model_validator(mode="after")
+    def _text_only(self):
+        if self.type != "text":
+            raise ValueError(f"content parts of type {self.type!r} are not supported: this is a text model")
+        if self.text is None:
+            raise ValueError("a text part needs 'text'")
+        return self
+
+
+class FunctionCall(BaseModel):
+    model_config = STRICT
+    name: str = Field(min_length=1)
+    arguments: str = Field(description="The arguments as a JSON string, as the model wrote them.")
+
+
+class ToolCallIn(BaseModel):
+    """A call from an earlier assistant turn, as a client sends it back."""
+    model_config = STRICT
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
 
 class Message(BaseModel):
     model_config = STRICT
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Optional[Union[str, list[ContentPart]]] = None
+    name: Optional[str] = None
+    tool_calls: Optional[list[ToolCallIn]] = None
+    tool_call_id: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _by_role(self):
+        if self.role == "user" and self.content is None:
+            raise ValueError("a user message needs 'content'")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs 'tool_call_id'")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry 'tool_calls'")
+        return self
 
     def text(self) -> str:
         if isinstance(self.content, list):
-            if any(p.type != "text" for p in self.content):
-                raise ValueError("only text content parts are supported")
             return "".join(p.text or "" for p in self.content)
         return self.content or ""
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates read it: content a string, developer a system message."""
+        m: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.name is not None:
+            m["name"] = self.name
+        if self.tool_calls:
+            m["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            m["tool_call_id"] = self.tool_call_id
+        return m
+
+
+class FunctionDef(BaseModel):
+    model_config = STRICT
+    name: str = Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = Field(None, description="A JSON Schema object.")
+    strict: Optional[bool] = None
+
+
+class Tool(BaseModel):
+    model_config = STRICT
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(BaseModel):
+    model_config = STRICT
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = STRICT
+    type: Literal["function"]
+    function: NamedFunction
+
+
+def _tool_choice(v):
+    """"none" / "auto" / "required" or {"type": "function", ...}: one error, not one per union branch."""
+    if isinstance(v, str):
+        if v not in ("none", "auto", "required"):
+            raise ValueError("expected 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}")
+        return v
+    return NamedToolChoice.model_validate(v)
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True, populate_by_name=True)
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: Optional[str] = None
+    schema_: Optional[dict[str, Any]] = Field(None, alias="schema")
+    strict: Optional[bool] = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = STRICT
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+    @model_validator(mode="after")
+    def _schema(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs 'json_schema'")
+        return self
+
+
+# apply_chat_template's own parameters: the server sets them, a client's value would change what it returns
+_TEMPLATE_OWN = ("messages", "conversation", "tools", "documents", "chat_template", "add_generation_prompt",
+                 "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
+                 "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs")
 
 
 class ChatCompletionRequest(_Body):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: Optional[Count] = Field(None, ge=1)
+    tools: Optional[list[Tool]] = None
+    tool_choice: Annotated[Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]],
+                           BeforeValidator(_tool_choice)] = None
+    parallel_tool_calls: Optional[bool] = None
+    response_format: Optional[ResponseFormat] = None
+    chat_template_kwargs: Optional[dict[str, Any]] = Field(
+        None, description="Extra variables for the chat template, e.g. enable_thinking.")
+    reasoning_effort: Optional[Literal["none", "minimal", "low", "medium", "high", "xhigh"]] = None
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[Count] = Field(None, ge=0, le=20, description="Needs logprobs: true.")
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top(cls, v, info):
+        if v and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return v
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _kwargs(cls, v):
+        clash = [k for k in v or {} if k in _TEMPLATE_OWN]
+        if clash:
+            raise ValueError(f"{clash[0]!r} is set by the server, not by chat_template_kwargs")
+        return v
+
+    def tool_problem(self) -> Optional[tuple[str, str]]:
+        """(param, message) for tool fields that contradict each other."""
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) < len(names):
+            dup = next(n for n in names if names.count(n) > 1)
+            return "tools", f"two tools are named {dup!r}"
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            return "tool_choice", f"tool_choice names {choice.function.name!r}, which is not in 'tools'"
+        if choice == "required" and not names:
+            return "tool_choice", "tool_choice 'required' needs 'tools'"
+        return None
 
     def template_messages(self) -> list[dict[str, Any]]:
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                for m in self.messages]
+        return [m.for_template() for m in self.messages]
+
+    def tool_payload(self) -> dict[str, Any]:
+        """Tool and format fields for the worker, unchanged but for pydantic's spelling."""
+        out: dict[str, Any] = {}
+        if self.tools:
+            out["tools"] = [t.model_dump(exclude_none=True) for t in self.tools]
+        if self.tool_choice is not None:
+            out["tool_choice"] = self.tool_choice if isinstance(self.tool_choice, str) else self.tool_choice.model_dump()
+        if self.parallel_tool_calls is not None:
+            out["parallel_tool_calls"] = self.parallel_tool_calls
+        if self.response_format is not None:
+            out["response_format"] = self.response_format.model_dump(by_alias=True, exclude_none=True)
+        if self.chat_template_kwargs:
+            out["chat_template_kwargs"] = self.chat_template_kwargs
+        if self.reasoning_effort is not None:
+            out["reasoning_effort"] = self.reasoning_effort
+        if self.logprobs:
+            out["logprobs"], out["top_logprobs"] = True, self.top_logprobs or 0
+        return out
 
 
 class CompletionRequest(_Body):
     prompt: Union[str, list[int]]
     echo: bool = False
+    logprobs: Optional[Count] = Field(None, description="Not supported here: use /v1/chat/completions.")
+
+    @field_validator("logprobs")
+    @classmethod
+    def _logprobs(cls, v):
+        if v is not None:
+            raise ValueError("logprobs is supported on /v1/chat/completions, not on /v1/completions")
+        return v
 
     @field_validator("prompt")
     @classmethod

@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import traceback
+from pathlib import Path
 
 from ..config import ModelConfig
 from ..protocol import SyncChannel
@@ -40,6 +41,16 @@ def _context_length(model, cfg: ModelConfig) -> int:
     return int(getattr(args, "max_position_embeddings", None) or 4096)
 
 
+def tokenizer_config(cfg: ModelConfig) -> dict:
+    """The model config's overrides of what the tokenizer declares (mlx-lm reads both keys)."""
+    out = {}
+    if cfg.chat_template:
+        out["chat_template"] = Path(cfg.chat_template).expanduser().read_text()
+    if cfg.tool_parser:
+        out["tool_parser_type"] = "json_tools" if cfg.tool_parser == "hermes" else cfg.tool_parser
+    return out
+
+
 def load(cfg: ModelConfig, cache_dir):
     """Resolve the source, load weights, build the engine; returns (engine, info)."""
     import mlx.core as mx
@@ -52,7 +63,7 @@ def load(cfg: ModelConfig, cache_dir):
 
     t0 = time.perf_counter()
     resolved = resolve_model(cfg.source, dtype=cfg.dtype, cache_dir=cache_dir)
-    model, tokenizer = mlx_load(str(resolved.path))
+    model, tokenizer = mlx_load(str(resolved.path), tokenizer_config=tokenizer_config(cfg))
     if resolved.dtype == "quantized" and not mx.metal.is_available():
         # GGUF scales are float16, and MLX's CPU quantized matmul is ~35x slower in float16.
         model.set_dtype(mx.float32)
@@ -67,7 +78,8 @@ def load(cfg: ModelConfig, cache_dir):
         model, tokenizer,
         max_batch_size=cfg.engine.max_batch_size, prefill_batch_size=cfg.engine.prefill_batch_size,
         prefill_step_size=cfg.engine.prefill_step_size, context_length=_context_length(model, cfg),
-        default_max_tokens=cfg.sampling.max_tokens, prefix_cache=prefix_cache)
+        default_max_tokens=cfg.sampling.max_tokens, prefix_cache=prefix_cache,
+        reasoning_parser=cfg.reasoning_parser)
     info = {
         "pid": os.getpid(), "path": str(resolved.path), "kind": resolved.kind, "dtype": resolved.dtype,
         "fingerprint": resolved.fingerprint, "device": device_name(), "blas": loaded_blas(),
@@ -137,8 +149,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=os.environ.get("MLXD_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    from pathlib import Path
-
     cfg = ModelConfig.model_validate(json.loads(args.model))
     chan = SyncChannel(socket.socket(fileno=args.fd))
     try:
