@@ -98,6 +98,15 @@ class WorkerProcess:
         return self.info
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
+        try:
+            await self._dispatch(reader)
+        except Exception as e:     # a frame we cannot read: nothing after it can be trusted
+            log.error("protocol error from the worker for model %s (pid %s): %s; killing it",
+                      self.cfg.name, self.pid, e)
+            await self.kill(f"the worker for model {self.cfg.name!r} was killed after a protocol error: {e}")
+        await self._exited()
+
+    async def _dispatch(self, reader: asyncio.StreamReader) -> None:
         while (msg := await read_frame(reader)) is not None:
             self.last_frame = time.monotonic()
             op = msg["op"]
@@ -111,6 +120,9 @@ class WorkerProcess:
                     fut.set_result(msg)
             elif (q := self._streams.get(msg.get("id"))) is not None:
                 q.put_nowait(msg)
+
+    async def _exited(self) -> None:
+        """The worker is gone (or was killed): every waiter learns why, at once."""
         code = await self.proc.wait() if self.proc else None
         why = f"the worker for model {self.cfg.name!r} {_describe_exit(code)}"
         if self.exit_reason.startswith("the worker"):

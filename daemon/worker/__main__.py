@@ -26,9 +26,12 @@ log = logging.getLogger("mlxd.worker")
 
 
 def _reader(chan: SyncChannel, inbox: queue.Queue) -> None:
+    """Frames into the inbox; None (shut down) when the daemon's end closes or breaks the protocol."""
     try:
         while (msg := chan.recv()) is not None:
             inbox.put(msg)
+    except Exception as e:
+        log.error("protocol error from the daemon (%s); exiting", e)
     finally:
         inbox.put(None)
 
