@@ -54,9 +54,10 @@ def worker_env() -> dict[str, str]:
 
 
 class WorkerProcess:
-    def __init__(self, cfg: ModelConfig, cache_dir: Path):
+    def __init__(self, cfg: ModelConfig, cache_dir: Path, server=None):
         self.cfg = cfg
         self.cache_dir = cache_dir
+        self.server = server            # config.Server: the prefix cache's directory-wide settings
         self.proc: Optional[asyncio.subprocess.Process] = None
         self.info: dict = {}
         self._writer: Optional[asyncio.StreamWriter] = None
@@ -84,6 +85,7 @@ class WorkerProcess:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "daemon.worker", "--fd", str(child.fileno()),
                 "--model", json.dumps(self.cfg.model_dump(mode="json")), "--cache-dir", str(self.cache_dir),
+                *self._cache_args(),
                 pass_fds=(child.fileno(),), env=worker_env(), stdin=asyncio.subprocess.DEVNULL,
                 start_new_session=True)
         finally:
@@ -96,6 +98,14 @@ class WorkerProcess:
             await self.kill()
             raise WorkerGone(f"model {self.cfg.name!r} did not load within {timeout:.0f}s") from None
         return self.info
+
+    def _cache_args(self) -> list[str]:
+        if self.server is None:
+            return []
+        out = ["--cache-orphan-ttl", str(self.server.cache_orphan_ttl)]
+        if self.server.cache_disk_budget is not None:
+            out += ["--cache-disk-budget", str(self.server.cache_disk_budget)]
+        return out
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         try:

@@ -39,7 +39,7 @@ class ModelHandle:
         self.metrics = metrics
         metrics.model_added(cfg.name)
         self.stats: dict = {}
-        self._counter_base = {"evictions": 0, "corrupt": 0, "disk_errors": 0}
+        self._counter_base = dict.fromkeys(cache_counter_values({}), 0)
         self.state = "stopped"
         self.worker: Optional[WorkerProcess] = None
         self.restarts = 0
@@ -83,7 +83,7 @@ class ModelHandle:
         while not self._stopping:
             self.state = "loading"
             self.starts += 1
-            worker = WorkerProcess(self.cfg, self.server_cfg.resolved_cache_dir)
+            worker = WorkerProcess(self.cfg, self.server_cfg.resolved_cache_dir, self.server_cfg)
             self.worker = worker
             spawned = time.monotonic()
             try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -30,10 +31,17 @@ class RequestError(Exception):
         self.code, self.param = code, param
 
 
+def internal_error(rid: Optional[str], e: BaseException) -> dict:
+    """The `error` frame for a failure of ours inside one request: a 500 the client can report."""
+    return {"op": "error", "id": rid, "status": 500, "code": "internal_error", "param": None,
+            "message": f"internal error while serving this request ({type(e).__name__}: {e}); "
+                       f"the model keeps serving"}
+
+
 @dataclass
 class Active:
     id: str
-    uid: int
+    uid: Optional[int]          # None until it joins the batch
     prompt_tokens: int
     cached_tokens: int
     max_tokens: int
@@ -44,7 +52,17 @@ class Active:
     t_last: Optional[float] = None
     generated: int = 0
     cache_tier: Optional[str] = None
+    cache_key: Optional[str] = None
     itl: list = field(default_factory=list)
+
+
+@dataclass
+class Parked:
+    """A request not in the batch yet: its cached prefix is being read from disk."""
+    active: Active
+    tokens: list[int]
+    sampler: Any
+    read: Any = None            # the prefix cache's Future for the read
 
 
 class Engine:
@@ -57,17 +75,26 @@ class Engine:
         self.default_max_tokens = default_max_tokens
         self.prefix_cache = prefix_cache
         self.eos = set(tokenizer.eos_token_ids)
-        self.gen = BatchGenerator(
-            model,
-            max_tokens=default_max_tokens,
-            stop_tokens=[[t] for t in sorted(self.eos)],
-            completion_batch_size=max_batch_size,
-            prefill_batch_size=min(prefill_batch_size, max_batch_size),
-            prefill_step_size=prefill_step_size,
-        )
+        self.max_batch_size, self.prefill_batch_size, self.prefill_step_size = \
+            max_batch_size, prefill_batch_size, prefill_step_size
+        self.gen = self._new_generator()
         self.active: dict[int, Active] = {}
         self.uid_of: dict[str, int] = {}
         self.decoding: set[int] = set()
+        self.parked: dict[str, Parked] = {}    # waiting for their cached prefix to be read from disk
+        self.wake = lambda: None               # called (from another thread) when a parked request can start
+        self.internal_errors = 0
+        self.batch_resets = 0
+
+    def _new_generator(self) -> BatchGenerator:
+        return BatchGenerator(
+            self.model,
+            max_tokens=self.default_max_tokens,
+            stop_tokens=[[t] for t in sorted(self.eos)],
+            completion_batch_size=self.max_batch_size,
+            prefill_batch_size=min(self.prefill_batch_size, self.max_batch_size),
+            prefill_step_size=self.prefill_step_size,
+        )
 
     # -- requests ---------------------------------------------------------------------
 
@@ -89,8 +116,9 @@ class Engine:
             return [int(t) for t in prompt]
         return list(self.tokenizer.encode(prompt))
 
-    def submit(self, msg: dict) -> dict:
-        """Queue a request; returns its `started` event (usage known up front)."""
+    def submit(self, msg: dict) -> Optional[dict]:
+        """Queue a request; returns its `started` event (usage known up front), or None while
+        its cached prefix is read from disk (it starts at a later step, see `step`)."""
         rid = msg["id"]
         tokens = self.tokenize(msg)
         if not tokens:
@@ -102,21 +130,43 @@ class Engine:
                 f"requested {len(tokens) + max_tokens} tokens ({len(tokens)} in the prompt, "
                 f"{max_tokens} for the completion). Please reduce the prompt or max_tokens.",
                 code="context_length_exceeded", param="max_tokens")
-        cache, n_cached, tier = (None, 0, None)
-        if self.prefix_cache is not None:
-            cache, n_cached, tier = self.prefix_cache.fetch(tokens)
         sampler = make_sampler(float(msg.get("temperature", 0.0)), float(msg.get("top_p", 1.0)), msg.get("seed"))
-        (uid,) = self.gen.insert(
-            [tokens[n_cached:]], max_tokens=[max_tokens], caches=[cache],
-            all_tokens=[list(tokens[:n_cached])], samplers=[sampler])
-        self.active[uid] = Active(
-            id=rid, uid=uid, prompt_tokens=len(tokens), cached_tokens=n_cached, max_tokens=max_tokens,
-            text=TextStream(self.tokenizer.detokenizer, list(msg.get("stop") or [])),
-            t_submit=time.perf_counter(), cache_tier=tier)
-        self.uid_of[rid] = uid
-        return {"op": "started", "id": rid, "prompt_tokens": len(tokens), "cached_tokens": n_cached}
+        a = Active(id=rid, uid=None, prompt_tokens=len(tokens), cached_tokens=0, max_tokens=max_tokens,
+                   text=TextStream(self.tokenizer.detokenizer, list(msg.get("stop") or [])),
+                   t_submit=time.perf_counter())
+        return self._start(Parked(a, tokens, sampler))
+
+    def _start(self, p: "Parked") -> Optional[dict]:
+        """Insert a request into the batch on top of its cached prefix; park it (None) while
+        that prefix is read from disk, so the engine keeps stepping everyone else."""
+        cache, n_cached, tier = None, 0, None
+        if self.prefix_cache is not None:
+            got = self.prefix_cache.fetch_nowait(p.tokens)
+            if isinstance(got, Future):
+                p.read = got
+                self.parked[p.active.id] = p
+                got.add_done_callback(lambda _: self.wake())
+                return None
+            cache, n_cached, tier = got
+        a, tokens = p.active, p.tokens
+        a.cache_key = self.prefix_cache.last_key if tier else None
+        try:
+            (uid,) = self.gen.insert(
+                [tokens[n_cached:]], max_tokens=[a.max_tokens], caches=[cache],
+                all_tokens=[list(tokens[:n_cached])], samplers=[p.sampler])
+        except Exception:
+            if a.cache_key:
+                self.prefix_cache.discard(a.cache_key)     # not trusted again
+            raise
+        a.uid, a.cached_tokens, a.cache_tier = uid, n_cached, tier
+        self.active[uid] = a
+        self.uid_of[a.id] = uid
+        return {"op": "started", "id": a.id, "prompt_tokens": len(tokens), "cached_tokens": n_cached}
 
     def cancel(self, rid: str) -> Optional[dict]:
+        if (p := self.parked.pop(rid, None)) is not None:
+            self._abandon(p.read)
+            return self._done(p.active, "cancelled")
         uid = self.uid_of.get(rid)
         if uid is None:
             return None
@@ -127,7 +177,8 @@ class Engine:
 
     @property
     def busy(self) -> bool:
-        return bool(self.active)
+        """Work to do now: sequences in the batch, or parked ones whose disk read is done."""
+        return bool(self.active) or any(p.read.done() for p in self.parked.values())
 
     @property
     def running(self) -> int:
@@ -135,16 +186,23 @@ class Engine:
 
     @property
     def waiting(self) -> int:
-        return len(self.active) - len(self.decoding)
+        return len(self.active) - len(self.decoding) + len(self.parked)
 
     # -- the step loop ------------------------------------------------------------------
 
     def step(self) -> list[dict]:
-        """One engine step: a prefill chunk and/or one decoded token for every sequence."""
+        """One engine step: parked requests whose prefix is read join the batch, then a prefill
+        chunk and/or one decoded token for every sequence. A failure fails only the requests it
+        touched (the whole batch when the batch itself fails) and the engine goes on."""
+        events = self._unpark()
+        if not self.active:
+            return events
         t0 = time.perf_counter()
-        prompt_resps, gen_resps = self.gen.next()
+        try:
+            prompt_resps, gen_resps = self.gen.next()
+        except Exception as e:
+            return events + self._reset(e)
         now = time.perf_counter()
-        events: list[dict] = []
         for p in prompt_resps:
             a = self.active.get(p.uid)
             if a is None:
@@ -159,29 +217,78 @@ class Engine:
             a = self.active.get(r.uid)
             if a is None:
                 continue
-            a.generated += 1
-            if a.t_first is None:
-                a.t_first = now
-            else:
-                a.itl.append(round(now - a.t_last, 5))
-            a.t_last = now
-            reason = r.finish_reason
-            delta = "" if (reason == "stop" and r.token in self.eos) else a.text.add(r.token)
-            cache = (r.prompt_cache, r.all_tokens) if reason else None
-            if reason is None and a.text.stopped:
-                reason = "stop"
-                cache = self.gen.remove([r.uid], return_prompt_caches=True).get(r.uid)
-            if reason is None:
-                if delta:
-                    events.append({"op": "delta", "id": a.id, "text": delta})
-                continue
-            delta += a.text.finish()
-            if delta:
-                events.append({"op": "delta", "id": a.id, "text": delta})
-            self._forget(r.uid)
-            self._store(cache)
-            events.append(self._done(a, reason))
+            try:
+                events += self._token(a, r, now)
+            except Exception as e:
+                log.exception("request %s failed while handling its token", a.id)
+                self._forget(r.uid)
+                try:
+                    self.gen.remove([r.uid])
+                except Exception:
+                    pass            # it may have left the batch already (finished)
+                events.append(self._internal_error(a.id, e))
         return events
+
+    def _token(self, a: "Active", r, now: float) -> list[dict]:
+        a.generated += 1
+        if a.t_first is None:
+            a.t_first = now
+        else:
+            a.itl.append(round(now - a.t_last, 5))
+        a.t_last = now
+        reason = r.finish_reason
+        delta = "" if (reason == "stop" and r.token in self.eos) else a.text.add(r.token)
+        cache = (r.prompt_cache, r.all_tokens) if reason else None
+        if reason is None and a.text.stopped:
+            reason = "stop"
+            cache = self.gen.remove([r.uid], return_prompt_caches=True).get(r.uid)
+        if reason is None:
+            return [{"op": "delta", "id": a.id, "text": delta}] if delta else []
+        delta += a.text.finish()
+        events = [{"op": "delta", "id": a.id, "text": delta}] if delta else []
+        self._forget(r.uid)
+        self._store(cache)
+        return events + [self._done(a, reason)]
+
+    def _unpark(self) -> list[dict]:
+        events = []
+        for rid, p in list(self.parked.items()):
+            if not p.read.done():
+                continue
+            del self.parked[rid]
+            read = p.read
+            try:
+                if (ev := self._start(p)) is not None:
+                    events.append(ev)
+            except Exception as e:
+                log.exception("request %s failed to start", rid)
+                events.append(self._internal_error(rid, e))
+            self._abandon(read)       # a no-op when used; else (another entry won meanwhile) frees what it read
+        return events
+
+    def _abandon(self, read) -> None:
+        if self.prefix_cache is not None and not any(o.read is read for o in self.parked.values()):
+            self.prefix_cache.abandon(read)
+
+    def _reset(self, e: Exception) -> list[dict]:
+        """The batch failed as a whole: fail its requests, start a fresh generator, and drop the
+        cache entries they started from (one of them may be what broke it)."""
+        log.error("engine step failed (%s: %s); failing the %d requests in the batch and resetting it",
+                  type(e).__name__, e, len(self.active), exc_info=e)
+        self.batch_resets += 1
+        events = []
+        for uid in list(self.active):
+            a = self._forget(uid)
+            if a.cache_key and self.prefix_cache is not None:
+                self.prefix_cache.discard(a.cache_key)
+            events.append(self._internal_error(a.id, e))
+        self.gen.close()
+        self.gen = self._new_generator()
+        return events
+
+    def _internal_error(self, rid: str, e: Exception) -> dict:
+        self.internal_errors += 1
+        return internal_error(rid, e)
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -192,11 +299,16 @@ class Engine:
         return a
 
     def _store(self, cache_and_tokens) -> None:
+        """Best effort: the request's answer is complete, so a failure here costs only reuse."""
         if self.prefix_cache is None or not cache_and_tokens:
             return
         cache, tokens = cache_and_tokens
         if cache and tokens:
-            self.prefix_cache.store(list(tokens), cache)
+            try:
+                self.prefix_cache.store(list(tokens), cache)
+            except Exception:
+                self.prefix_cache.counters["store_errors"] += 1
+                log.exception("storing a finished request's cache failed; serving goes on")
 
     def _done(self, a: Active, reason: str) -> dict:
         now = time.perf_counter()
