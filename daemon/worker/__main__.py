@@ -143,7 +143,11 @@ def serve(chan: SyncChannel, engine) -> None:
                 out.append(reply)
         chan.send_many(out)
         if engine.busy:
-            chan.send_many(engine.step())
+            try:
+                events = engine.step()
+            except Exception as e:      # step guards each request; this is the last resort
+                events = engine.reset(e)
+            chan.send_many(events)
 
 
 def main(argv=None) -> int:

@@ -201,7 +201,7 @@ class Engine:
         try:
             prompt_resps, gen_resps = self.gen.next()
         except Exception as e:
-            return events + self._reset(e)
+            return events + self.reset(e)
         now = time.perf_counter()
         for p in prompt_resps:
             a = self.active.get(p.uid)
@@ -221,7 +221,8 @@ class Engine:
                 events += self._token(a, r, now)
             except Exception as e:
                 log.exception("request %s failed while handling its token", a.id)
-                self._forget(r.uid)
+                if r.uid in self.active:
+                    self._forget(r.uid)
                 try:
                     self.gen.remove([r.uid])
                 except Exception:
@@ -270,7 +271,7 @@ class Engine:
         if self.prefix_cache is not None and not any(o.read is read for o in self.parked.values()):
             self.prefix_cache.abandon(read)
 
-    def _reset(self, e: Exception) -> list[dict]:
+    def reset(self, e: Exception) -> list[dict]:
         """The batch failed as a whole: fail its requests, start a fresh generator, and drop the
         cache entries they started from (one of them may be what broke it)."""
         log.error("engine step failed (%s: %s); failing the %d requests in the batch and resetting it",
@@ -280,7 +281,10 @@ class Engine:
         for uid in list(self.active):
             a = self._forget(uid)
             if a.cache_key and self.prefix_cache is not None:
-                self.prefix_cache.discard(a.cache_key)
+                try:
+                    self.prefix_cache.discard(a.cache_key)
+                except Exception:
+                    log.exception("dropping prefix cache entry %s failed", a.cache_key)
             events.append(self._internal_error(a.id, e))
         self.gen.close()
         self.gen = self._new_generator()
