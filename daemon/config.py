@@ -96,6 +96,9 @@ class PrefixCache(_Strict):
     memory_budget: Size = parse_size("1GiB")
     disk_budget: Size = parse_size("8GiB")
     kv_bits: Optional[Literal[4, 8]] = Field(None, description="Quantize stored KV entries; null keeps them exact.")
+    write_buffer: Size = Field(parse_size("512MiB"), description=(
+        "KV bytes waiting for the disk writer at most; past it a finished request's entry is not written "
+        "(counted as dropped_writes), so a slow disk never holds more memory than this."))
 
 
 def _tool_parsers() -> Optional[set[str]]:
@@ -186,6 +189,11 @@ class Server(_Strict):
     worker_hang_timeout: float = Field(120.0, gt=0, description="A worker silent this long (no step, no stats) is restarted.")
     worker_stop_timeout: float = Field(60.0, gt=0, description="Seconds a stopping worker may take to flush its prefix cache before it is killed.")
     console: bool = Field(True, description="Serve the web console at / and /ui/ (the model actions API stays on).")
+    cache_disk_budget: Optional[Size] = Field(None, description=(
+        "Disk all prefix caches may use together (every model's namespace under cache_dir/prefix); "
+        "the least recently used entries of any namespace go first. Null: only each model's disk_budget."))
+    cache_orphan_ttl: float = Field(7 * 86400.0, gt=0, description=(
+        "Seconds after which the prefix cache of a model no worker uses any more is removed."))
 
     @property
     def resolved_cache_dir(self) -> Path:

@@ -128,11 +128,13 @@ class _WorkerCollector:
             ("model_state", "1 for the model's current state.", ["model", "state"]),
             ("model_memory_bytes", "MLX memory in use by the model's worker.", ["model"]),
             ("prefix_cache_bytes", "Prefix-cache bytes per tier.", ["model", "tier"]),
+            ("prefix_cache_write_queue_bytes", "KV bytes waiting for the prefix cache's disk writer.", ["model"]),
         )}
         c = {name: CounterMetricFamily(P + name, doc, labels=["model"]) for name, doc in (
             ("prefix_cache_evictions", "Prefix-cache entries evicted (memory and disk)."),
             ("prefix_cache_corrupt", "Prefix-cache files found corrupt and discarded."),
             ("prefix_cache_disk_errors", "Prefix-cache entries not written (disk full, unwritable directory)."),
+            ("prefix_cache_dropped_writes", "Prefix-cache entries not written because the write queue was full."),
         )}
         for h in self.sup.handles.values():
             s = h.stats if h.state == "ready" else {}
@@ -144,10 +146,12 @@ class _WorkerCollector:
             g["model_memory_bytes"].add_metric([h.name], s.get("memory_bytes", 0))
             g["prefix_cache_bytes"].add_metric([h.name, "memory"], (cache.get("memory") or {}).get("bytes", 0))
             g["prefix_cache_bytes"].add_metric([h.name, "disk"], (cache.get("disk") or {}).get("bytes", 0))
+            g["prefix_cache_write_queue_bytes"].add_metric([h.name], (cache.get("disk") or {}).get("queue_bytes", 0))
             totals = h.cache_counters()
             c["prefix_cache_evictions"].add_metric([h.name], totals["evictions"])
             c["prefix_cache_corrupt"].add_metric([h.name], totals["corrupt"])
             c["prefix_cache_disk_errors"].add_metric([h.name], totals["disk_errors"])
+            c["prefix_cache_dropped_writes"].add_metric([h.name], totals["dropped_writes"])
         yield from g.values()
         yield from c.values()
 
@@ -156,4 +160,5 @@ def cache_counter_values(cache: dict) -> dict:
     """The cumulative counters of one worker's cache stats, as the collector names them."""
     disk = cache.get("disk") or {}
     return {"evictions": cache.get("memory_evictions", 0) + disk.get("evictions", 0),
-            "corrupt": disk.get("corrupt", 0), "disk_errors": disk.get("write_errors", 0)}
+            "corrupt": disk.get("corrupt", 0), "disk_errors": disk.get("write_errors", 0),
+            "dropped_writes": disk.get("dropped_writes", 0)}

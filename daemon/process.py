@@ -54,9 +54,10 @@ def worker_env() -> dict[str, str]:
 
 
 class WorkerProcess:
-    def __init__(self, cfg: ModelConfig, cache_dir: Path):
+    def __init__(self, cfg: ModelConfig, cache_dir: Path, server=None):
         self.cfg = cfg
         self.cache_dir = cache_dir
+        self.server = server            # config.Server: the prefix cache's directory-wide settings
         self.proc: Optional[asyncio.subprocess.Process] = None
         self.info: dict = {}
         self._writer: Optional[asyncio.StreamWriter] = None
@@ -84,6 +85,7 @@ class WorkerProcess:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "daemon.worker", "--fd", str(child.fileno()),
                 "--model", json.dumps(self.cfg.model_dump(mode="json")), "--cache-dir", str(self.cache_dir),
+                *self._cache_args(),
                 pass_fds=(child.fileno(),), env=worker_env(), stdin=asyncio.subprocess.DEVNULL,
                 start_new_session=True)
         finally:
@@ -97,7 +99,24 @@ class WorkerProcess:
             raise WorkerGone(f"model {self.cfg.name!r} did not load within {timeout:.0f}s") from None
         return self.info
 
+    def _cache_args(self) -> list[str]:
+        if self.server is None:
+            return []
+        out = ["--cache-orphan-ttl", str(self.server.cache_orphan_ttl)]
+        if self.server.cache_disk_budget is not None:
+            out += ["--cache-disk-budget", str(self.server.cache_disk_budget)]
+        return out
+
     async def _read(self, reader: asyncio.StreamReader) -> None:
+        try:
+            await self._dispatch(reader)
+        except Exception as e:     # a frame we cannot read: nothing after it can be trusted
+            log.error("protocol error from the worker for model %s (pid %s): %s; killing it",
+                      self.cfg.name, self.pid, e)
+            await self.kill(f"the worker for model {self.cfg.name!r} was killed after a protocol error: {e}")
+        await self._exited()
+
+    async def _dispatch(self, reader: asyncio.StreamReader) -> None:
         while (msg := await read_frame(reader)) is not None:
             self.last_frame = time.monotonic()
             op = msg["op"]
@@ -111,6 +130,9 @@ class WorkerProcess:
                     fut.set_result(msg)
             elif (q := self._streams.get(msg.get("id"))) is not None:
                 q.put_nowait(msg)
+
+    async def _exited(self) -> None:
+        """The worker is gone (or was killed): every waiter learns why, at once."""
         code = await self.proc.wait() if self.proc else None
         why = f"the worker for model {self.cfg.name!r} {_describe_exit(code)}"
         if self.exit_reason.startswith("the worker"):

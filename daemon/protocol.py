@@ -32,14 +32,18 @@ class SyncChannel:
         self._rfile = sock.makefile("rb")
 
     def recv(self) -> dict | None:
+        """The next frame; None when the daemon has gone. ValueError for a frame that breaks
+        the protocol (oversized, not a JSON object with an `op`): nothing after it can be trusted."""
         header = self._rfile.read(_HEADER.size)
         if len(header) < _HEADER.size:
             return None
         (n,) = _HEADER.unpack(header)
+        if n > MAX_FRAME:
+            raise ValueError(f"frame of {n} bytes (limit {MAX_FRAME})")
         body = self._rfile.read(n)
         if len(body) < n:
             return None
-        return json.loads(body)
+        return _decode(body)
 
     def send(self, msg: dict) -> None:
         self._sock.sendall(encode(msg))
@@ -49,13 +53,24 @@ class SyncChannel:
             self._sock.sendall(b"".join(encode(m) for m in msgs))
 
 
+def _decode(body: bytes) -> dict:
+    try:
+        msg = json.loads(body)
+    except ValueError as e:      # bad JSON or bad UTF-8
+        raise ValueError(f"frame is not JSON ({e})") from None
+    if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):
+        raise ValueError("frame is not an object with an 'op'")
+    return msg
+
+
 async def read_frame(reader: asyncio.StreamReader) -> dict | None:
-    """The daemon's side; None when the worker has gone."""
+    """The daemon's side; None when the worker has gone, ValueError for a frame that breaks the protocol."""
     try:
         header = await reader.readexactly(_HEADER.size)
         (n,) = _HEADER.unpack(header)
         if n > MAX_FRAME:
-            raise ValueError(f"frame of {n} bytes")
-        return json.loads(await reader.readexactly(n))
+            raise ValueError(f"frame of {n} bytes (limit {MAX_FRAME})")
+        body = await reader.readexactly(n)
     except (asyncio.IncompleteReadError, ConnectionError):
         return None
+    return _decode(body)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import time
+from concurrent.futures import Future
+from pathlib import Path
 
 import mlx.core as mx
 import pytest
@@ -30,7 +33,7 @@ def prefill(model, tokens, cache):
 
 
 def new_cache(model, tmp_path, **kw):
-    return PrefixCache(model, fingerprint="f" * 64, root=tmp_path, memory_budget=1 << 30,
+    return PrefixCache(model, fingerprint="f" * 64, root=tmp_path, memory_budget=kw.pop("memory_budget", 1 << 30),
                        disk_budget=kw.pop("disk_budget", 1 << 30), **kw)
 
 
@@ -108,6 +111,7 @@ def test_two_workers_sharing_a_namespace_do_not_spoil_each_other(model, tmp_path
 
     entry = sum(r["size"] for r in first.disk.records.values())
     first.clear()                                        # deletes the entry second indexed at start
+    first.disk.flush()                                   # (its files go on the writer thread)
     cache, n, _ = second.fetch(TOKENS + [7])
     assert (cache, n) == (None, 0)
     assert second.stats()["disk"]["corrupt"] == 0 and second.stats()["disk"]["entries"] == 0
@@ -131,3 +135,143 @@ def test_block_hashes_chain():
     a = block_hashes(list(range(3 * BLOCK + 5)))
     b = block_hashes(list(range(2 * BLOCK)) + [0] * BLOCK)
     assert len(a) == 3 and a[:2] == b[:2] and a[2] != b[2]
+
+
+def test_an_entry_larger_than_the_memory_budget_is_served_from_disk(model, tmp_path):
+    """It used to be evicted (and unindexed) by its own store, then crash the worker on promotion."""
+    pc = new_cache(model, tmp_path, memory_budget=1000)
+    turn1, turn2 = TOKENS, TOKENS + list(range(300, 340))
+    pc.store(turn1, prefill(model, turn1, make_prompt_cache(model)))
+    cache, n, tier = pc.fetch(turn1 + [5])
+    assert (n, tier) == (len(turn1), "disk") and cache[0].offset == len(turn1)
+    pc.store(turn2, prefill(model, turn2, make_prompt_cache(model)))     # supersedes turn 1
+    pc.close()
+    again = new_cache(model, tmp_path, memory_budget=1000)
+    for probe, want in ((turn2 + [5], len(turn2)), (turn1 + [9], len(turn1))):   # whole, and trimmed
+        cache, n, tier = again.fetch(probe)
+        assert (n, tier) == (want, "disk") and all(c.offset == want for c in cache)
+    s = again.stats()
+    assert s["memory"]["bytes"] == 0 and s["disk"]["entries"] == 1 and s["too_large_for_memory"] == 2
+    again.close()
+
+
+def test_a_disk_hit_is_read_off_the_calling_thread(model, tmp_path):
+    pc = new_cache(model, tmp_path)
+    pc.store(TOKENS, prefill(model, TOKENS, make_prompt_cache(model)))
+    pc.close()
+    again = new_cache(model, tmp_path)
+    fut = again.fetch_nowait(TOKENS + [1])
+    assert isinstance(fut, Future) and again.stats()["queries"] == 0    # counted once, when served
+    fut.result(timeout=60)
+    cache, n, tier = again.fetch_nowait(TOKENS + [1])
+    assert (n, tier) == (len(TOKENS), "disk") and cache[0].offset == len(TOKENS)
+    assert again.fetch_nowait(TOKENS + [2])[2] == "memory"               # promoted
+    s = again.stats()
+    assert s["queries"] == 2 and s["disk"]["loads"] == 1 and not again.reads
+    again.close()
+
+
+def test_the_write_queue_is_bounded_in_bytes(model, tmp_path):
+    """Past `write_buffer` queued bytes an entry is not written (counted); it is still served from
+    memory, and the disk entries it would have superseded stay."""
+    pc = new_cache(model, tmp_path, write_buffer=1)
+    convs = [[i] + TOKENS for i in (1, 2, 3)]
+    caches = [prefill(model, t, make_prompt_cache(model)) for t in convs]
+    for t, c in zip(convs, caches):      # back to back: the first is still being written (fsync)
+        pc.store(t, c)
+    s = pc.stats()["disk"]
+    assert s["dropped_writes"] == 2 and 0 < s["queue_bytes"] <= sum(c.nbytes for c in caches[0])
+    assert all(pc.fetch(t + [7])[2] == "memory" for t in convs)
+    pc.disk.flush()
+    assert pc.stats()["disk"]["entries"] == 1 and pc.stats()["disk"]["queue_bytes"] == 0
+    # A dropped write supersedes nothing: the durable first turn stays findable on disk.
+    longer = convs[0] + [400, 401, 402]
+    pc.disk.write_buffer = 1
+    pc.disk.queued_bytes += 10 ** 12     # the queue is full (as if a slow disk lagged far behind)
+    pc.store(longer, prefill(model, longer, make_prompt_cache(model)))
+    pc.disk.queued_bytes -= 10 ** 12
+    assert pc.stats()["disk"]["dropped_writes"] == 3 and pc.stats()["disk"]["entries"] == 1
+    pc.close()
+
+
+def test_the_namespace_names_the_mlx_and_mlx_lm_versions(model, tmp_path):
+    import mlx_lm
+    pc = new_cache(model, tmp_path)
+    assert f"mlx{mx.__version__}" in pc.disk.dir.name and f"lm{mlx_lm.__version__}" in pc.disk.dir.name
+    pc.close()
+
+
+def test_one_disk_budget_over_every_namespace(model, tmp_path):
+    """`server.cache_disk_budget`: least recently used entries of any model go first."""
+    a = new_cache(model, tmp_path)
+    b = PrefixCache(model, fingerprint="e" * 64, root=tmp_path, memory_budget=1 << 30, disk_budget=1 << 30)
+    toks = [[i] + TOKENS for i in range(4)]
+    a.store(toks[0], prefill(model, toks[0], make_prompt_cache(model)))
+    a.disk.flush()
+    entry = sum(r["size"] for r in a.disk.records.values())
+    a.disk.total_budget = b.disk.total_budget = int(2.5 * entry)
+    b.store(toks[1], prefill(model, toks[1], make_prompt_cache(model)))
+    b.disk.flush()
+    a.fetch(toks[0] + [5])             # a's entry is used again: b's is now the oldest
+    time.sleep(0.01)
+    a.store(toks[2], prefill(model, toks[2], make_prompt_cache(model)))
+    a.disk.flush()
+    files = list(tmp_path.glob("*/*.safetensors"))
+    assert sum(f.stat().st_size for f in files) <= a.disk.total_budget
+    assert {f.parent for f in files} == {a.disk.dir} and len(files) == 2   # b's went, though b was under its own budget
+    key = next(iter(b.disk.records))
+    assert b.disk.load(key) is None and b.stats()["disk"]["corrupt"] == 0   # gone, not corrupt
+    a.close()
+    b.close()
+
+
+def test_orphan_sweep_spares_live_namespaces_and_honours_its_ttl(model, tmp_path):
+    live = new_cache(model, tmp_path)               # a worker idle for long: its namespace looks old
+    old = time.time() - 3600
+    orphan = tmp_path / ("0" * 32)
+    orphan.mkdir()
+    (orphan / "x.safetensors").write_bytes(b"x")
+    young = tmp_path / ("1" * 32)
+    young.mkdir()
+    for d in (live.disk.dir, orphan):
+        os.utime(d, (old, old))
+    other = PrefixCache(model, fingerprint="e" * 64, root=tmp_path, memory_budget=1 << 30,
+                        disk_budget=1 << 30, orphan_ttl=600)
+    assert not orphan.exists() and young.exists() and live.disk.dir.exists()
+    assert other.disk.usable and live.disk.usable
+    other.close()
+    live.close()
+
+
+def _sweep(root: str, n: int) -> bool:
+    from daemon.worker.disk_cache import DiskTier
+    tier = DiskTier(Path(root), f"ns-{os.getpid()}", 1 << 20, orphan_ttl=60)
+    ok = tier.usable
+    tier.close()
+    return ok
+
+
+def test_workers_sweeping_orphans_together_keep_their_disk_tier(tmp_path):
+    """Two workers starting at once used to race (one's rmtree under the other's stat) and
+    turn their disk tier off."""
+    old = time.time() - 3600
+    for round_ in range(10):
+        for i in range(60):
+            d = tmp_path / f"orphan-{round_}-{i}"
+            d.mkdir()
+            for j in range(5):
+                (d / f"{j}.safetensors").write_bytes(b"x")
+            os.utime(d, (old, old))
+        with multiprocessing.get_context("fork").Pool(2) as pool:
+            assert all(pool.starmap(_sweep, [(str(tmp_path), i) for i in range(2)])), f"round {round_}"
+
+
+def test_close_is_bounded(model, tmp_path, caplog):
+    pc = new_cache(model, tmp_path)
+    for i in range(3):
+        toks = [i] + TOKENS
+        pc.store(toks, prefill(model, toks, make_prompt_cache(model)))
+    with caplog.at_level("WARNING", logger="mlxd.prefix_cache"):
+        pc.disk.close(timeout=0)
+    assert "were not written" in caplog.text
+    pc.disk.thread.join(60)

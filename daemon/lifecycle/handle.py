@@ -58,7 +58,7 @@ class ModelHandle:
         self.metrics = metrics
         metrics.model_added(cfg.name)
         self.stats: dict = {}
-        self._counter_base = {"evictions": 0, "corrupt": 0, "disk_errors": 0}
+        self._counter_base = dict.fromkeys(cache_counter_values({}), 0)
         self.state = "stopped"
         self._changed = asyncio.Event()     # set (and replaced) at every transition
         self._stop_wanted = asyncio.Event()
@@ -177,7 +177,7 @@ class ModelHandle:
             if self.state == "restarting":
                 self._transition("loading")
             self.starts += 1
-            worker = WorkerProcess(self.cfg, self.server.resolved_cache_dir)
+            worker = WorkerProcess(self.cfg, self.server.resolved_cache_dir, self.server)
             self.worker = worker
             spawned = time.monotonic()
             starting = asyncio.ensure_future(worker.start(self.server.worker_start_timeout))

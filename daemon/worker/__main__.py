@@ -19,6 +19,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
+from typing import Optional
 
 from ..config import ModelConfig
 from ..protocol import SyncChannel
@@ -27,9 +28,12 @@ log = logging.getLogger("mlxd.worker")
 
 
 def _reader(chan: SyncChannel, inbox: queue.Queue) -> None:
+    """Frames into the inbox; None (shut down) when the daemon's end closes or breaks the protocol."""
     try:
         while (msg := chan.recv()) is not None:
             inbox.put(msg)
+    except Exception as e:
+        log.error("protocol error from the daemon (%s); exiting", e)
     finally:
         inbox.put(None)
 
@@ -51,7 +55,7 @@ def tokenizer_config(cfg: ModelConfig) -> dict:
     return out
 
 
-def load(cfg: ModelConfig, cache_dir):
+def load(cfg: ModelConfig, cache_dir, *, total_disk_budget=None, orphan_ttl=7 * 86400.0):
     """Resolve the source, load weights, build the engine; returns (engine, info)."""
     import mlx.core as mx
     from mlx_lm import load as mlx_load
@@ -73,7 +77,8 @@ def load(cfg: ModelConfig, cache_dir):
         prefix_cache = PrefixCache(
             model, fingerprint=resolved.fingerprint, root=cache_dir / "prefix",
             memory_budget=cfg.prefix_cache.memory_budget, disk_budget=cfg.prefix_cache.disk_budget,
-            kv_bits=cfg.prefix_cache.kv_bits)
+            kv_bits=cfg.prefix_cache.kv_bits, write_buffer=cfg.prefix_cache.write_buffer,
+            total_disk_budget=total_disk_budget, orphan_ttl=orphan_ttl)
     engine = Engine(
         model, tokenizer,
         max_batch_size=cfg.engine.max_batch_size, prefill_batch_size=cfg.engine.prefill_batch_size,
@@ -93,16 +98,41 @@ def stats(engine) -> dict:
     import mlx.core as mx
 
     out = {"running": engine.running, "waiting": engine.waiting,
-           "memory_bytes": mx.get_active_memory(), "peak_memory_bytes": mx.get_peak_memory()}
+           "memory_bytes": mx.get_active_memory(), "peak_memory_bytes": mx.get_peak_memory(),
+           "internal_errors": engine.internal_errors, "batch_resets": engine.batch_resets}
     if engine.prefix_cache is not None:
         out["cache"] = engine.prefix_cache.stats()
     return out
 
 
-def serve(chan: SyncChannel, engine) -> None:
-    from .engine import RequestError
+def handle(engine, msg: dict) -> Optional[dict]:
+    """One frame from the daemon; its reply, if any."""
+    from .engine import RequestError, internal_error
 
+    op = msg["op"]
+    try:
+        if op == "submit":
+            return engine.submit(msg)
+        if op == "cancel":
+            return engine.cancel(msg["id"])
+        if op == "stats":
+            return {"op": "stats", "seq": msg.get("seq"), **stats(engine)}
+        if op == "cache_clear":
+            n = engine.prefix_cache.clear() if engine.prefix_cache is not None else 0
+            return {"op": "cache_cleared", "seq": msg.get("seq"), "entries": n}
+    except RequestError as e:
+        return {"op": "error", "id": msg.get("id"), "message": str(e), "code": e.code, "param": e.param, "status": 400}
+    except Exception as e:   # a bug or a bad cache entry: that request fails, the worker goes on
+        log.exception("%s failed", op)
+        engine.internal_errors += 1
+        if op == "submit":
+            return internal_error(msg.get("id"), e)
+    return None
+
+
+def serve(chan: SyncChannel, engine) -> None:
     inbox: queue.Queue = queue.Queue()
+    engine.wake = lambda: inbox.put({"op": "wake"})      # a disk read for a parked request is done
     threading.Thread(target=_reader, args=(chan, inbox), daemon=True).start()
     while True:
         msgs = []
@@ -115,30 +145,21 @@ def serve(chan: SyncChannel, engine) -> None:
         out: list[dict] = []
         for msg in msgs:
             if msg is None or msg["op"] == "shutdown":
-                for rid in list(engine.uid_of):
+                for rid in [*engine.uid_of, *engine.parked]:
                     out.append(engine.cancel(rid))
                 chan.send_many(out)
                 if engine.prefix_cache is not None:
                     engine.prefix_cache.close()
                 return
-            op = msg["op"]
-            try:
-                if op == "submit":
-                    out.append(engine.submit(msg))
-                elif op == "cancel":
-                    if (ev := engine.cancel(msg["id"])) is not None:
-                        out.append(ev)
-                elif op == "stats":
-                    out.append({"op": "stats", "seq": msg.get("seq"), **stats(engine)})
-                elif op == "cache_clear":
-                    n = engine.prefix_cache.clear() if engine.prefix_cache is not None else 0
-                    out.append({"op": "cache_cleared", "seq": msg.get("seq"), "entries": n})
-            except RequestError as e:
-                out.append({"op": "error", "id": msg.get("id"), "message": str(e), "code": e.code,
-                            "param": e.param, "status": 400})
+            if (reply := handle(engine, msg)) is not None:
+                out.append(reply)
         chan.send_many(out)
         if engine.busy:
-            chan.send_many(engine.step())
+            try:
+                events = engine.step()
+            except Exception as e:      # step guards each request; this is the last resort
+                events = engine.reset(e)
+            chan.send_many(events)
 
 
 def main(argv=None) -> int:
@@ -146,13 +167,16 @@ def main(argv=None) -> int:
     p.add_argument("--fd", type=int, required=True)
     p.add_argument("--model", required=True, help="the model's config entry as JSON")
     p.add_argument("--cache-dir", required=True)
+    p.add_argument("--cache-disk-budget", type=int, help="bytes for every prefix cache under cache-dir together")
+    p.add_argument("--cache-orphan-ttl", type=float, default=7 * 86400.0)
     args = p.parse_args(argv)
     logging.basicConfig(level=os.environ.get("MLXD_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     cfg = ModelConfig.model_validate(json.loads(args.model))
     chan = SyncChannel(socket.socket(fileno=args.fd))
     try:
-        engine, info = load(cfg, Path(args.cache_dir))
+        engine, info = load(cfg, Path(args.cache_dir), total_disk_budget=args.cache_disk_budget,
+                            orphan_ttl=args.cache_orphan_ttl)
     except Exception as e:
         traceback.print_exc()
         chan.send({"op": "fatal", "message": f"{type(e).__name__}: {e}"})

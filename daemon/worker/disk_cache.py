@@ -8,9 +8,17 @@ Why this shape:
   place. An entry without a valid record does not exist, so a kill at any moment leaves
   nothing that loads wrong; a bit flip or truncation fails the CRC and the entry is
   discarded and counted, never served.
-- Entries live under a namespace directory named by the model fingerprint, so different
-  weights never read each other's KV. Namespaces of models no longer served age out.
-- Start-up reads only the small records, never the tensors.
+- Entries live under a namespace directory named by the model fingerprint (and the mlx and
+  mlx-lm versions), so different weights never read each other's KV. Namespaces of models
+  no longer served age out after `orphan_ttl`; an optional budget over the whole directory
+  evicts the least recently used entries of any namespace.
+- Start-up reads only the small records, never the tensors. A promotion reads a file once:
+  the bytes are checksummed and parsed from memory, on the caller's thread (the prefix
+  cache's loader thread), never the engine's.
+- The queue of writes is bounded in bytes (the memory tier no longer counts an entry once
+  it is evicted, but the queue still holds its arrays): past the bound an entry is not
+  written, and counted. Dropping beats back-pressure here: waiting for the disk would stall
+  every decoding stream, while a dropped entry costs only a recomputation, later.
 - Two workers can share a namespace (two configured models with the same weights, or a
   replacement worker starting beside the one it replaces), so start-up removes only
   leftovers that no live writer can still finish: temp files of dead processes and files
@@ -20,6 +28,9 @@ Why this shape:
 from __future__ import annotations
 
 import base64
+import copy
+import fcntl
+import io
 import json
 import logging
 import os
@@ -28,6 +39,7 @@ import shutil
 import threading
 import time
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -38,6 +50,7 @@ log = logging.getLogger("mlxd.prefix_cache")
 
 _SUFFIX = ".safetensors"
 RECORD_GRACE = 300.0     # a file without its record for this long was cut mid-write
+CLOSE_TIMEOUT = 20.0     # well within the daemon's stop timeout: a slow disk loses the queue, not the shutdown
 
 
 def _alive(pid: int) -> bool:
@@ -67,6 +80,13 @@ def _crc32(path: Path) -> int:
     return crc
 
 
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0        # vanished meanwhile (evicted, renamed, cleared by another worker)
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -89,42 +109,102 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+@dataclass
+class _Write:
+    key: str
+    tokens: np.ndarray
+    cache: list
+    meta: dict
+    supersedes: list[str]
+    nbytes: int
+    generation: int
+
+
 class DiskTier:
-    def __init__(self, root: Path, namespace: str, budget: int, *, orphan_ttl: float):
+    def __init__(self, root: Path, namespace: str, budget: int, *, orphan_ttl: float,
+                 total_budget: Optional[int] = None, write_buffer: int = 512 << 20):
         self.root = root
         self.dir = root / namespace
         self.budget = budget
+        self.total_budget = total_budget          # over every namespace under root
+        self.write_buffer = write_buffer
         self.records: dict[str, dict] = {}
         self.lock = threading.Lock()
-        self.counters = {"writes": 0, "write_errors": 0, "evictions": 0, "superseded": 0, "corrupt": 0, "loads": 0}
+        self.counters = {"writes": 0, "write_errors": 0, "dropped_writes": 0, "evictions": 0, "superseded": 0,
+                         "corrupt": 0, "loads": 0}
         self.queue: queue.Queue = queue.Queue()
+        self.pending: dict[str, _Write] = {}     # queued or being written: readable before they land
+        self.queued_bytes = 0
+        self.generation = 0                      # bumped by clear(): writes queued before it are void
         self.usable = True
+        self._lock_fd: Optional[int] = None
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            os.utime(self.dir)
-            self._age_out_orphans(orphan_ttl)
+            self._claim()
         except OSError as e:
             log.error("prefix cache directory %s is unusable (%s); the disk tier is off", self.dir, e)
             self.usable = False
+        else:
+            self._age_out_orphans(orphan_ttl)
         self.thread = threading.Thread(target=self._writer, name="prefix-cache-writer", daemon=True)
         self.thread.start()
 
     # -- start-up -----------------------------------------------------------------------
 
+    def _claim(self) -> None:
+        """Create the namespace and hold a shared lock on it for life, so another worker's
+        orphan sweep never removes a namespace in use, however long it sat idle. A sweep that
+        removed the directory just before we locked it leaves us a lock on a deleted file:
+        then start over."""
+        for _ in range(5):
+            self.dir.mkdir(parents=True, exist_ok=True)
+            lock = self.dir / ".lock"
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(lock))
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._lock_fd = fd
+                os.utime(self.dir)
+                return
+            os.close(fd)
+        raise OSError(f"{self.dir} keeps vanishing")
+
     def _age_out_orphans(self, ttl: float) -> None:
-        """Namespaces untouched for `ttl` belong to models no longer served: remove them."""
+        """Namespaces untouched for `ttl` and not locked by a live worker belong to models no
+        longer served: remove them. Workers starting together sweep at the same time, so
+        whatever vanishes meanwhile is simply gone, never an error."""
         now = time.time()
-        for d in self.root.iterdir():
-            if d.is_dir() and d != self.dir and now - d.stat().st_mtime > ttl:
-                log.info("removing prefix cache of a model not served for %.0f days: %s", ttl / 86400, d)
+        try:
+            dirs = list(self.root.iterdir())
+        except OSError as e:
+            log.warning("cannot list %s to age out old prefix caches: %s", self.root, e)
+            return
+        for d in dirs:
+            try:
+                if d == self.dir or d.is_symlink() or not d.is_dir() or now - d.stat().st_mtime <= ttl:
+                    continue
+                fd = os.open(d / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError:
+                continue            # removed by another sweep meanwhile
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                continue            # a live worker holds it
+            try:
+                log.info("removing prefix cache of a model not served for %.1f days: %s", ttl / 86400, d)
                 shutil.rmtree(d, ignore_errors=True)
+            finally:
+                os.close(fd)
 
     def load_index(self) -> list[dict]:
         """Read every entry's record (not its tensors); drop leftovers of interrupted writes."""
         if not self.usable:
             return []
         metas = []
-        for p in self.dir.iterdir():
+        for p in self._listdir(self.dir):
             name = p.name
             if ".tmp" in name:
                 if _stale_tmp(name):
@@ -136,6 +216,8 @@ class DiskTier:
                     if key != name.removesuffix(".json") or not (self.dir / f"{key}{_SUFFIX}").exists():
                         raise ValueError("record without its file")
                     meta["mtime"] = p.stat().st_mtime
+                except FileNotFoundError:
+                    continue                  # evicted by another worker meanwhile
                 except (OSError, ValueError, KeyError, TypeError):
                     self._discard(name.removesuffix(".json"), corrupt=True)
                     continue
@@ -152,12 +234,31 @@ class DiskTier:
             self.records = {m["key"]: m for m in metas}
         return metas
 
+    @staticmethod
+    def _listdir(d: Path) -> list[Path]:
+        try:
+            return list(d.iterdir())
+        except OSError:
+            return []
+
     # -- writes (behind the request) ------------------------------------------------------
 
-    def write(self, key: str, tokens: np.ndarray, cache: list, meta: dict, supersedes: list[str] = ()) -> None:
-        """Queue an entry; the entries it `supersedes` are removed once it is durable."""
-        if self.usable:
-            self.queue.put((key, tokens, cache, meta, list(supersedes)))
+    def write(self, key: str, tokens: np.ndarray, cache: list, meta: dict, supersedes: list[str] = ()) -> bool:
+        """Queue an entry; the entries it `supersedes` are removed once it is durable. False
+        when it will not be written: the tier is off, or `write_buffer` bytes are queued
+        already (an entry alone in the queue is taken whatever its size)."""
+        if not self.usable:
+            return False
+        nbytes = sum(c.nbytes for c in cache)
+        with self.lock:
+            if self.queued_bytes and self.queued_bytes + nbytes > self.write_buffer:
+                self.counters["dropped_writes"] += 1
+                return False
+            item = _Write(key, tokens, cache, meta, list(supersedes), nbytes, self.generation)
+            self.queued_bytes += nbytes
+            self.pending[key] = item
+        self.queue.put(item)
+        return True
 
     def supersede(self, keys: list[str]) -> None:
         for key in keys:
@@ -167,20 +268,34 @@ class DiskTier:
     def _writer(self) -> None:
         while (item := self.queue.get()) is not None:
             try:
-                self._write(*item)
+                if isinstance(item, _Write):
+                    self._write(item)
+                else:
+                    for key in item:          # clear(): the files of entries already forgotten
+                        self._discard(key)
             except Exception as e:  # disk full, read-only, vanished directory: drop the entry
                 self.counters["write_errors"] += 1
                 log.warning("prefix cache entry not written (%s); serving goes on", e)
-                for p in self.dir.glob(f"{item[0]}*"):
-                    p.unlink(missing_ok=True)
+                if isinstance(item, _Write):
+                    for p in self.dir.glob(f"{item.key}*"):
+                        p.unlink(missing_ok=True)
             finally:
+                if isinstance(item, _Write):
+                    with self.lock:
+                        self.queued_bytes -= item.nbytes
+                        if self.pending.get(item.key) is item:
+                            del self.pending[item.key]
                 self.queue.task_done()
         self.queue.task_done()
 
-    def _write(self, key: str, tokens: np.ndarray, cache: list, meta: dict, supersedes: list[str]) -> None:
+    def _write(self, item: _Write) -> None:
+        if item.generation != self.generation:
+            return                                # cleared while queued
+        key, tokens = item.key, item.tokens
         path = self.dir / f"{key}{_SUFFIX}"
         tmp = self.dir / f"{key}.tmp.{os.getpid()}{_SUFFIX}"
-        save_prompt_cache(str(tmp), cache, metadata={
+        self._enforce_budget(incoming=item.nbytes)     # room first: the temp file counts too
+        save_prompt_cache(str(tmp), item.cache, metadata={
             "key": key, "tokens": base64.b64encode(tokens.astype("<i4").tobytes()).decode()})
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -188,57 +303,87 @@ class DiskTier:
         crc = _crc32(tmp)
         os.replace(tmp, path)
         record = {"key": key, "n_tokens": int(len(tokens)), "size": size, "crc32": crc,
-                  "created": time.time(), **meta}
+                  "created": time.time(), **item.meta}
         _write_atomic(self.dir / f"{key}.json", json.dumps(record).encode())
         _fsync_dir(self.dir)
         record["mtime"] = time.time()
         with self.lock:
-            self.records[key] = record
+            void = item.generation != self.generation
+            if not void:
+                self.records[key] = record
+        if void:                                  # cleared while being written
+            self._discard(key)
+            return
         self.counters["writes"] += 1
-        self.supersede(supersedes)
+        self.supersede(item.supersedes)
         self._enforce_budget()
 
-    def _enforce_budget(self) -> None:
-        """LRU down to the budget over the whole namespace: a twin worker's entries (same
-        weights) count too, so sizes and ages come from the directory, not only our records."""
-        entries = self._scan()
-        total = sum(size for size, _ in entries.values())
-        for key in sorted(entries, key=lambda k: entries[k][1]):
-            if total <= self.budget:
-                break
-            self._discard(key)
-            self.counters["evictions"] += 1
-            total -= entries[key][0]
+    def _enforce_budget(self, incoming: int = 0) -> None:
+        """LRU down to the budgets, leaving room for `incoming` bytes about to be written.
+        Sizes and ages come from the directory, not our records: a twin worker's entries (same
+        weights) count against the namespace's budget, every namespace's against the total,
+        and files still being written (ours or another's) count but are never evicted."""
+        for dirs, budget in (([self.dir], self.budget),
+                             ([d for d in self._listdir(self.root) if d.is_dir()], self.total_budget)):
+            if budget is None:
+                continue
+            entries, in_flight = self._scan(dirs)
+            total = in_flight + incoming + sum(size for size, _ in entries.values())
+            for d, key in sorted(entries, key=lambda k: entries[k][1]):
+                if total <= budget:
+                    break
+                self._discard(key, d=d)
+                self.counters["evictions"] += 1
+                total -= entries[(d, key)][0]
 
-    def _scan(self) -> dict[str, tuple[int, float]]:
-        """key -> (file size, last use) for every complete entry on disk."""
-        out = {}
-        for p in self.dir.glob("*.json"):
-            key = p.name.removesuffix(".json")
-            try:
-                out[key] = ((self.dir / f"{key}{_SUFFIX}").stat().st_size, p.stat().st_mtime)
-            except OSError:
-                continue      # mid-write or just evicted
-        return out
+    @staticmethod
+    def _scan(dirs: list[Path]) -> tuple[dict[tuple[Path, str], tuple[int, float]], int]:
+        """(dir, key) -> (file size, last use) for complete entries; bytes of files without a record."""
+        entries, in_flight = {}, 0
+        for d in dirs:
+            sizes, used = {}, {}
+            for p in DiskTier._listdir(d):
+                try:
+                    if p.name.endswith(".json") and ".tmp" not in p.name:
+                        used[p.name.removesuffix(".json")] = p.stat().st_mtime
+                    elif p.name.endswith(_SUFFIX):
+                        sizes[p.name.removesuffix(_SUFFIX)] = p.stat().st_size
+                except OSError:
+                    continue      # evicted or renamed meanwhile
+            for name, size in sizes.items():
+                if name in used:
+                    entries[(d, name)] = (size, used[name])
+                else:
+                    in_flight += size
+        return entries, in_flight
 
     # -- reads ------------------------------------------------------------------------
 
     def load(self, key: str) -> Optional[tuple[np.ndarray, list]]:
-        """The entry's tokens and cache, or None (and the entry is gone) if it fails its checks."""
+        """The entry's tokens and cache, or None (and the entry is gone) if it fails its checks.
+
+        Safe off the engine thread. The file is read once: its bytes are checked and then
+        parsed from memory (mx.load picks the format by the file-like object's name)."""
         with self.lock:
+            item = self.pending.get(key)
             record = self.records.get(key)
+        if item is not None:          # still queued for the disk: a copy of the queue's (the writer reads it)
+            return item.tokens, copy.deepcopy(item.cache)
         if record is None:
             return None     # evicted by the budget meanwhile
         path = self.dir / f"{key}{_SUFFIX}"
         try:
-            size = path.stat().st_size
-        except FileNotFoundError:     # evicted by another worker sharing this namespace
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:     # evicted by another worker sharing the directory
             self._discard(key)
             return None
         try:
-            if size != record["size"] or _crc32(path) != record["crc32"]:
+            if len(data) != record["size"] or zlib.crc32(data) != record["crc32"]:
                 raise ValueError("size or checksum mismatch")
-            cache, meta = load_prompt_cache(str(path), return_metadata=True)
+            buf = io.BytesIO(data)
+            buf.name = path.name
+            cache, meta = load_prompt_cache(buf, return_metadata=True)
             tokens = np.frombuffer(base64.b64decode(meta["tokens"]), dtype="<i4").astype(np.int32)
             if meta.get("key") != key or len(tokens) != record["n_tokens"]:
                 raise ValueError("file belongs to another entry")
@@ -261,14 +406,17 @@ class DiskTier:
         except OSError:
             pass
 
-    def _discard(self, key: str, corrupt: bool = False) -> None:
+    def _discard(self, key: str, corrupt: bool = False, d: Optional[Path] = None) -> None:
+        """Remove an entry, record first (an entry without one does not exist)."""
+        d = d or self.dir
         if corrupt:
             self.counters["corrupt"] += 1
-        with self.lock:
-            self.records.pop(key, None)
+        if d == self.dir:
+            with self.lock:
+                self.records.pop(key, None)
         for suffix in (".json", _SUFFIX):
             try:
-                (self.dir / f"{key}{suffix}").unlink()
+                (d / f"{key}{suffix}").unlink()
             except OSError:
                 pass
 
@@ -278,18 +426,31 @@ class DiskTier:
         self.queue.join()
 
     def clear(self) -> None:
-        self.flush()
+        """Forget every entry at once; their files go on the writer thread, so the engine never
+        waits for the disk. Writes still queued are void."""
         with self.lock:
+            self.generation += 1
             keys = list(self.records)
-        for key in keys:
-            self._discard(key)
+            self.records.clear()
+            self.pending.clear()
+        self.queue.put(keys)
 
     def stats(self) -> dict:
         with self.lock:
             return {"entries": len(self.records), "bytes": sum(r["size"] for r in self.records.values()),
-                    "budget": self.budget, "pending_writes": self.queue.unfinished_tasks, "usable": self.usable,
-                    **self.counters}
+                    "budget": self.budget, "total_budget": self.total_budget,
+                    "pending_writes": self.queue.unfinished_tasks, "queue_bytes": self.queued_bytes,
+                    "write_buffer": self.write_buffer, "usable": self.usable, **self.counters}
 
-    def close(self) -> None:
+    def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        """Finish the queued writes, for at most `timeout`; what is left is lost, and logged."""
         self.queue.put(None)
-        self.thread.join(timeout=60)
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            with self.lock:
+                n, nbytes = len(self.pending), self.queued_bytes
+            log.warning("prefix cache: %d entries (%.1f MB) still queued after %.0fs were not written",
+                        n, nbytes / 1e6, timeout)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None

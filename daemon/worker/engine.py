@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -39,10 +40,16 @@ class RequestError(Exception):
         self.code, self.param = code, param
 
 
+def internal_error(rid: Optional[str], e: BaseException) -> dict:
+    """The `error` frame for a failure of ours inside one request: a 500 the client can report."""
+    return Error(rid, f"internal error while serving this request ({type(e).__name__}: {e}); the model keeps serving",
+                 code="internal_error", status=500).wire()
+
+
 @dataclass
 class Active:
     id: str
-    uid: int
+    uid: Optional[int]          # None until it joins the batch
     prompt_tokens: int
     cached_tokens: int
     max_tokens: int
@@ -53,8 +60,19 @@ class Active:
     t_last: Optional[float] = None
     generated: int = 0
     cache_tier: Optional[str] = None
+    cache_key: Optional[str] = None
     itl: list = field(default_factory=list)
     top_logprobs: Optional[int] = None      # None: no logprobs asked for
+
+
+@dataclass
+class Parked:
+    """A request not in the batch yet: its cached prefix is being read from disk."""
+    active: Active
+    tokens: list[int]
+    sampler: Any
+    processors: Optional[list] = None
+    read: Any = None            # the prefix cache's Future for the read
 
 
 class Engine:
@@ -67,17 +85,16 @@ class Engine:
         self.default_max_tokens = default_max_tokens
         self.prefix_cache = prefix_cache
         self.eos = set(tokenizer.eos_token_ids)
-        self.gen = BatchGenerator(
-            model,
-            max_tokens=default_max_tokens,
-            stop_tokens=[[t] for t in sorted(self.eos)],
-            completion_batch_size=max_batch_size,
-            prefill_batch_size=min(prefill_batch_size, max_batch_size),
-            prefill_step_size=prefill_step_size,
-        )
+        self.max_batch_size, self.prefill_batch_size, self.prefill_step_size = \
+            max_batch_size, prefill_batch_size, prefill_step_size
+        self.gen = self._new_generator()
         self.active: dict[int, Active] = {}
         self.uid_of: dict[str, int] = {}
         self.decoding: set[int] = set()
+        self.parked: dict[str, Parked] = {}    # waiting for their cached prefix to be read from disk
+        self.wake = lambda: None               # called (from another thread) when a parked request can start
+        self.internal_errors = 0
+        self.batch_resets = 0
         # Output formats: the tokenizer's (mlx-lm infers them from the template and vocabulary,
         # the model's `tool_parser` config overrides), else the fallback tool format.
         self.native_tools = toolfmt.template_knows_tools(tokenizer)
@@ -93,6 +110,16 @@ class Engine:
         elif reasoning_parser == "none":
             self.think = None
         self._machines: dict[Markers, Any] = {}
+
+    def _new_generator(self) -> BatchGenerator:
+        return BatchGenerator(
+            self.model,
+            max_tokens=self.default_max_tokens,
+            stop_tokens=[[t] for t in sorted(self.eos)],
+            completion_batch_size=self.max_batch_size,
+            prefill_batch_size=min(self.prefill_batch_size, self.max_batch_size),
+            prefill_step_size=self.prefill_step_size,
+        )
 
     # -- requests ---------------------------------------------------------------------
 
@@ -181,8 +208,9 @@ class Engine:
         """The seam for grammar.py: a constraint becomes per-request logits processors."""
         return None
 
-    def submit(self, msg: dict) -> dict:
-        """Queue a request; returns its `started` event (usage known up front)."""
+    def submit(self, msg: dict) -> Optional[dict]:
+        """Queue a request; returns its `started` event (usage known up front), or None while
+        its cached prefix is read from disk (it starts at a later step, see `step`)."""
         rid = msg["id"]
         tokens, prompt_text = self.tokenize(msg)
         if not tokens:
@@ -198,22 +226,44 @@ class Engine:
         max_tokens = min(int(msg.get("max_tokens") or self.default_max_tokens), room)
         out = self.output(msg, prompt_text)
         processors = self.logits_processors(self.constraint(msg), tokens)
-        cache, n_cached, tier = (None, 0, None)
-        if self.prefix_cache is not None:
-            cache, n_cached, tier = self.prefix_cache.fetch(tokens)
         sampler = make_sampler(float(msg.get("temperature", 0.0)), float(msg.get("top_p", 1.0)), msg.get("seed"))
-        extra = {"logits_processors": [processors]} if processors else {}
-        (uid,) = self.gen.insert(
-            [tokens[n_cached:]], max_tokens=[max_tokens], caches=[cache],
-            all_tokens=[list(tokens[:n_cached])], samplers=[sampler], **extra)
-        self.active[uid] = Active(
-            id=rid, uid=uid, prompt_tokens=len(tokens), cached_tokens=n_cached, max_tokens=max_tokens,
-            out=out, t_submit=time.perf_counter(), cache_tier=tier,
-            top_logprobs=int(msg.get("top_logprobs") or 0) if msg.get("logprobs") else None)
-        self.uid_of[rid] = uid
-        return Started(rid, len(tokens), n_cached, max_tokens).wire()
+        a = Active(id=rid, uid=None, prompt_tokens=len(tokens), cached_tokens=0, max_tokens=max_tokens,
+                   out=out, t_submit=time.perf_counter(),
+                   top_logprobs=int(msg.get("top_logprobs") or 0) if msg.get("logprobs") else None)
+        return self._start(Parked(a, tokens, sampler, processors))
+
+    def _start(self, p: Parked) -> Optional[dict]:
+        """Insert a request into the batch on top of its cached prefix; park it (None) while
+        that prefix is read from disk, so the engine keeps stepping everyone else."""
+        cache, n_cached, tier = None, 0, None
+        if self.prefix_cache is not None:
+            got = self.prefix_cache.fetch_nowait(p.tokens)
+            if isinstance(got, Future):
+                p.read = got
+                self.parked[p.active.id] = p
+                got.add_done_callback(lambda _: self.wake())
+                return None
+            cache, n_cached, tier = got
+        a, tokens = p.active, p.tokens
+        a.cache_key = self.prefix_cache.last_key if tier else None
+        extra = {"logits_processors": [p.processors]} if p.processors else {}
+        try:
+            (uid,) = self.gen.insert(
+                [tokens[n_cached:]], max_tokens=[a.max_tokens], caches=[cache],
+                all_tokens=[list(tokens[:n_cached])], samplers=[p.sampler], **extra)
+        except Exception:
+            if a.cache_key:
+                self.prefix_cache.discard(a.cache_key)     # not trusted again
+            raise
+        a.uid, a.cached_tokens, a.cache_tier = uid, n_cached, tier
+        self.active[uid] = a
+        self.uid_of[a.id] = uid
+        return Started(a.id, len(tokens), n_cached, a.max_tokens).wire()
 
     def cancel(self, rid: str) -> Optional[dict]:
+        if (p := self.parked.pop(rid, None)) is not None:
+            self._abandon(p.read)
+            return self._done(p.active, "cancelled")
         uid = self.uid_of.get(rid)
         if uid is None:
             return None
@@ -224,7 +274,8 @@ class Engine:
 
     @property
     def busy(self) -> bool:
-        return bool(self.active)
+        """Work to do now: sequences in the batch, or parked ones whose disk read is done."""
+        return bool(self.active) or any(p.read.done() for p in self.parked.values())
 
     @property
     def running(self) -> int:
@@ -232,16 +283,23 @@ class Engine:
 
     @property
     def waiting(self) -> int:
-        return len(self.active) - len(self.decoding)
+        return len(self.active) - len(self.decoding) + len(self.parked)
 
     # -- the step loop ------------------------------------------------------------------
 
     def step(self) -> list[dict]:
-        """One engine step: a prefill chunk and/or one decoded token for every sequence."""
+        """One engine step: parked requests whose prefix is read join the batch, then a prefill
+        chunk and/or one decoded token for every sequence. A failure fails only the requests it
+        touched (the whole batch when the batch itself fails) and the engine goes on."""
+        events = self._unpark()
+        if not self.active:
+            return events
         t0 = time.perf_counter()
-        prompt_resps, gen_resps = self.gen.next()
+        try:
+            prompt_resps, gen_resps = self.gen.next()
+        except Exception as e:
+            return events + self.reset(e)
         now = time.perf_counter()
-        events: list[dict] = []
         for p in prompt_resps:
             a = self.active.get(p.uid)
             if a is None:
@@ -259,13 +317,12 @@ class Engine:
             try:
                 events.extend(self._advance(a, r, now))
             except Exception as e:    # a bug reading one request's output fails that request, not the worker
-                log.exception("request %s: output failed", a.id)
+                log.exception("request %s failed while handling its token", a.id)
                 if r.uid in self.active:
-                    with contextlib.suppress(Exception):
-                        self.gen.remove([r.uid])
                     self._forget(r.uid)
-                events.append(Error(a.id, f"reading the model's output failed: {type(e).__name__}: {e}",
-                                    code="output_error", status=500).wire())
+                with contextlib.suppress(Exception):
+                    self.gen.remove([r.uid])      # it may have left the batch already (finished)
+                events.append(self._internal_error(a.id, e))
         return events
 
     def _advance(self, a: Active, r, now: float) -> list[dict]:
@@ -294,6 +351,49 @@ class Engine:
             events.append(self._done(a, reason))
         return events
 
+    def _unpark(self) -> list[dict]:
+        events = []
+        for rid, p in list(self.parked.items()):
+            if not p.read.done():
+                continue
+            del self.parked[rid]
+            read = p.read
+            try:
+                if (ev := self._start(p)) is not None:
+                    events.append(ev)
+            except Exception as e:
+                log.exception("request %s failed to start", rid)
+                events.append(self._internal_error(rid, e))
+            self._abandon(read)       # a no-op when used; else (another entry won meanwhile) frees what it read
+        return events
+
+    def _abandon(self, read) -> None:
+        if self.prefix_cache is not None and not any(o.read is read for o in self.parked.values()):
+            self.prefix_cache.abandon(read)
+
+    def reset(self, e: Exception) -> list[dict]:
+        """The batch failed as a whole: fail its requests, start a fresh generator, and drop the
+        cache entries they started from (one of them may be what broke it)."""
+        log.error("engine step failed (%s: %s); failing the %d requests in the batch and resetting it",
+                  type(e).__name__, e, len(self.active), exc_info=e)
+        self.batch_resets += 1
+        events = []
+        for uid in list(self.active):
+            a = self._forget(uid)
+            if a.cache_key and self.prefix_cache is not None:
+                try:
+                    self.prefix_cache.discard(a.cache_key)
+                except Exception:
+                    log.exception("dropping prefix cache entry %s failed", a.cache_key)
+            events.append(self._internal_error(a.id, e))
+        self.gen.close()
+        self.gen = self._new_generator()
+        return events
+
+    def _internal_error(self, rid: str, e: Exception) -> dict:
+        self.internal_errors += 1
+        return internal_error(rid, e)
+
     # -- helpers --------------------------------------------------------------------------
 
     def _forget(self, uid: int) -> Active:
@@ -303,11 +403,16 @@ class Engine:
         return a
 
     def _store(self, cache_and_tokens) -> None:
+        """Best effort: the request's answer is complete, so a failure here costs only reuse."""
         if self.prefix_cache is None or not cache_and_tokens:
             return
         cache, tokens = cache_and_tokens
         if cache and tokens:
-            self.prefix_cache.store(list(tokens), cache)
+            try:
+                self.prefix_cache.store(list(tokens), cache)
+            except Exception:
+                self.prefix_cache.counters["store_errors"] += 1
+                log.exception("storing a finished request's cache failed; serving goes on")
 
     def _logprob(self, a: Active, r) -> Logprob:
         lp, top = r.logprobs, []

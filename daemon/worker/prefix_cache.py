@@ -9,7 +9,9 @@ whole and only when they are a strict prefix of the request, so output never cha
 
 The memory tier holds mlx-lm cache objects under an LRU byte budget; the disk tier
 (`disk_cache.DiskTier`) keeps every stored entry too, written behind the request, and is
-consulted when it knows a longer prefix than memory. A disk hit is promoted to memory.
+consulted when it knows a longer prefix than memory. A disk hit is promoted to memory,
+or served from disk alone when it is larger than the memory budget. The engine never reads
+the disk: `fetch_nowait` hands it a Future for the read, done on a loader thread.
 
 A trimmable entry serves every prefix of itself, so storing turn N of a conversation
 supersedes turns 1..N-1 in both tiers (on disk once turn N is durably written): a long chat
@@ -22,11 +24,13 @@ import copy
 import hashlib
 import logging
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
+import mlx_lm
 import numpy as np
 from mlx_lm.models.cache import KVCache, QuantizedKVCache, can_trim_prompt_cache, trim_prompt_cache
 
@@ -36,6 +40,12 @@ log = logging.getLogger("mlxd.prefix_cache")
 
 BLOCK = 32
 FORMAT_VERSION = 1
+
+
+def namespace(fingerprint: str, kv_bits: Optional[int]) -> str:
+    """The disk directory of a model's entries: its weights, the numerics that computed the KV
+    (mlx and mlx-lm versions: an upgrade may change them) and the entry format."""
+    return f"{fingerprint[:32]}-mlx{mx.__version__}-lm{mlx_lm.__version__}-kv{kv_bits or 'f'}-v{FORMAT_VERSION}"
 
 
 def block_hashes(tokens, n_blocks: Optional[int] = None) -> list[str]:
@@ -97,21 +107,25 @@ class Entry:
 
 class PrefixCache:
     def __init__(self, model, *, fingerprint: str, root: Path, memory_budget: int, disk_budget: int,
-                 kv_bits: Optional[int] = None, orphan_ttl: float = 7 * 86400):
+                 kv_bits: Optional[int] = None, orphan_ttl: float = 7 * 86400,
+                 total_disk_budget: Optional[int] = None, write_buffer: int = 512 << 20):
         self.model = model
         self.kv_bits = kv_bits
         self.memory_budget = memory_budget
-        namespace = f"{fingerprint[:32]}-kv{kv_bits or 'f'}-v{FORMAT_VERSION}"
         self.entries: dict[str, Entry] = {}
         self.by_block: dict[str, set[str]] = {}
         self.memory: OrderedDict[str, Entry] = OrderedDict()   # LRU order, oldest first
         self.memory_bytes = 0
         self.counters = {"queries": 0, "query_tokens": 0, "hits": 0, "hit_tokens": 0,
                          "memory_hit_tokens": 0, "disk_hit_tokens": 0, "misses": 0,
-                         "memory_evictions": 0, "stores": 0}
+                         "memory_evictions": 0, "stores": 0, "store_errors": 0, "too_large_for_memory": 0}
+        self.last_key: Optional[str] = None     # the entry the last hit came from
+        self.reads: dict[str, Future] = {}       # disk entries being read off the engine thread
+        self._loader: Optional[ThreadPoolExecutor] = None
         self.disk: Optional[DiskTier] = None
         if disk_budget > 0:
-            self.disk = DiskTier(Path(root), namespace, disk_budget, orphan_ttl=orphan_ttl)
+            self.disk = DiskTier(Path(root), namespace(fingerprint, kv_bits), disk_budget, orphan_ttl=orphan_ttl,
+                                 total_budget=total_disk_budget, write_buffer=write_buffer)
             for meta in self.disk.load_index():
                 self._index(Entry(key=meta["key"], tokens=None, n_tokens=meta["n_tokens"],
                                   blocks=meta["blocks"], trimmable=meta["trimmable"], on_disk=True))
@@ -124,10 +138,11 @@ class PrefixCache:
             self.by_block.setdefault(h, set()).add(e.key)
 
     def _unindex(self, e: Entry) -> None:
-        self.entries.pop(e.key, None)
+        if self.entries.get(e.key) is e:
+            del self.entries[e.key]
         for h in e.blocks:
             keys = self.by_block.get(h)
-            if keys is not None:
+            if keys is not None and self.entries.get(e.key) is None:
                 keys.discard(e.key)
                 if not keys:
                     del self.by_block[h]
@@ -144,11 +159,61 @@ class PrefixCache:
     # -- lookup -----------------------------------------------------------------------
 
     def fetch(self, tokens: list[int]) -> tuple[Optional[list], int, Optional[str]]:
-        """A fresh cache for the longest usable prefix of `tokens` (at most len-1), its length, its tier."""
-        self.counters["queries"] += 1
-        self.counters["query_tokens"] += len(tokens)
+        """A fresh cache for the longest usable prefix of `tokens` (at most len-1), its length, its tier.
+        A disk hit is read on this thread: the engine uses `fetch_nowait`."""
+        return self._fetch(tokens, wait=True)
+
+    def fetch_nowait(self, tokens: list[int]) -> "tuple[Optional[list], int, Optional[str]] | Future":
+        """As `fetch`, but when the best hit must be read from disk first, the read starts on the
+        loader thread and its Future comes back instead: call again once it is done."""
+        return self._fetch(tokens, wait=False)
+
+    def _fetch(self, tokens, wait: bool):
         arr = np.asarray(tokens, dtype=np.int32)
         limit = len(arr) - 1   # the last prompt token must be computed to get logits
+        while True:
+            best = self._best(arr, limit)
+            self.last_key = None
+            if best is None:
+                return self._hit(tokens, None, 0, None)
+            if best.cache is not None:
+                src, src_tokens, tier = best.cache, best.tokens, "memory"
+                break
+            loaded = self._read(best, wait)
+            if isinstance(loaded, Future):
+                return loaded
+            if loaded is None or self.entries.get(best.key) is not best:   # corrupt, vanished or cleared
+                self._unindex(best)
+                continue
+            src_tokens, src = loaded
+            self._install(best, src_tokens, src)     # served from the read alone when too large for memory
+            tier = "disk"
+            break
+        n = min(common_prefix(src_tokens, arr), limit)
+        if not (n == best.n_tokens or (best.trimmable and n > 0)):
+            return self._hit(tokens, None, 0, None)
+        cache = copy.deepcopy(src) if src is best.cache else src
+        if n < best.n_tokens:
+            trim_prompt_cache(cache, best.n_tokens - n)
+        if best.cache is not None:
+            self.memory.move_to_end(best.key)
+        if best.on_disk and self.disk is not None:
+            self.disk.touch(best.key)
+        self.last_key = best.key
+        return self._hit(tokens, dequantize(cache) if self.kv_bits else cache, n, tier)
+
+    def _hit(self, tokens, cache, n: int, tier: Optional[str]):
+        self.counters["queries"] += 1
+        self.counters["query_tokens"] += len(tokens)
+        if cache is None:
+            self.counters["misses"] += 1
+            return None, 0, None
+        self.counters["hits"] += 1
+        self.counters["hit_tokens"] += n
+        self.counters[f"{tier}_hit_tokens"] += n
+        return cache, n, tier
+
+    def _best(self, arr: np.ndarray, limit: int) -> Optional[Entry]:
         best, best_n = None, 0
         for e in self._candidates(arr, block_hashes(arr)):
             if e.tokens is None:
@@ -160,33 +225,7 @@ class PrefixCache:
             usable = n == e.n_tokens or (e.trimmable and n > 0)
             if usable and (n > best_n or (n == best_n and best is not None and best.cache is None)):
                 best, best_n = e, n
-        if best is None:
-            self.counters["misses"] += 1
-            return None, 0, None
-        tier = "memory" if best.cache is not None else "disk"
-        if best.cache is None and not self._promote(best):
-            return self.fetch_again(tokens)
-        if best.tokens is not None:
-            best_n = min(common_prefix(best.tokens, arr), limit)
-            if not (best_n == best.n_tokens or (best.trimmable and best_n > 0)):
-                self.counters["misses"] += 1
-                return None, 0, None
-        cache = copy.deepcopy(best.cache)
-        if best_n < best.n_tokens:
-            trim_prompt_cache(cache, best.n_tokens - best_n)
-        self.memory.move_to_end(best.key)
-        if best.on_disk and self.disk is not None:
-            self.disk.touch(best.key)
-        self.counters["hits"] += 1
-        self.counters["hit_tokens"] += best_n
-        self.counters[f"{tier}_hit_tokens"] += best_n
-        return dequantize(cache) if self.kv_bits else cache, best_n, tier
-
-    def fetch_again(self, tokens):
-        """The chosen disk entry was corrupt and is gone: look again without it."""
-        self.counters["queries"] -= 1
-        self.counters["query_tokens"] -= len(tokens)
-        return self.fetch(tokens)
+        return best
 
     def _block_depth(self, e: Entry, arr: np.ndarray) -> int:
         hashes = block_hashes(arr, len(e.blocks))
@@ -197,15 +236,39 @@ class PrefixCache:
             depth += 1
         return depth * BLOCK
 
-    def _promote(self, e: Entry) -> bool:
-        loaded = self.disk.load(e.key) if self.disk is not None else None
-        if loaded is None:          # corrupt, truncated or vanished: never served
-            self._unindex(e)
-            return False
-        e.tokens, e.cache = loaded
-        e.nbytes = cache_nbytes(e.cache)
+    def _read(self, e: Entry, wait: bool):
+        """The entry's (tokens, cache) from disk, or None; a Future while it is still being read."""
+        if self.disk is None:
+            return None
+        fut = self.reads.get(e.key)
+        if fut is None:
+            if wait:
+                return self.disk.load(e.key)
+            if self._loader is None:
+                self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefix-cache-loader")
+            fut = self.reads[e.key] = self._loader.submit(self.disk.load, e.key)
+            fut.key = e.key
+            return fut
+        if not fut.done() and not wait:
+            return fut
+        del self.reads[e.key]
+        try:
+            return fut.result()
+        except Exception as exc:     # the loader's own failure: the entry is not served
+            log.warning("reading prefix cache entry %s failed: %s", e.key, exc)
+            return None
+
+    def abandon(self, fut: Future) -> None:
+        """Nobody waits for this read any more: drop it (and the arrays it holds)."""
+        if self.reads.get(fut.key) is fut:
+            del self.reads[fut.key]
+            fut.cancel()
+
+    def _install(self, e: Entry, tokens: np.ndarray, cache: list) -> None:
+        """A disk read joins the memory tier when it fits."""
+        e.tokens = tokens
+        e.cache, e.nbytes = cache, cache_nbytes(cache)
         self._remember(e)
-        return True
 
     # -- store ------------------------------------------------------------------------
 
@@ -228,17 +291,21 @@ class PrefixCache:
         if old is not None:
             self._unindex(old)
         covered = self._covered(e) if trimmable else []
+        superseded = [c.key for c in covered if c.on_disk]
+        if self.disk is not None and not e.on_disk:
+            # Marked before it joins memory: an entry too large for memory lives on disk only.
+            e.on_disk = self.disk.write(key, arr, cache, {"blocks": e.blocks, "trimmable": trimmable},
+                                        supersedes=superseded)
+        elif self.disk is not None and superseded:
+            self.disk.supersede(superseded)          # e is durable already
         for c in covered:
-            self._forget(c)
+            if c.on_disk and not e.on_disk:
+                self._evict_memory(c)    # e will not be written: the disk copies of earlier turns stay
+            else:
+                self._forget(c)
         self._index(e)
         self._remember(e)
         self.counters["stores"] += 1
-        superseded = [c.key for c in covered if c.on_disk]
-        if self.disk is not None and not e.on_disk:
-            e.on_disk = True
-            self.disk.write(key, arr, cache, {"blocks": e.blocks, "trimmable": trimmable}, supersedes=superseded)
-        elif self.disk is not None and superseded:
-            self.disk.supersede(superseded)          # e is durable already
 
     def _covered(self, e: Entry) -> list[Entry]:
         """Entries that are strict prefixes of `e`: an entry whose last full block is one of
@@ -261,9 +328,13 @@ class PrefixCache:
         if e.key in self.memory:
             self.memory.move_to_end(e.key)
             return
+        if e.nbytes > self.memory_budget:
+            self.counters["too_large_for_memory"] += 1
+            self._evict_memory(e)      # on disk only, or (no disk) not kept at all
+            return
         self.memory[e.key] = e
         self.memory_bytes += e.nbytes
-        while self.memory_bytes > self.memory_budget and self.memory:
+        while self.memory_bytes > self.memory_budget:   # e fits alone, so it is never the one to go
             oldest = next(iter(self.memory.values()))
             self._evict_memory(oldest)
             self.counters["memory_evictions"] += 1
@@ -277,10 +348,22 @@ class PrefixCache:
         elif self.disk is not None:
             e.tokens = None     # the disk copy has them; keep the index small
 
+    def discard(self, key: str) -> None:
+        """Drop an entry from both tiers (a batch that failed with it is not trusted to reuse it)."""
+        e = self.entries.get(key)
+        if e is None:
+            return
+        self._forget(e)
+        if e.on_disk and self.disk is not None:
+            self.disk.supersede([key])
+
     # -- admin ------------------------------------------------------------------------
 
     def clear(self) -> int:
+        """Forget everything now; the disk files go on the writer thread (the engine never waits)."""
         n = len(self.entries)
+        for fut in list(self.reads.values()):
+            self.abandon(fut)
         self.entries.clear()
         self.by_block.clear()
         self.memory.clear()
@@ -300,5 +383,7 @@ class PrefixCache:
         }
 
     def close(self) -> None:
+        if self._loader is not None:
+            self._loader.shutdown(wait=False, cancel_futures=True)
         if self.disk is not None:
             self.disk.close()
