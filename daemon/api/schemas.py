@@ -71,9 +71,38 @@ class Message(BaseModel):
         return self.content or ""
 
 
+class JSONSchemaFormat(BaseModel):
+    model_config = STRICT
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
+    description: Optional[str] = None
+    schema_: dict[str, Any] = Field(alias="schema", description="Enforced by constrained decoding.")
+    strict: Optional[bool] = Field(None, description="Accepted; the schema is always enforced.")
+
+
+class TextFormat(BaseModel):
+    model_config = STRICT
+    type: Literal["text"]
+
+
+class JSONObjectFormat(BaseModel):
+    model_config = STRICT
+    type: Literal["json_object"]
+
+
+class JSONSchemaResponseFormat(BaseModel):
+    model_config = STRICT
+    type: Literal["json_schema"]
+    json_schema: JSONSchemaFormat
+
+
+ResponseFormat = Annotated[Union[TextFormat, JSONObjectFormat, JSONSchemaResponseFormat],
+                           Field(discriminator="type")]
+
+
 class ChatCompletionRequest(_Body):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: Optional[Count] = Field(None, ge=1)
+    response_format: Optional[ResponseFormat] = None
 
     def template_messages(self) -> list[dict[str, Any]]:
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}

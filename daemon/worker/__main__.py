@@ -92,6 +92,7 @@ def serve(chan: SyncChannel, engine) -> None:
 
     inbox: queue.Queue = queue.Queue()
     threading.Thread(target=_reader, args=(chan, inbox), daemon=True).start()
+    engine.wake = lambda: inbox.put({"op": "wake"})     # a grammar compiled off this thread
     while True:
         msgs = []
         try:
@@ -103,7 +104,7 @@ def serve(chan: SyncChannel, engine) -> None:
         out: list[dict] = []
         for msg in msgs:
             if msg is None or msg["op"] == "shutdown":
-                for rid in list(engine.uid_of):
+                for rid in list(engine.uid_of) + list(engine.pending):
                     out.append(engine.cancel(rid))
                 chan.send_many(out)
                 if engine.prefix_cache is not None:
@@ -112,7 +113,8 @@ def serve(chan: SyncChannel, engine) -> None:
             op = msg["op"]
             try:
                 if op == "submit":
-                    out.append(engine.submit(msg))
+                    if (ev := engine.submit(msg)) is not None:
+                        out.append(ev)
                 elif op == "cancel":
                     if (ev := engine.cancel(msg["id"])) is not None:
                         out.append(ev)

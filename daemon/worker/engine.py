@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 from mlx_lm.generate import BatchGenerator
 
+from .grammar import Compiler, GrammarError, GrammarProcessor, reasoning_end, request_grammar
 from .sampling import make_sampler
 from .textstream import TextStream
 
@@ -45,6 +46,7 @@ class Active:
     generated: int = 0
     cache_tier: Optional[str] = None
     itl: list = field(default_factory=list)
+    grammar: Optional[GrammarProcessor] = None
 
 
 class Engine:
@@ -68,6 +70,11 @@ class Engine:
         self.active: dict[int, Active] = {}
         self.uid_of: dict[str, int] = {}
         self.decoding: set[int] = set()
+        # Constrained requests wait here while their grammar compiles on the compiler's thread;
+        # `wake` (set by the worker loop) is called when one is ready.
+        self.pending: dict[str, tuple] = {}
+        self.compiler: Optional[Compiler] = None
+        self.wake = lambda: None
 
     # -- requests ---------------------------------------------------------------------
 
@@ -89,8 +96,9 @@ class Engine:
             return [int(t) for t in prompt]
         return list(self.tokenizer.encode(prompt))
 
-    def submit(self, msg: dict) -> dict:
-        """Queue a request; returns its `started` event (usage known up front)."""
+    def submit(self, msg: dict) -> Optional[dict]:
+        """Queue a request; returns its `started` event (usage known up front), or None
+        while its grammar compiles (`step` sends it then)."""
         rid = msg["id"]
         tokens = self.tokenize(msg)
         if not tokens:
@@ -102,21 +110,44 @@ class Engine:
                 f"requested {len(tokens) + max_tokens} tokens ({len(tokens)} in the prompt, "
                 f"{max_tokens} for the completion). Please reduce the prompt or max_tokens.",
                 code="context_length_exceeded", param="max_tokens")
+        try:
+            wanted = request_grammar(msg)
+        except GrammarError as e:
+            raise RequestError(str(e), param=e.param) from None
+        if wanted is not None:
+            if self.compiler is None:
+                self.compiler = Compiler(self.tokenizer, self._vocab_size())
+            fut = self.compiler.compile(*wanted)
+            self.pending[rid] = (fut, msg, tokens, time.perf_counter())
+            fut.add_done_callback(lambda _: self.wake())
+            return None
+        return self._start(rid, msg, tokens, time.perf_counter())
+
+    def _start(self, rid: str, msg: dict, tokens: list[int], t_submit: float, matcher=None) -> dict:
         cache, n_cached, tier = (None, 0, None)
         if self.prefix_cache is not None:
             cache, n_cached, tier = self.prefix_cache.fetch(tokens)
         sampler = make_sampler(float(msg.get("temperature", 0.0)), float(msg.get("top_p", 1.0)), msg.get("seed"))
+        max_tokens = int(msg.get("max_tokens") or self.default_max_tokens)
+        proc = None if matcher is None else GrammarProcessor(
+            matcher, self._vocab_size(), self.tokenizer.eos_token_id, reasoning_end(self.tokenizer, tokens))
         (uid,) = self.gen.insert(
             [tokens[n_cached:]], max_tokens=[max_tokens], caches=[cache],
-            all_tokens=[list(tokens[:n_cached])], samplers=[sampler])
+            all_tokens=[list(tokens[:n_cached])], samplers=[sampler],
+            logits_processors=None if proc is None else [[proc]])
         self.active[uid] = Active(
             id=rid, uid=uid, prompt_tokens=len(tokens), cached_tokens=n_cached, max_tokens=max_tokens,
             text=TextStream(self.tokenizer.detokenizer, list(msg.get("stop") or [])),
-            t_submit=time.perf_counter(), cache_tier=tier)
+            t_submit=t_submit, cache_tier=tier, grammar=proc)
         self.uid_of[rid] = uid
         return {"op": "started", "id": rid, "prompt_tokens": len(tokens), "cached_tokens": n_cached}
 
     def cancel(self, rid: str) -> Optional[dict]:
+        if rid in self.pending:
+            fut, _, tokens, t_submit = self.pending.pop(rid)
+            fut.cancel()
+            return self._done(Active(id=rid, uid=-1, prompt_tokens=len(tokens), cached_tokens=0, max_tokens=0,
+                                     text=None, t_submit=t_submit), "cancelled")
         uid = self.uid_of.get(rid)
         if uid is None:
             return None
@@ -127,7 +158,7 @@ class Engine:
 
     @property
     def busy(self) -> bool:
-        return bool(self.active)
+        return bool(self.active) or any(p[0].done() for p in self.pending.values())
 
     @property
     def running(self) -> int:
@@ -135,16 +166,18 @@ class Engine:
 
     @property
     def waiting(self) -> int:
-        return len(self.active) - len(self.decoding)
+        return len(self.active) - len(self.decoding) + len(self.pending)
 
     # -- the step loop ------------------------------------------------------------------
 
     def step(self) -> list[dict]:
         """One engine step: a prefill chunk and/or one decoded token for every sequence."""
+        events: list[dict] = self._admit_compiled()
+        if not self.active:
+            return events
         t0 = time.perf_counter()
         prompt_resps, gen_resps = self.gen.next()
         now = time.perf_counter()
-        events: list[dict] = []
         for p in prompt_resps:
             a = self.active.get(p.uid)
             if a is None:
@@ -158,6 +191,13 @@ class Engine:
         for r in gen_resps:
             a = self.active.get(r.uid)
             if a is None:
+                continue
+            if a.grammar is not None and a.grammar.error:
+                if r.finish_reason is None:
+                    self.gen.remove([r.uid])
+                self._forget(r.uid)
+                events.append({"op": "error", "id": a.id, "message": a.grammar.error, "code": "grammar_error",
+                               "param": None, "status": 500})
                 continue
             a.generated += 1
             if a.t_first is None:
@@ -184,6 +224,27 @@ class Engine:
         return events
 
     # -- helpers --------------------------------------------------------------------------
+
+    def _vocab_size(self) -> int:
+        return getattr(getattr(self.model, "args", None), "vocab_size", None) or len(self.tokenizer)
+
+    def _admit_compiled(self) -> list[dict]:
+        """Start the requests whose grammar is compiled; fail those whose grammar is not."""
+        events = []
+        for rid, (fut, msg, tokens, t_submit) in list(self.pending.items()):
+            if not fut.done():
+                continue
+            del self.pending[rid]
+            try:
+                events.append(self._start(rid, msg, tokens, t_submit, fut.result()))
+            except GrammarError as e:
+                events.append({"op": "error", "id": rid, "message": str(e), "code": "invalid_request_error",
+                               "param": e.param, "status": 400})
+            except Exception as e:
+                log.exception("compiling the grammar of %s failed", rid)
+                events.append({"op": "error", "id": rid, "message": f"constrained decoding is unavailable: {e}",
+                               "code": "grammar_unavailable", "param": None, "status": 500})
+        return events
 
     def _forget(self, uid: int) -> Active:
         a = self.active.pop(uid)
