@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 
 def _whole(v):
@@ -79,24 +79,16 @@ class JSONSchemaFormat(BaseModel):
     strict: Optional[bool] = Field(None, description="Accepted; the schema is always enforced.")
 
 
-class TextFormat(BaseModel):
+class ResponseFormat(BaseModel):
     model_config = STRICT
-    type: Literal["text"]
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JSONSchemaFormat] = None
 
-
-class JSONObjectFormat(BaseModel):
-    model_config = STRICT
-    type: Literal["json_object"]
-
-
-class JSONSchemaResponseFormat(BaseModel):
-    model_config = STRICT
-    type: Literal["json_schema"]
-    json_schema: JSONSchemaFormat
-
-
-ResponseFormat = Annotated[Union[TextFormat, JSONObjectFormat, JSONSchemaResponseFormat],
-                           Field(discriminator="type")]
+    @model_validator(mode="after")
+    def _schema_with_its_type(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type 'json_schema' and allowed only with it")
+        return self
 
 
 class ChatCompletionRequest(_Body):
