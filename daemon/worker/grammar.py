@@ -44,7 +44,9 @@ def json_schema_grammar(schema: dict) -> str:
         raise GrammarError("a JSON schema must be an object")
     try:
         return LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
-    except ValueError as e:
+    except BaseException as e:      # ValueError for a bad schema; a pyo3 panic is a BaseException
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
         raise GrammarError(f"invalid JSON schema: {e}") from None
 
 
