@@ -76,8 +76,8 @@ def test_json_object_and_the_sdk_parse_helper(client):
         city: str
         country: str
 
-    r = client.chat.completions.parse(model=MODEL, temperature=0, max_tokens=60, response_format=City,
-                                      messages=[{"role": "user", "content": "Where is the Eiffel Tower? Reply with JSON."}])
+    ask = [{"role": "user", "content": "Where is the Eiffel Tower? Reply with JSON."}]
+    r = client.chat.completions.parse(model=MODEL, temperature=0, max_tokens=60, response_format=City, messages=ask)
     assert isinstance(r.choices[0].message.parsed, City)
 
 

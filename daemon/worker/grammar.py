@@ -17,6 +17,9 @@ from typing import Any, Collection, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
+import llguidance.hf
+from llguidance import LLMatcher
+from llguidance.numpy import fill_next_token_bitmask
 
 log = logging.getLogger("mlxd.worker")
 
@@ -38,8 +41,6 @@ JSON_OPTIONS = {"whitespace_pattern": WHITESPACE}
 
 
 def json_schema_grammar(schema: dict) -> str:
-    from llguidance import LLMatcher
-
     if not isinstance(schema, dict):
         raise GrammarError("a JSON schema must be an object")
     try:
@@ -146,15 +147,11 @@ class Compiler:
         return self._pool.submit(self._compile, grammar, param)
 
     def _compile(self, grammar: str, param: str):
-        import llguidance
-
         if self._lltok is None:
-            import llguidance.hf
-
             self._lltok = llguidance.hf.from_tokenizer(
                 self._hf._tokenizer, n_vocab=self._vocab, eos_token=sorted(self._hf.eos_token_ids))
         try:
-            m = llguidance.LLMatcher(self._lltok, grammar, log_level=0)
+            m = LLMatcher(self._lltok, grammar, log_level=0)
         except BaseException as e:      # pyo3 turns a Rust panic into a BaseException
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
                 raise
@@ -218,7 +215,7 @@ class GrammarProcessor:
             self.error = f"constrained decoding failed: {self.matcher.get_error().splitlines()[0]}"
         if self.error is not None:
             return self._only_eos(logits)
-        self.matcher.unsafe_compute_mask_ptr(self._mask.ctypes.data, self._mask.nbytes)
+        fill_next_token_bitmask(self.matcher, self._mask)
         bits = (mx.array(self._mask)[..., None] >> _SHIFTS) & 1
         allowed = bits.reshape(1, -1)[:, : logits.shape[-1]]
         return mx.where(allowed.astype(mx.bool_), logits, -mx.inf)
