@@ -107,6 +107,15 @@ def test_parallel_allows_several_calls_and_single_exactly_one(lm, compiler):
     assert not (m.consume_tokens(tok.encode(bad, add_special_tokens=False)) and not m.is_error())
 
 
+def test_named_choice_in_openai_form_allows_only_that_tool(lm, compiler):
+    choice = {"type": "function", "function": {"name": "send_email"}}
+    call = '<tool_call>{"name": "get_weather", "arguments": {"city": "Lyon", "unit": "celsius"}}</tool_call>'
+    m = compiler.compile(tool_call_grammar(TOOLS, choice, "<tool_call>", "</tool_call>", False),
+                         "tools").result(timeout=60)
+    m.consume_tokens(lm[1].encode(call, add_special_tokens=False))
+    assert m.is_error()
+
+
 def test_special_token_markers_are_matched_as_tokens(lm, compiler):
     g = tool_call_grammar(TOOLS, "required", "<|im_start|>", "<|endoftext|>", False, special={"<|im_start|>"})
     m = compiler.compile(g, "tools").result(timeout=60)
