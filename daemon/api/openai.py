@@ -74,13 +74,14 @@ async def _body(schema):
 def _payload(body, handle) -> dict:
     s = handle.cfg.sampling
     max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens or s.max_tokens
-    return {
+    payload = {
         "max_tokens": max_tokens,
         "temperature": s.temperature if body.temperature is None else body.temperature,
         "top_p": s.top_p if body.top_p is None else body.top_p,
         "seed": body.seed,
         "stop": body.stop_list(),
     }
+    return payload
 
 
 def _usage(done: ev_.Done) -> dict:

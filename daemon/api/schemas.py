@@ -149,30 +149,30 @@ def _tool_choice(v):
     return NamedToolChoice.model_validate(v)
 
 
-class JsonSchemaFormat(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True, populate_by_name=True)
-    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+# apply_chat_template's own parameters: the server sets them, a client's value would change what it returns
+_TEMPLATE_OWN = ("messages", "conversation", "tools", "documents", "chat_template", "add_generation_prompt",
+                 "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
+                 "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs")
+
+
+class JSONSchemaFormat(BaseModel):
+    model_config = STRICT
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
     description: Optional[str] = None
-    schema_: Optional[dict[str, Any]] = Field(None, alias="schema")
-    strict: Optional[bool] = None
+    schema_: dict[str, Any] = Field(alias="schema", description="Enforced by constrained decoding.")
+    strict: Optional[bool] = Field(None, description="Accepted; the schema is always enforced.")
 
 
 class ResponseFormat(BaseModel):
     model_config = STRICT
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: Optional[JsonSchemaFormat] = None
+    json_schema: Optional[JSONSchemaFormat] = None
 
     @model_validator(mode="after")
-    def _schema(self):
-        if self.type == "json_schema" and self.json_schema is None:
-            raise ValueError("type 'json_schema' needs 'json_schema'")
+    def _schema_with_its_type(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type 'json_schema' and allowed only with it")
         return self
-
-
-# apply_chat_template's own parameters: the server sets them, a client's value would change what it returns
-_TEMPLATE_OWN = ("messages", "conversation", "tools", "documents", "chat_template", "add_generation_prompt",
-                 "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
-                 "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs")
 
 
 class ChatCompletionRequest(_Body):

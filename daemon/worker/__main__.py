@@ -132,7 +132,7 @@ def handle(engine, msg: dict) -> Optional[dict]:
 
 def serve(chan: SyncChannel, engine) -> None:
     inbox: queue.Queue = queue.Queue()
-    engine.wake = lambda: inbox.put({"op": "wake"})      # a disk read for a parked request is done
+    engine.wake = lambda: inbox.put({"op": "wake"})      # a disk read or a grammar for a parked request is done
     threading.Thread(target=_reader, args=(chan, inbox), daemon=True).start()
     while True:
         msgs = []

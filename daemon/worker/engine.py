@@ -14,6 +14,7 @@ template's own tool support, or the fallback format); each request's output goes
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from concurrent.futures import Future
@@ -26,6 +27,7 @@ from mlx_lm.tool_parsers import json_tools
 
 from ..events import Done, Error, Logprob, Progress, Started
 from . import tools as toolfmt
+from .grammar import Compiler, GrammarError, GrammarProcessor, reasoning_end, request_grammar, tool_call_grammar
 from .output import THINK, Markers, Output, initial_state, state_machine
 from .sampling import make_sampler
 
@@ -63,16 +65,22 @@ class Active:
     cache_key: Optional[str] = None
     itl: list = field(default_factory=list)
     top_logprobs: Optional[int] = None      # None: no logprobs asked for
+    grammar: Optional[GrammarProcessor] = None
 
 
 @dataclass
 class Parked:
-    """A request not in the batch yet: its cached prefix is being read from disk."""
+    """A request not in the batch yet: its grammar compiles, or its cached prefix is read from
+    disk, off the engine's thread."""
     active: Active
     tokens: list[int]
     sampler: Any
-    processors: Optional[list] = None
-    read: Any = None            # the prefix cache's Future for the read
+    grammar: Optional[Future] = None    # the compiler's Future of the request's matcher
+    read: Any = None                    # the prefix cache's Future for the read
+
+    @property
+    def waiting_on(self) -> Future:
+        return self.grammar if self.grammar is not None else self.read
 
 
 class Engine:
@@ -91,8 +99,9 @@ class Engine:
         self.active: dict[int, Active] = {}
         self.uid_of: dict[str, int] = {}
         self.decoding: set[int] = set()
-        self.parked: dict[str, Parked] = {}    # waiting for their cached prefix to be read from disk
+        self.parked: dict[str, Parked] = {}    # waiting for their grammar or their cached prefix
         self.wake = lambda: None               # called (from another thread) when a parked request can start
+        self.compiler: Optional[Compiler] = None
         self.internal_errors = 0
         self.batch_resets = 0
         # Output formats: the tokenizer's (mlx-lm infers them from the template and vocabulary,
@@ -204,9 +213,28 @@ class Engine:
                 "tools": msg.get("tools"), "tool_markers": self.tool_markers, "tool_parser": self.parser_name,
                 "think": self.think}
 
-    def logits_processors(self, constraint: Optional[dict], tokens: list[int]) -> Optional[list]:
-        """The seam for grammar.py: a constraint becomes per-request logits processors."""
-        return None
+    def grammar(self, msg: dict) -> Optional[tuple[str, str]]:
+        """The grammar a request's output must follow, and the field that asks for it, or None.
+
+        A forced tool call is a call in this model's tool format; formats whose call is not one
+        JSON object between markers cannot be enforced, which is a 400, never a silent `auto`.
+        """
+        c = self.constraint(msg)
+        if c is None:
+            return None
+        if c["tool_choice"] is None:
+            return request_grammar(msg)
+        if c["tool_parser"] != toolfmt.FALLBACK_PARSER:
+            raise GrammarError(f"tool_choice {json.dumps(c['tool_choice'])} cannot be enforced for this model's "
+                               f"tool format ({c['tool_parser']}); use 'auto'", param="tool_choice")
+        start, end = c["tool_markers"]
+        added = getattr(self.tokenizer, "get_added_vocab", dict)()
+        return tool_call_grammar(c["tools"], c["tool_choice"], start, end,
+                                 parallel=msg.get("parallel_tool_calls") is not False,
+                                 special=[m for m in (start, end) if m in added]), "tool_choice"
+
+    def _vocab_size(self) -> int:
+        return getattr(getattr(self.model, "args", None), "vocab_size", None) or len(self.tokenizer)
 
     def submit(self, msg: dict) -> Optional[dict]:
         """Queue a request; returns its `started` event (usage known up front), or None while
@@ -225,16 +253,33 @@ class Engine:
         # cut at the context's end with finish_reason "length", as if they had asked for that.
         max_tokens = min(int(msg.get("max_tokens") or self.default_max_tokens), room)
         out = self.output(msg, prompt_text)
-        processors = self.logits_processors(self.constraint(msg), tokens)
+        try:
+            wanted = self.grammar(msg)
+        except GrammarError as e:
+            raise RequestError(str(e), param=e.param) from None
         sampler = make_sampler(float(msg.get("temperature", 0.0)), float(msg.get("top_p", 1.0)), msg.get("seed"))
         a = Active(id=rid, uid=None, prompt_tokens=len(tokens), cached_tokens=0, max_tokens=max_tokens,
                    out=out, t_submit=time.perf_counter(),
                    top_logprobs=int(msg.get("top_logprobs") or 0) if msg.get("logprobs") else None)
-        return self._start(Parked(a, tokens, sampler, processors))
+        p = Parked(a, tokens, sampler)
+        if wanted is not None:
+            if self.compiler is None:
+                self.compiler = Compiler(self.tokenizer, self._vocab_size())
+            p.grammar = self.compiler.compile(*wanted)
+        return self._start(p)
 
     def _start(self, p: Parked) -> Optional[dict]:
         """Insert a request into the batch on top of its cached prefix; park it (None) while
-        that prefix is read from disk, so the engine keeps stepping everyone else."""
+        its grammar compiles or that prefix is read from disk, so the engine keeps stepping
+        everyone else. A grammar that does not compile raises GrammarError."""
+        if p.grammar is not None:
+            if not p.grammar.done():
+                self.parked[p.active.id] = p
+                p.grammar.add_done_callback(lambda _: self.wake())
+                return None
+            matcher, p.grammar = p.grammar.result(), None
+            p.active.grammar = GrammarProcessor(matcher, self._vocab_size(), self.tokenizer.eos_token_id,
+                                                reasoning_end(self.tokenizer, p.tokens) if self.think else None)
         cache, n_cached, tier = None, 0, None
         if self.prefix_cache is not None:
             got = self.prefix_cache.fetch_nowait(p.tokens)
@@ -246,7 +291,7 @@ class Engine:
             cache, n_cached, tier = got
         a, tokens = p.active, p.tokens
         a.cache_key = self.prefix_cache.last_key if tier else None
-        extra = {"logits_processors": [p.processors]} if p.processors else {}
+        extra = {"logits_processors": [[a.grammar]]} if a.grammar is not None else {}
         try:
             (uid,) = self.gen.insert(
                 [tokens[n_cached:]], max_tokens=[a.max_tokens], caches=[cache],
@@ -262,6 +307,8 @@ class Engine:
 
     def cancel(self, rid: str) -> Optional[dict]:
         if (p := self.parked.pop(rid, None)) is not None:
+            if p.grammar is not None:
+                p.grammar.cancel()
             self._abandon(p.read)
             return self._done(p.active, "cancelled")
         uid = self.uid_of.get(rid)
@@ -274,8 +321,8 @@ class Engine:
 
     @property
     def busy(self) -> bool:
-        """Work to do now: sequences in the batch, or parked ones whose disk read is done."""
-        return bool(self.active) or any(p.read.done() for p in self.parked.values())
+        """Work to do now: sequences in the batch, or parked ones whose grammar or disk read is done."""
+        return bool(self.active) or any(p.waiting_on.done() for p in self.parked.values())
 
     @property
     def running(self) -> int:
@@ -313,6 +360,13 @@ class Engine:
         for r in gen_resps:
             a = self.active.get(r.uid)
             if a is None:
+                continue
+            if a.grammar is not None and a.grammar.error:     # the matcher failed: this request only
+                if r.finish_reason is None:
+                    with contextlib.suppress(Exception):
+                        self.gen.remove([r.uid])
+                self._forget(r.uid)
+                events.append(Error(a.id, a.grammar.error, code="grammar_error", status=500).wire())
                 continue
             try:
                 events.extend(self._advance(a, r, now))
@@ -354,13 +408,15 @@ class Engine:
     def _unpark(self) -> list[dict]:
         events = []
         for rid, p in list(self.parked.items()):
-            if not p.read.done():
+            if not p.waiting_on.done():
                 continue
             del self.parked[rid]
             read = p.read
             try:
                 if (ev := self._start(p)) is not None:
                     events.append(ev)
+            except GrammarError as e:
+                events.append(Error(rid, str(e), code="invalid_request_error", param=e.param, status=400).wire())
             except Exception as e:
                 log.exception("request %s failed to start", rid)
                 events.append(self._internal_error(rid, e))
@@ -368,7 +424,7 @@ class Engine:
         return events
 
     def _abandon(self, read) -> None:
-        if self.prefix_cache is not None and not any(o.read is read for o in self.parked.values()):
+        if read is not None and self.prefix_cache is not None and not any(o.read is read for o in self.parked.values()):
             self.prefix_cache.abandon(read)
 
     def reset(self, e: Exception) -> list[dict]:
