@@ -181,6 +181,13 @@ class Server(_Strict):
     max_body_bytes: Size = parse_size("8MiB")
     request_timeout: Optional[float] = Field(900.0, gt=0, description="Seconds a request may take in all; null: no limit.")
     worker_hang_timeout: float = Field(120.0, gt=0, description="A worker silent this long (no step, no stats) is restarted.")
+    drop_system_prefixes: tuple[str, ...] = Field(
+        ("x-anthropic-billing-header:",),
+        description="System-prompt lines (Messages system blocks, Responses instructions) starting with one of these "
+                    "are dropped before templating: agents put a per-session id there, which would defeat the prefix cache.")
+    responses_store: int = Field(256, ge=0, description="Recent /v1/responses kept in memory for previous_response_id.")
+    stream_ping_seconds: float = Field(5.0, gt=0, description="A stream silent this long (a long prefill) gets a keep-alive: "
+                                                             "an SSE comment, or `event: ping` on /v1/messages.")
 
     @property
     def resolved_cache_dir(self) -> Path:

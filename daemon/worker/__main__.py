@@ -133,6 +133,12 @@ def serve(chan: SyncChannel, engine) -> None:
                 elif op == "cache_clear":
                     n = engine.prefix_cache.clear() if engine.prefix_cache is not None else 0
                     out.append({"op": "cache_cleared", "seq": msg.get("seq"), "entries": n})
+                elif op == "count_tokens":
+                    try:
+                        out.append({"op": "token_count", "seq": msg.get("seq"), "tokens": len(engine.tokenize(msg)[0])})
+                    except RequestError as e:
+                        out.append({"op": "token_count", "seq": msg.get("seq"),
+                                    "error": {"message": str(e), "code": e.code, "param": e.param}})
             except RequestError as e:
                 out.append({"op": "error", "id": msg.get("id"), "message": str(e), "code": e.code,
                             "param": e.param, "status": 400})

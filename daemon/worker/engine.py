@@ -201,7 +201,8 @@ class Engine:
         cache, n_cached, tier = (None, 0, None)
         if self.prefix_cache is not None:
             cache, n_cached, tier = self.prefix_cache.fetch(tokens)
-        sampler = make_sampler(float(msg.get("temperature", 0.0)), float(msg.get("top_p", 1.0)), msg.get("seed"))
+        sampler = make_sampler(float(msg.get("temperature", 0.0)), float(msg.get("top_p", 1.0)), msg.get("seed"),
+                               int(msg.get("top_k") or 0))
         extra = {"logits_processors": [processors]} if processors else {}
         (uid,) = self.gen.insert(
             [tokens[n_cached:]], max_tokens=[max_tokens], caches=[cache],
@@ -321,7 +322,7 @@ class Engine:
         now = time.perf_counter()
         start = a.t_prefill_start or now
         return Done(
-            a.id, reason, cache_tier=a.cache_tier, itl=a.itl,
+            a.id, reason, cache_tier=a.cache_tier, itl=a.itl, stop_sequence=a.out.text.matched,
             usage={"prompt_tokens": a.prompt_tokens, "completion_tokens": a.generated,
                    "cached_tokens": a.cached_tokens},
             timings={"queue": start - a.t_submit,
