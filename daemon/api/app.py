@@ -15,6 +15,7 @@ from .errors import APIError, shape_of
 from .limits import RateLimiter
 from .openai import bp as openai_bp
 from .openapi import bp as openapi_bp
+from .responses import Store, bp as responses_bp
 
 
 def create_app(supervisor) -> Quart:
@@ -23,6 +24,7 @@ def create_app(supervisor) -> Quart:
     server = supervisor.config.server
     app.config["MAX_CONTENT_LENGTH"] = server.max_body_bytes
     app.config["LIMITER"] = RateLimiter(server.rate_limit.requests_per_minute, server.rate_limit.tokens_per_minute)
+    app.config["RESPONSES"] = Store(lambda: supervisor.config.server.responses_store)
 
     def render(e: APIError):
         return e.response(shape_of(request.path))
@@ -46,6 +48,7 @@ def create_app(supervisor) -> Quart:
         return None
     app.register_blueprint(openai_bp)
     app.register_blueprint(anthropic_bp)
+    app.register_blueprint(responses_bp)
     app.register_blueprint(cache_bp)
     app.register_blueprint(openapi_bp)
 
