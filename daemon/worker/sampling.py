@@ -21,7 +21,7 @@ def make_sampler(temperature: float, top_p: float, seed: Optional[int], top_k: i
 
     def sample(logprobs: mx.array) -> mx.array:
         nonlocal key
-        if top_k > 0:
+        if 0 < top_k < logprobs.shape[-1]:
             logprobs = apply_top_k(logprobs, top_k)
         if 0.0 < top_p < 1.0:
             logprobs = apply_top_p(logprobs, top_p)
