@@ -158,7 +158,7 @@ def _messages(body: CountTokensRequest) -> list[dict]:
         out.append({"role": "system", "content": system})
     for m in body.messages:
         if isinstance(m.content, str):
-            out.append({"role": m.role, "content": m.content})
+            out.append({"role": m.role, "content": rq.drop_noise(m.content) if m.role == "system" else m.content})
             continue
         if m.role == "assistant":
             msg: dict[str, Any] = {"role": "assistant", "content": ""}
