@@ -147,22 +147,28 @@ def _system_text(system) -> str:
     if system is None:
         return ""
     blocks = [system] if isinstance(system, str) else [b.text for b in system]
-    return "\n\n".join(t for t in (rq.drop_noise(b) for b in blocks) if t)
+    noise = rq.noise_prefixes()
+    return "\n\n".join(t for t in (rq.drop_noise(b, noise) for b in blocks) if t)
 
 
 def _messages(body: CountTokensRequest) -> list[dict]:
     """Anthropic's turns in the chat template's shape: tool_use blocks become an assistant's
     `tool_calls`, tool_result blocks `tool` messages, thinking blocks `reasoning_content`."""
     out: list[dict] = []
+    noise = rq.noise_prefixes()
+
+    def said(role: str, text: str) -> dict:
+        return {"role": role, "content": rq.drop_noise(text, noise) if role == "system" else text}
+
     if system := _system_text(body.system):
         out.append({"role": "system", "content": system})
-    for m in body.messages:
+    for i, m in enumerate(body.messages):
         if isinstance(m.content, str):
-            out.append({"role": m.role, "content": rq.drop_noise(m.content) if m.role == "system" else m.content})
+            out.append(said(m.role, m.content))
             continue
         if m.role == "assistant":
             msg: dict[str, Any] = {"role": "assistant", "content": ""}
-            for b in m.content:
+            for j, b in enumerate(m.content):
                 if isinstance(b, TextBlock):
                     msg["content"] += b.text
                 elif isinstance(b, ThinkingBlock):
@@ -171,20 +177,20 @@ def _messages(body: CountTokensRequest) -> list[dict]:
                     msg.setdefault("tool_calls", []).append({"id": b.id, "type": "function", "function": {
                         "name": b.name, "arguments": json.dumps(b.input, ensure_ascii=False)}})
                 else:
-                    raise APIError(400, "an assistant message cannot carry tool_result blocks", param="messages")
+                    raise APIError(400, "an assistant message cannot carry tool_result blocks",
+                                   param=f"messages.{i}.content.{j}")
             out.append(msg)
             continue
         text: list[str] = []
-        for b in m.content:
+        for j, b in enumerate(m.content):
             if isinstance(b, ToolResultBlock):
                 out.append({"role": "tool", "tool_call_id": b.tool_use_id, "content": b.text()})
             elif isinstance(b, TextBlock):
                 text.append(b.text)
             else:
-                raise APIError(400, f"a {m.role} message cannot carry {b.type} blocks", param="messages")
+                raise APIError(400, f"a {m.role} message cannot carry {b.type} blocks", param=f"messages.{i}.content.{j}")
         if text:
-            content = "".join(text)
-            out.append({"role": m.role, "content": rq.drop_noise(content) if m.role == "system" else content})
+            out.append(said(m.role, "".join(text)))
     return out
 
 

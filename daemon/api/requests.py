@@ -63,12 +63,15 @@ def model(name: str):
     return handle
 
 
-def drop_noise(text: str) -> str:
-    """Text without the lines that start with a configured per-session prefix (server.drop_system_prefixes).
+def noise_prefixes() -> tuple[str, ...]:
+    return tuple(supervisor().config.server.drop_system_prefixes)
+
+
+def drop_noise(text: str, prefixes: tuple[str, ...]) -> str:
+    """Text without the lines that start with one of `prefixes` (server.drop_system_prefixes).
 
     Agents put a session id at the top of the system prompt; left in, no new session could
     reuse the cached system prompt and tools."""
-    prefixes = tuple(supervisor().config.server.drop_system_prefixes)
     if not prefixes:
         return text
     lines = text.split("\n")

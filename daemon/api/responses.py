@@ -185,7 +185,7 @@ def _history(body: ResponsesRequest) -> list[dict]:
 def _payload(body: ResponsesRequest, handle, history: list[dict]) -> dict:
     s = handle.cfg.sampling
     messages = list(history)
-    if body.instructions and (instructions := rq.drop_noise(body.instructions)):
+    if body.instructions and (instructions := rq.drop_noise(body.instructions, rq.noise_prefixes())):
         messages.insert(0, {"role": "system", "content": instructions})
     payload: dict[str, Any] = {
         "messages": messages, "max_tokens": body.max_output_tokens or s.max_tokens, "stop": [], "seed": None,
