@@ -183,9 +183,16 @@ def test_errors_are_anthropic_exceptions(client, daemon):
             "type": kind, "message": r.json()["error"]["message"]}}, (path, r.text)
 
 
-def test_models_list_reads_in_both_sdks(client):
+def test_models_list_reads_in_both_sdks(client, daemon):
     ids = [m.id for m in client.models.list()]
     assert "agent" in ids and "thinker" in ids
+    assert client.models.retrieve("agent").id == "agent"
+    with pytest.raises(anthropic.NotFoundError):
+        client.models.retrieve("nope")
+    import openai
+
+    oa = openai.OpenAI(base_url=f"{daemon.url}/v1", api_key=KEY, max_retries=0)
+    assert {m.id for m in oa.models.list()} == set(ids) and oa.models.retrieve("thinker").owned_by == "mlxd"
 
 
 def test_ping_events_during_a_long_prefill(daemon):

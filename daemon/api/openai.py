@@ -23,7 +23,7 @@ from quart import Blueprint, Response, current_app, jsonify
 
 from .. import events as ev_
 from . import requests as rq
-from .errors import APIError
+from .errors import APIError, model_not_found
 from .schemas import ChatCompletionRequest, CompletionRequest
 
 bp = Blueprint("openai", __name__)
@@ -35,8 +35,7 @@ def _model_entry(id_: str, created: int, **extra) -> dict:
             "display_name": id_, "created_at": datetime.fromtimestamp(created, timezone.utc).isoformat(), **extra}
 
 
-@bp.get("/v1/models")
-async def list_models():
+def _models() -> list[dict]:
     sup = rq.supervisor()
     data = []
     for h in sup.handles.values():
@@ -44,6 +43,20 @@ async def list_models():
         data.append(_model_entry(h.name, created, aliases=list(h.cfg.aliases), state=h.state))
         for alias in h.cfg.aliases:
             data.append(_model_entry(alias, created, alias_of=h.name, state=h.state))
+    return data
+
+
+@bp.get("/v1/models/<path:name>")
+async def get_model(name: str):
+    entry = next((m for m in _models() if m["id"] == name), None)
+    if entry is None:
+        raise model_not_found(name)
+    return jsonify(entry)
+
+
+@bp.get("/v1/models")
+async def list_models():
+    data = _models()
     return jsonify({"object": "list", "data": data, "has_more": False,
                     "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None})
 

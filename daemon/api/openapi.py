@@ -191,6 +191,9 @@ def build_spec() -> dict:
                 "description": "OK", "content": {"text/plain": {"schema": _str}}})},
             "/admin/reload": {"post": reload},
             "/v1/models": {"get": _op("Models and their aliases.", _json(_ref("ModelList")))},
+            "/v1/models/{name}": {"get": _op(
+                "One model or alias.", _json(_ref("Object")), errors=(401, 404),
+                parameters=[{"name": "name", "in": "path", "required": True, "schema": _str}])},
             "/v1/chat/completions": {"post": _completion(
                 "Chat completion.", "ChatCompletionRequest", "ChatCompletion")},
             "/v1/completions": {"post": _completion(
