@@ -99,7 +99,8 @@ def test_streamed_function_call_arguments(client):
 
 def test_json_schema_text_format_is_enforced(client):
     """Enforced by grammar: the tiny model does not write this object on its own."""
-    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}, "population": {"type": "integer"}},
+    schema = {"type": "object",
+              "properties": {"city": {"type": "string", "maxLength": 30}, "population": {"type": "integer"}},
               "required": ["city", "population"], "additionalProperties": False}
     r = client.responses.create(model="agent", input="Name a city.", max_output_tokens=64,
                                 text={"format": {"type": "json_schema", "name": "city", "schema": schema,
