@@ -194,6 +194,13 @@ class Server(_Strict):
         "the least recently used entries of any namespace go first. Null: only each model's disk_budget."))
     cache_orphan_ttl: float = Field(7 * 86400.0, gt=0, description=(
         "Seconds after which the prefix cache of a model no worker uses any more is removed."))
+    drop_system_prefixes: tuple[str, ...] = Field(
+        ("x-anthropic-billing-header:",),
+        description="System-prompt lines (Messages system blocks, Responses instructions) starting with one of these "
+                    "are dropped before templating: agents put a per-session id there, which would defeat the prefix cache.")
+    responses_store: int = Field(256, ge=0, description="Recent /v1/responses kept in memory for previous_response_id.")
+    stream_ping_seconds: float = Field(5.0, gt=0, description="A stream silent this long (a long prefill) gets a keep-alive: "
+                                                             "an SSE comment, or `event: ping` on /v1/messages.")
 
     @property
     def resolved_cache_dir(self) -> Path:

@@ -89,6 +89,7 @@ class Done(_Event):
     timings: dict = field(default_factory=dict)
     itl: list = field(default_factory=list)
     cache_tier: Optional[str] = None
+    stop_sequence: Optional[str] = None      # the stop string that ended the text, if one did
 
 
 @dataclass

@@ -124,7 +124,7 @@ class WorkerProcess:
                 self._ready.done() or self._ready.set_result(msg)
             elif op == "fatal":
                 self.exit_reason = msg["message"]
-            elif "seq" in msg and msg["seq"] is not None and op in ("stats", "cache_cleared"):
+            elif "seq" in msg and msg["seq"] is not None and op in ("stats", "cache_cleared", "token_count"):
                 fut = self._calls.pop(msg["seq"], None)
                 if fut and not fut.done():
                     fut.set_result(msg)
@@ -156,11 +156,11 @@ class WorkerProcess:
             raise WorkerGone(self.exit_reason or f"the worker for model {self.cfg.name!r} is not running")
         self._writer.write(encode(msg))
 
-    async def call(self, op: str, timeout: float = 30.0) -> dict:
+    async def call(self, op: str, timeout: float = 30.0, **fields) -> dict:
         seq = next(self._seq)
         fut = asyncio.get_running_loop().create_future()
         self._calls[seq] = fut
-        self._send({"op": op, "seq": seq})
+        self._send({**fields, "op": op, "seq": seq})
         try:
             return await asyncio.wait_for(fut, timeout)
         finally:

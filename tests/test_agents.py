@@ -271,3 +271,61 @@ def test_content_parts_developer_and_late_system_messages(client):
         {"role": "system", "content": "Be polite."},
     ])
     assert r.choices[0].message.content and r.choices[0].message.refusal is None
+
+
+def _validates(call_name: str, arguments: str) -> dict:
+    import jsonschema
+
+    args = json.loads(arguments)
+    schema = next(t["function"]["parameters"] for t in TOOLS if t["function"]["name"] == call_name)
+    jsonschema.validate(args, schema)
+    return args
+
+
+def test_tool_choice_required_forces_a_valid_call_streamed(client):
+    """Without a few-shot history the model answers in prose; `required` makes it call a tool,
+    and the SDK's own stream accumulator reassembles the call."""
+    kw = dict(model="agent", messages=[{"role": "system", "content": SYSTEM},
+                                       {"role": "user", "content": "Please look at the file setup.py"}],
+              tools=TOOLS, max_tokens=80)
+    free = client.chat.completions.create(**kw)
+    assert free.choices[0].message.tool_calls is None            # what `required` must change
+    with client.chat.completions.stream(**kw, tool_choice="required") as s:
+        final = s.get_final_completion()
+    choice = final.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.tool_calls, choice.message
+    for call in choice.message.tool_calls:
+        assert call.function.name in {t["function"]["name"] for t in TOOLS}
+        _validates(call.function.name, call.function.arguments)
+    assert not (choice.message.content or "").strip()
+
+
+def test_named_tool_choice_calls_that_function(client):
+    kw = dict(model="agent", messages=[{"role": "user", "content": "How many files are in this folder?"}],
+              tools=TOOLS, max_tokens=60)
+    for name in ("bash", "glob"):
+        r = client.chat.completions.create(**kw, tool_choice={"type": "function", "function": {"name": name}})
+        assert r.choices[0].finish_reason == "tool_calls"
+        [call] = r.choices[0].message.tool_calls
+        assert call.function.name == name
+        _validates(name, call.function.arguments)
+        s = stream(client, **kw, tool_choice={"type": "function", "function": {"name": name}})
+        assert [(c["name"], c["arguments"]) for c in s["calls"]] == [(name, call.function.arguments)]
+
+
+def test_forced_call_beside_a_free_request_leaves_the_free_one_unchanged(client):
+    """Constrained and unconstrained requests in one batch: the free one's greedy output is
+    what it is alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    free = dict(model="agent", messages=[{"role": "user", "content": "Name three colours."}], max_tokens=24)
+    forced = dict(model="agent", messages=[{"role": "user", "content": "List the files."}], tools=TOOLS,
+                  tool_choice="required", max_tokens=60)
+    alone = client.chat.completions.create(**free).choices[0].message.content
+    with ThreadPoolExecutor(4) as pool:
+        futs = [pool.submit(client.chat.completions.create, **forced) for _ in range(2)]
+        beside = pool.submit(client.chat.completions.create, **free)
+        calls = [f.result().choices[0].message.tool_calls for f in futs]
+    assert beside.result().choices[0].message.content == alone
+    assert all(c for c in calls)

@@ -1,7 +1,8 @@
 """Fuzzing the HTTP API from its own OpenAPI description, plus hand-picked hostile inputs.
 
 The contract: whatever a client sends, mlxd answers 2xx or 4xx (never a 5xx, never a dead
-worker), and every 4xx is OpenAI's error object, so client libraries can report it.
+worker), and every 4xx is its API's error object (OpenAI's, or Anthropic's on /v1/messages),
+so client libraries can report it.
 The fuzz run is short here; `ops/bench/fuzz.sh` runs the long one (FUZZ_EXAMPLES=2000).
 """
 
@@ -61,9 +62,20 @@ def assert_sane(resp) -> None:
 
 # -- the schemathesis run -------------------------------------------------------------------
 
-def openai_error_format(ctx, response, case) -> None:
+def assert_anthropic_error(resp) -> None:
+    """A 4xx/5xx body on /v1/messages is `{"type": "error", "error": {"type": str, "message": str}}`."""
+    body = resp.json()
+    err = body.get("error") if isinstance(body, dict) else None
+    assert isinstance(body, dict) and body.get("type") == "error" and isinstance(err, dict), resp.text[:300]
+    assert isinstance(err.get("message"), str) and isinstance(err.get("type"), str), resp.text[:300]
+
+
+def api_error_format(ctx, response, case) -> None:
     if 400 <= response.status_code < 500:
-        assert_openai_error(response)
+        if case.path.startswith("/v1/messages"):
+            assert_anthropic_error(response)
+        else:
+            assert_openai_error(response)
 
 
 def _tame(case) -> None:
@@ -77,7 +89,7 @@ def _tame(case) -> None:
         return
     if isinstance(body.get("model"), str) and len(body["model"]) % 4:
         body["model"] = MODEL
-    for key in ("max_tokens", "max_completion_tokens"):
+    for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
         try:
             if float(body.get(key)) > MAX_TOKENS:
                 body[key] = MAX_TOKENS
@@ -98,17 +110,21 @@ def test_openapi_describes_the_routes(api_schema, http):
     assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health"} <= set(spec["paths"])
     assert spec["paths"]["/health"]["get"]["security"] == []
     assert "messages" in spec["components"]["schemas"]["ChatCompletionRequest"]["properties"]
+    assert {"/v1/messages", "/v1/messages/count_tokens", "/v1/responses"} <= set(spec["paths"])
+    assert "system" in spec["components"]["schemas"]["MessagesRequest"]["properties"]
+    assert "previous_response_id" in spec["components"]["schemas"]["ResponsesRequest"]["properties"]
 
 
 def test_fuzz(api_schema, daemon):
-    """Valid and invalid bodies, weighted towards the two completion routes."""
-    ops = [api_schema["/v1/chat/completions"]["POST"], api_schema["/v1/completions"]["POST"]]
+    """Valid and invalid bodies, weighted towards the generating routes."""
+    ops = [api_schema[path]["POST"] for path in ("/v1/chat/completions", "/v1/completions", "/v1/messages",
+                                                 "/v1/messages/count_tokens", "/v1/responses")]
     strategy = st.one_of(
         *(op.as_strategy(generation_mode=mode) for op in ops for mode in GenerationMode),
         api_schema.as_strategy(),
     )
     checks = [not_a_server_error, status_code_conformance, content_type_conformance,
-              response_schema_conformance, openai_error_format]
+              response_schema_conformance, api_error_format]
 
     @settings(max_examples=EXAMPLES, deadline=None, database=None, phases=[Phase.generate],
               suppress_health_check=list(HealthCheck))

@@ -1,4 +1,4 @@
-"""The Quart application: routes, and errors turned into OpenAI's shape."""
+"""The Quart application: routes, auth, and errors in the shape of the API each route belongs to."""
 
 from __future__ import annotations
 
@@ -9,13 +9,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from quart import Quart, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from .errors import APIError
-from .limits import RateLimiter
 from .actions import bp as actions_bp
+from .anthropic import bp as anthropic_bp
 from .cache import bp as cache_bp
 from .console import bp as console_bp, is_public
+from .errors import APIError, shape_of
+from .limits import RateLimiter
 from .openai import bp as openai_bp
 from .openapi import bp as openapi_bp
+from .responses import Store, bp as responses_bp
 
 
 def create_app(supervisor) -> Quart:
@@ -29,10 +31,15 @@ def create_app(supervisor) -> Quart:
         limiter.configure(server.rate_limit.requests_per_minute, server.rate_limit.tokens_per_minute)
     apply_server_settings(supervisor.config.server)
     supervisor.listeners.append(apply_server_settings)
+    app.config["RESPONSES"] = Store(lambda: supervisor.config.server.responses_store)
+
+    def render(e: APIError):
+        return e.response(shape_of(request.path))
 
     @app.before_request
     async def authenticate():
-        """Bearer keys, compared in constant time; /health stays open for probes, the console's page to ask for a key."""
+        """Keys as `Authorization: Bearer` or `x-api-key`, compared in constant time; /health stays open for
+        probes, the console's page to ask for a key."""
         auth = supervisor.config.server.auth
         if not auth.api_keys or request.path == "/health" or is_public(request.path) or (request.path == "/metrics" and not auth.protect_metrics):
             return None
@@ -42,11 +49,14 @@ def create_app(supervisor) -> Quart:
         for k in auth.api_keys:      # no early exit: timing does not tell which key matched
             ok |= hmac.compare_digest(k.encode(), given.encode())
         if not ok:
-            msg = "Incorrect API key provided." if given else "Missing API key: send 'Authorization: Bearer KEY'."
-            return APIError(401, msg, code="invalid_api_key").response()
+            msg = "Incorrect API key provided." if given else \
+                "Missing API key: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'."
+            return render(APIError(401, msg, code="invalid_api_key"))
         g.api_key = given
         return None
     app.register_blueprint(openai_bp)
+    app.register_blueprint(anthropic_bp)
+    app.register_blueprint(responses_bp)
     app.register_blueprint(cache_bp)
     app.register_blueprint(openapi_bp)
     app.register_blueprint(actions_bp)
@@ -86,16 +96,16 @@ def create_app(supervisor) -> Quart:
 
     @app.errorhandler(APIError)
     async def api_error(e: APIError):
-        return e.response()
+        return render(e)
 
     @app.errorhandler(HTTPException)
     async def http_error(e: HTTPException):
         kind = "not_found_error" if e.code == 404 else "invalid_request_error"
-        return APIError(e.code or 500, e.description or e.name, type_=kind).response()
+        return render(APIError(e.code or 500, e.description or e.name, type_=kind))
 
     @app.errorhandler(Exception)
     async def internal_error(e: Exception):
         app.logger.exception("unhandled error")
-        return APIError(500, f"internal error: {type(e).__name__}", type_="server_error").response()
+        return render(APIError(500, f"internal error: {type(e).__name__}", type_="server_error"))
 
     return app

@@ -1,4 +1,9 @@
-"""Errors in OpenAI's shape, so every client library reports them properly."""
+"""Errors as data: one record per failure, rendered in the shape of the API that was called.
+
+A route raises `APIError` (status, OpenAI-style type, message, code, param); the app's
+error handler and each stream render it as OpenAI's `{"error": {...}}` or Anthropic's
+`{"type": "error", "error": {...}}`, so every client library reports it properly.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,11 @@ from typing import Optional
 
 from pydantic import ValidationError
 from quart import jsonify
+
+# Anthropic's error types by status; 529 is its "overloaded"
+_ANTHROPIC = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+              404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large",
+              429: "rate_limit_error", 504: "timeout_error", 529: "overloaded_error"}
 
 
 class APIError(Exception):
@@ -19,11 +29,30 @@ class APIError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
-    def response(self):
-        resp = jsonify(self.body())
-        resp.status_code = self.status
+    def anthropic_status(self) -> int:
+        """A full model is Anthropic's 529 `overloaded_error`, which its SDKs retry."""
+        return 529 if self.code == "model_at_capacity" else self.status
+
+    def anthropic_body(self) -> dict:
+        status = self.anthropic_status()
+        kind = _ANTHROPIC.get(status, "api_error" if status >= 500 else "invalid_request_error")
+        message = f"{self.param}: {self.message}" if self.param and self.param not in self.message else self.message
+        return {"type": "error", "error": {"type": kind, "message": message}}
+
+    def response(self, shape: str = "openai"):
+        if shape == "anthropic":
+            resp = jsonify(self.anthropic_body())
+            resp.status_code = self.anthropic_status()
+        else:
+            resp = jsonify(self.body())
+            resp.status_code = self.status
         resp.headers.update(self.headers)
         return resp
+
+
+def shape_of(path: str) -> str:
+    """Which API a path belongs to, so that even a 404 or 401 reads as that API's error."""
+    return "anthropic" if path == "/v1/messages" or path.startswith("/v1/messages/") else "openai"
 
 
 # Union branches and validators appear in pydantic's locations; clients never spelled them.

@@ -14,61 +14,51 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import time
 import uuid
+from datetime import datetime, timezone
 from typing import AsyncIterator
 
-from pydantic import ValidationError
-from quart import Blueprint, Response, current_app, g, jsonify, request
+from quart import Blueprint, Response, current_app, jsonify
 
 from .. import events as ev_
-from ..process import RequestTimeout, WorkerGone
-from ..lifecycle.handle import ModelAtCapacity, ModelUnavailable
-from .errors import APIError, from_validation, model_not_found
+from . import requests as rq
+from .errors import APIError, model_not_found
 from .schemas import ChatCompletionRequest, CompletionRequest
 
 bp = Blueprint("openai", __name__)
 
 
-def _timeout_error(e: RequestTimeout) -> APIError:
-    return APIError(504, f"the request took longer than server.request_timeout ({e.args[0]:g}s) and was cancelled",
-                    type_="server_error", code="timeout")
+def _model_entry(id_: str, created: int, **extra) -> dict:
+    """One model, in a shape both SDKs read: OpenAI's `object`/`owned_by`, Anthropic's `type`/`display_name`."""
+    return {"id": id_, "object": "model", "created": created, "owned_by": "mlxd", "type": "model",
+            "display_name": id_, "created_at": datetime.fromtimestamp(created, timezone.utc).isoformat(), **extra}
 
 
-def _supervisor():
-    return current_app.config["SUPERVISOR"]
+def _models() -> list[dict]:
+    sup = rq.supervisor()
+    data = []
+    for h in sup.handles.values():
+        created = int(sup.started)
+        data.append(_model_entry(h.name, created, aliases=list(h.cfg.aliases), state=h.state))
+        for alias in h.cfg.aliases:
+            data.append(_model_entry(alias, created, alias_of=h.name, state=h.state))
+    return data
+
+
+@bp.get("/v1/models/<path:name>")
+async def get_model(name: str):
+    entry = next((m for m in _models() if m["id"] == name), None)
+    if entry is None:
+        raise model_not_found(name)
+    return jsonify(entry)
 
 
 @bp.get("/v1/models")
 async def list_models():
-    sup = _supervisor()
-    data = []
-    for h in sup.handles.values():
-        created = int(sup.started)
-        data.append({"id": h.name, "object": "model", "created": created, "owned_by": "mlxd",
-                     "aliases": list(h.cfg.aliases), "state": h.state})
-        for alias in h.cfg.aliases:
-            data.append({"id": alias, "object": "model", "created": created, "owned_by": "mlxd",
-                         "alias_of": h.name, "state": h.state})
-    return jsonify({"object": "list", "data": data})
-
-
-async def _body(schema):
-    raw = await request.get_data()
-    try:
-        data = json.loads(raw)
-        json.dumps(data, ensure_ascii=False).encode()   # lone surrogates cannot reach the worker
-    except (ValueError, UnicodeError) as e:
-        raise APIError(400, f"The request body is not valid JSON: {e}") from None
-    except RecursionError:
-        raise APIError(400, "The request body is nested too deeply.") from None
-    if not isinstance(data, dict):
-        raise APIError(400, "The request body must be a JSON object.")
-    try:
-        return schema.model_validate(data)
-    except ValidationError as e:
-        raise from_validation(e) from None
+    data = _models()
+    return jsonify({"object": "list", "data": data, "has_more": False,
+                    "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None})
 
 
 def _payload(body, handle) -> dict:
@@ -91,65 +81,11 @@ def _usage(done: ev_.Done) -> dict:
             "prompt_tokens_details": {"cached_tokens": u["cached_tokens"]}}
 
 
-def _worker_error(ev: ev_.Error) -> APIError:
-    return APIError(ev.status, ev.message, code=ev.code, param=ev.param)
-
-
-async def _typed(events: AsyncIterator[dict]) -> AsyncIterator[ev_.Event]:
-    async with contextlib.aclosing(events):
-        async for ev in events:
-            yield ev_.parse(ev)
-
-
-async def _first_event(events: AsyncIterator[ev_.Event]) -> ev_.Started:
-    """The worker's answer to the submit: `started`, or an error raised as APIError."""
-    try:
-        async for ev in events:
-            if isinstance(ev, ev_.Error):
-                raise _worker_error(ev)
-            if isinstance(ev, ev_.Started):
-                return ev
-    except WorkerGone as e:
-        raise APIError(503, str(e), type_="server_error", code="worker_unavailable") from None
-    except ModelAtCapacity as e:
-        raise APIError(429, str(e), type_="rate_limit_error", code="model_at_capacity",
-                       headers={"Retry-After": "1"}) from None
-    except ModelUnavailable as e:
-        raise APIError(503, str(e), type_="server_error", code="model_unavailable") from None
-    except RequestTimeout as e:
-        raise _timeout_error(e) from None
-    raise APIError(500, "the worker ended the request without an answer", type_="server_error")
-
-
-async def _charged(events: AsyncIterator[dict], key: str, limiter) -> AsyncIterator[dict]:
-    """The request's tokens charged to its key's rate limit when it ends."""
-    async with contextlib.aclosing(events):
-        async for ev in events:
-            if ev["op"] == "done":
-                u = ev["usage"]
-                limiter.charge(key, u["prompt_tokens"] + u["completion_tokens"])
-            yield ev
-
-
-def _admit(handle) -> str:
-    """429 with Retry-After when the key's rate limit is reached; returns the key."""
-    key = g.get("api_key") or request.remote_addr or "-"
-    wait = current_app.config["LIMITER"].admit(key)
-    if wait > 0:
-        raise APIError(429, f"Rate limit reached for this key; retry in {wait:.1f}s.", type_="rate_limit_error",
-                       code="rate_limit_exceeded", headers={"Retry-After": str(math.ceil(wait))})
-    return key
-
-
 async def _complete(kind: str):
     schema = ChatCompletionRequest if kind == "chat" else CompletionRequest
-    if _supervisor().draining:
-        raise APIError(503, "mlxd is shutting down; retry shortly", type_="server_error",
-                       code="shutting_down", headers={"Retry-After": "5"})
-    body = await _body(schema)
-    handle = _supervisor().get(body.model)
-    if handle is None:
-        raise model_not_found(body.model)
+    rq.check_open()
+    body = await rq.body(schema)
+    handle = rq.model(body.model)
     payload = _payload(body, handle)
     if kind == "chat":
         if problem := body.tool_problem():
@@ -158,26 +94,24 @@ async def _complete(kind: str):
         payload.update(body.tool_payload())
     else:
         payload["prompt"] = body.prompt
-    key = _admit(handle)
-    events = _typed(_charged(handle.generate(payload, _supervisor().config.server.request_timeout), key,
-                             current_app.config["LIMITER"]))
-    try:
-        started = await _first_event(events)
-    except BaseException:
-        await events.aclose()
-        raise
+    run = await rq.start(handle, payload)
     rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
     meta = {"id": rid, "created": int(time.time()), "model": handle.name}
     current_app.logger.debug("request %s on %s: %d prompt tokens, %d cached", rid, handle.name,
-                             started.prompt_tokens, started.cached_tokens)
+                             run.started.prompt_tokens, run.started.cached_tokens)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        resp = Response(_stream(kind, events, meta, include_usage), mimetype="text/event-stream")
-        resp.headers["Cache-Control"] = "no-cache"
-        resp.headers["X-Accel-Buffering"] = "no"
-        resp.timeout = None
-        return resp
-    return await _collect(kind, events, meta)
+        every = rq.supervisor().config.server.stream_ping_seconds
+        return sse_response(_stream(kind, run.events, meta, include_usage, every))
+    return await _collect(kind, run.events, meta)
+
+
+def sse_response(chunks) -> Response:
+    resp = Response(chunks, mimetype="text/event-stream")
+    resp.headers["Cache-Control"] = "no-cache"
+    resp.headers["X-Accel-Buffering"] = "no"
+    resp.timeout = None
+    return resp
 
 
 async def _collect(kind: str, events: AsyncIterator[ev_.Event], meta: dict):
@@ -186,29 +120,19 @@ async def _collect(kind: str, events: AsyncIterator[ev_.Event], meta: dict):
     calls: list[dict] = []
     logprobs: list[dict] = []
     async with contextlib.aclosing(events):
-        try:
-            async for ev in events:
-                if isinstance(ev, ev_.Text):
-                    text.append(ev.text)
-                elif isinstance(ev, ev_.Reasoning):
-                    reasoning.append(ev.text)
-                elif isinstance(ev, ev_.ToolCall):
-                    calls.append({"id": ev.call_id, "type": "function", "function": {"name": ev.name, "arguments": ""}})
-                elif isinstance(ev, ev_.ToolArgs):
-                    calls[ev.index]["function"]["arguments"] += ev.arguments
-                elif isinstance(ev, ev_.Logprob):
-                    logprobs.append(_logprob(ev))
-                elif isinstance(ev, ev_.Error):
-                    raise _worker_error(ev)
-                elif isinstance(ev, ev_.Done):
-                    break
-        except WorkerGone as e:
-            raise APIError(503, str(e), type_="server_error", code="worker_died") from None
-        except RequestTimeout as e:
-            raise _timeout_error(e) from None
-    if ev.finish_reason == "cancelled":
-        raise APIError(503, "the request was cancelled: mlxd is stopping or the model was removed",
-                       type_="server_error", code="cancelled")
+        async for ev in events:
+            if isinstance(ev, ev_.Text):
+                text.append(ev.text)
+            elif isinstance(ev, ev_.Reasoning):
+                reasoning.append(ev.text)
+            elif isinstance(ev, ev_.ToolCall):
+                calls.append({"id": ev.call_id, "type": "function", "function": {"name": ev.name, "arguments": ""}})
+            elif isinstance(ev, ev_.ToolArgs):
+                calls[ev.index]["function"]["arguments"] += ev.arguments
+            elif isinstance(ev, ev_.Logprob):
+                logprobs.append(_logprob(ev))
+            elif isinstance(ev, ev_.Done):
+                break
     content = "".join(text)
     if kind == "chat":
         message = {"role": "assistant", "content": content or (None if calls else ""), "refusal": None}
@@ -251,7 +175,7 @@ def _chat_delta(ev) -> dict:
 _OUTPUT = (ev_.Text, ev_.Reasoning, ev_.ToolCall, ev_.ToolArgs)
 
 
-async def _stream(kind: str, events: AsyncIterator[ev_.Event], meta: dict, include_usage: bool):
+async def _stream(kind: str, events: AsyncIterator[ev_.Event], meta: dict, include_usage: bool, every: float):
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
     def chunk(delta: dict, finish=None, logprobs=None):
@@ -261,34 +185,26 @@ async def _stream(kind: str, events: AsyncIterator[ev_.Event], meta: dict, inclu
             choice = {"index": 0, "text": delta.get("content", ""), "logprobs": None, "finish_reason": finish}
         return _sse({**meta, "object": obj, "choices": [choice]})
 
-    async with contextlib.aclosing(events):
-        if kind == "chat":
-            yield chunk({"role": "assistant", "content": ""})
-        try:
-            async for ev in events:
-                if isinstance(ev, _OUTPUT):
-                    yield chunk(_chat_delta(ev))
-                elif isinstance(ev, ev_.Logprob):
-                    yield chunk({}, logprobs={"content": [_logprob(ev)], "refusal": None})
-                elif isinstance(ev, ev_.Progress):
-                    yield f": prefill {ev.done}/{ev.total}\n\n".encode()
-                elif isinstance(ev, ev_.Error):
-                    yield _sse(_worker_error(ev).body())
-                    return
-                elif isinstance(ev, ev_.Done) and ev.finish_reason == "cancelled":
-                    yield _sse(APIError(503, "the request was cancelled: mlxd is stopping or the model was "
-                                             "removed", type_="server_error", code="cancelled").body())
-                    return
-                elif isinstance(ev, ev_.Done):
-                    yield chunk({}, finish=ev.finish_reason)
-                    if include_usage:
-                        yield _sse({**meta, "object": obj, "choices": [], "usage": _usage(ev)})
-                    yield b"data: [DONE]\n\n"
-                    return
-        except WorkerGone as e:
-            yield _sse(APIError(503, str(e), type_="server_error", code="worker_died").body())
-        except RequestTimeout as e:
-            yield _sse(_timeout_error(e).body())
+    if kind == "chat":
+        yield chunk({"role": "assistant", "content": ""})
+    try:
+        async for ev in rq.heartbeat(events, every):
+            if ev is None:
+                yield b": waiting\n\n"
+            elif isinstance(ev, _OUTPUT):
+                yield chunk(_chat_delta(ev))
+            elif isinstance(ev, ev_.Logprob):
+                yield chunk({}, logprobs={"content": [_logprob(ev)], "refusal": None})
+            elif isinstance(ev, ev_.Progress):
+                yield f": prefill {ev.done}/{ev.total}\n\n".encode()
+            elif isinstance(ev, ev_.Done):
+                yield chunk({}, finish=ev.finish_reason)
+                if include_usage:
+                    yield _sse({**meta, "object": obj, "choices": [], "usage": _usage(ev)})
+                yield b"data: [DONE]\n\n"
+                return
+    except APIError as e:
+        yield _sse(e.body())
 
 
 @bp.post("/v1/chat/completions")

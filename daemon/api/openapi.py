@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from quart import Blueprint, jsonify
 
+from .anthropic import CountTokensRequest, MessagesRequest
+from .responses import ResponsesRequest
 from .schemas import ChatCompletionRequest, CompletionRequest
 
 bp = Blueprint("openapi", __name__)
@@ -81,7 +83,10 @@ _RESPONSES = {
         "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": {
             "type": "object", "required": ["id", "object", "created", "owned_by"],
             "properties": {"id": _str, "object": {"const": "model"}, "created": _int, "owned_by": _str,
-                           "state": _str, "alias_of": _str, "aliases": {"type": "array", "items": _str}}}}},
+                           "state": _str, "alias_of": _str, "aliases": {"type": "array", "items": _str},
+                           "type": {"const": "model"}, "display_name": _str, "created_at": _str}}},
+                       "has_more": {"type": "boolean"}, "first_id": _nullable_str, "last_id": _nullable_str},
+        "description": "Read by both SDKs: OpenAI's `object`/`owned_by`, Anthropic's `type`/`display_name`/`has_more`.",
     },
     "ReloadResult": {
         "type": "object", "required": ["applied"],
@@ -94,6 +99,41 @@ _RESPONSES = {
         "properties": {"data": _str, "event": _str},
     },
     "Object": {"type": "object"},
+    "AnthropicError": {
+        "type": "object", "required": ["type", "error"],
+        "description": "Anthropic's error object: every 4xx/5xx of /v1/messages has this shape.",
+        "properties": {"type": {"const": "error"}, "error": {
+            "type": "object", "required": ["type", "message"], "properties": {"type": _str, "message": _str}}},
+    },
+    "Message": {
+        "type": "object", "required": ["id", "type", "role", "model", "content", "stop_reason", "usage"],
+        "properties": {
+            "id": _str, "type": {"const": "message"}, "role": {"const": "assistant"}, "model": _str,
+            "content": {"type": "array", "items": {
+                "type": "object", "required": ["type"],
+                "properties": {"type": {"enum": ["text", "thinking", "tool_use"]}, "text": _str, "thinking": _str,
+                               "id": _str, "name": _str, "input": {"type": "object"}}}},
+            "stop_reason": {"enum": ["end_turn", "max_tokens", "stop_sequence", "tool_use"]},
+            "stop_sequence": _nullable_str,
+            "usage": {"type": "object", "required": ["input_tokens", "output_tokens"], "properties": {
+                "input_tokens": _int, "output_tokens": _int, "cache_read_input_tokens": _int,
+                "cache_creation_input_tokens": _int}},
+        },
+    },
+    "TokenCount": {"type": "object", "required": ["input_tokens"], "properties": {"input_tokens": _int}},
+    "Response": {
+        "type": "object", "required": ["id", "object", "created_at", "model", "status", "output", "usage"],
+        "properties": {
+            "id": _str, "object": {"const": "response"}, "created_at": _int, "model": _str,
+            "status": {"enum": ["completed", "incomplete"]}, "previous_response_id": _nullable_str,
+            "output": {"type": "array", "items": {
+                "type": "object", "required": ["type", "id"],
+                "properties": {"type": {"enum": ["message", "reasoning", "function_call"]}, "id": _str}}},
+            "usage": {"type": "object", "required": ["input_tokens", "output_tokens", "total_tokens"], "properties": {
+                "input_tokens": _int, "output_tokens": _int, "total_tokens": _int,
+                "input_tokens_details": {"type": "object", "properties": {"cached_tokens": _int}}}},
+        },
+    },
 }
 
 _ERRORS = {
@@ -111,32 +151,39 @@ def _json(schema: dict, description: str = "OK") -> dict:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
-def _op(summary: str, ok: dict, errors=(401,), body: str | None = None, **extra) -> dict:
+def _op(summary: str, ok: dict, errors=(401,), body: str | None = None, error="Error", **extra) -> dict:
     op = {"summary": summary, "responses": {"200": ok}, **extra}
     for code in errors:
-        op["responses"][str(code)] = _json(_ref("Error"), _ERRORS[code])
+        op["responses"][str(code)] = _json(_ref(error), _ERRORS[code])
     if body:
         op["requestBody"] = {"required": True, "content": {"application/json": {"schema": _ref(body)}}}
     return op
 
 
-def _completion(summary: str, body: str, result: str) -> dict:
-    ok = {"description": "The completion; with `stream: true`, server-sent events ending in `data: [DONE]`.",
+def _completion(summary: str, body: str, result: str, error="Error",
+                stream="server-sent events ending in `data: [DONE]`") -> dict:
+    ok = {"description": f"The result; with `stream: true`, {stream}.",
           "content": {"application/json": {"schema": _ref(result)},
                       "text/event-stream": {"schema": _ref("StreamEvent")}}}
-    return _op(summary, ok, errors=(400, 401, 404, 413, 429, 503, 504), body=body)
+    op = _op(summary, ok, errors=(400, 401, 404, 413, 429, 503, 504), body=body, error=error)
+    if error == "AnthropicError":
+        op["responses"]["529"] = _json(_ref(error), "The model's queue is full (Anthropic's overloaded_error).")
+        op["parameters"] = [{"name": "beta", "in": "query", "required": False, "schema": _str,
+                             "description": "Sent by Claude Code; accepted and ignored."}]
+    return op
 
 
 def build_spec() -> dict:
-    schemas = {**_request_schemas(ChatCompletionRequest, CompletionRequest), **_RESPONSES}
+    schemas = {**_request_schemas(ChatCompletionRequest, CompletionRequest, MessagesRequest, CountTokensRequest,
+                                  ResponsesRequest), **_RESPONSES}
     obj = _json(_ref("Object"))
     reload = _op("Re-read the config file.", _json(_ref("ReloadResult")))
     reload["responses"]["400"] = _json(_ref("ReloadResult"), "The config did not load; nothing changed.")
     return {
         "openapi": "3.1.0",
         "info": {"title": "mlxd", "version": "0.1.0",
-                 "description": "MLX language models behind an OpenAI-compatible API."},
-        "security": [{"bearer": []}],
+                 "description": "MLX language models behind OpenAI- and Anthropic-compatible APIs."},
+        "security": [{"bearer": []}, {"apiKey": []}],
         "paths": {
             "/health": {"get": _op("200 once every preloaded model is ready; 503 before, and while shutting down.", obj, errors=(503,), security=[])},
             "/v1/status": {"get": _op("Models, workers, config generation.", obj)},
@@ -144,10 +191,22 @@ def build_spec() -> dict:
                 "description": "OK", "content": {"text/plain": {"schema": _str}}})},
             "/admin/reload": {"post": reload},
             "/v1/models": {"get": _op("Models and their aliases.", _json(_ref("ModelList")))},
+            "/v1/models/{name}": {"get": _op(
+                "One model or alias.", _json(_ref("Object")), errors=(401, 404),
+                parameters=[{"name": "name", "in": "path", "required": True, "schema": _str}])},
             "/v1/chat/completions": {"post": _completion(
                 "Chat completion.", "ChatCompletionRequest", "ChatCompletion")},
             "/v1/completions": {"post": _completion(
                 "Text completion.", "CompletionRequest", "TextCompletion")},
+            "/v1/messages": {"post": _completion(
+                "Anthropic Messages.", "MessagesRequest", "Message", error="AnthropicError",
+                stream="Anthropic's events (message_start ... message_stop, `ping` while waiting)")},
+            "/v1/messages/count_tokens": {"post": _op(
+                "A Messages request's prompt length in tokens.", _json(_ref("TokenCount")),
+                errors=(400, 401, 404, 413, 503), body="CountTokensRequest", error="AnthropicError")},
+            "/v1/responses": {"post": _completion(
+                "OpenAI Responses.", "ResponsesRequest", "Response",
+                stream="the Responses events (response.created ... response.completed)")},
             "/v1/cache/stats": {"get": _op("Prefix-cache statistics per model.", obj)},
             "/v1/cache": {"delete": _op(
                 "Clear one model's prefix cache.",
@@ -159,7 +218,9 @@ def build_spec() -> dict:
         "components": {
             "schemas": schemas,
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
-                                           "description": "`Authorization: Bearer KEY`, when keys are configured."}},
+                                           "description": "`Authorization: Bearer KEY`, when keys are configured."},
+                                "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key",
+                                           "description": "The same keys, as Anthropic clients send them."}},
         },
     }
 

@@ -120,6 +120,12 @@ def handle(engine, msg: dict) -> Optional[dict]:
         if op == "cache_clear":
             n = engine.prefix_cache.clear() if engine.prefix_cache is not None else 0
             return {"op": "cache_cleared", "seq": msg.get("seq"), "entries": n}
+        if op == "count_tokens":
+            try:
+                return {"op": "token_count", "seq": msg.get("seq"), "tokens": len(engine.tokenize(msg)[0])}
+            except RequestError as e:
+                return {"op": "token_count", "seq": msg.get("seq"),
+                        "error": {"message": str(e), "code": e.code, "param": e.param}}
     except RequestError as e:
         return {"op": "error", "id": msg.get("id"), "message": str(e), "code": e.code, "param": e.param, "status": 400}
     except Exception as e:   # a bug or a bad cache entry: that request fails, the worker goes on
@@ -127,6 +133,9 @@ def handle(engine, msg: dict) -> Optional[dict]:
         engine.internal_errors += 1
         if op == "submit":
             return internal_error(msg.get("id"), e)
+        if op == "count_tokens":
+            return {"op": "token_count", "seq": msg.get("seq"),
+                    "error": {"message": f"internal error: {type(e).__name__}: {e}", "code": "internal_error"}}
     return None
 
 

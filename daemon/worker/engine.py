@@ -257,7 +257,8 @@ class Engine:
             wanted = self.grammar(msg)
         except GrammarError as e:
             raise RequestError(str(e), param=e.param) from None
-        sampler = make_sampler(float(msg.get("temperature", 0.0)), float(msg.get("top_p", 1.0)), msg.get("seed"))
+        sampler = make_sampler(float(msg.get("temperature", 0.0)), float(msg.get("top_p", 1.0)), msg.get("seed"),
+                               int(msg.get("top_k") or 0))
         a = Active(id=rid, uid=None, prompt_tokens=len(tokens), cached_tokens=0, max_tokens=max_tokens,
                    out=out, t_submit=time.perf_counter(),
                    top_logprobs=int(msg.get("top_logprobs") or 0) if msg.get("logprobs") else None)
@@ -482,7 +483,7 @@ class Engine:
         now = time.perf_counter()
         start = a.t_prefill_start or now
         return Done(
-            a.id, reason, cache_tier=a.cache_tier, itl=a.itl,
+            a.id, reason, cache_tier=a.cache_tier, itl=a.itl, stop_sequence=a.out.text.matched,
             usage={"prompt_tokens": a.prompt_tokens, "completion_tokens": a.generated,
                    "cached_tokens": a.cached_tokens},
             timings={"queue": start - a.t_submit,

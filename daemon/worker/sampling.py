@@ -10,10 +10,10 @@ from __future__ import annotations
 from typing import Optional
 
 import mlx.core as mx
-from mlx_lm.sample_utils import apply_top_p, greedy_sampler
+from mlx_lm.sample_utils import apply_top_k, apply_top_p, greedy_sampler
 
 
-def make_sampler(temperature: float, top_p: float, seed: Optional[int]):
+def make_sampler(temperature: float, top_p: float, seed: Optional[int], top_k: int = 0):
     if temperature <= 0.0:
         return greedy_sampler
     inv_temp = 1.0 / temperature
@@ -21,6 +21,8 @@ def make_sampler(temperature: float, top_p: float, seed: Optional[int]):
 
     def sample(logprobs: mx.array) -> mx.array:
         nonlocal key
+        if 0 < top_k < logprobs.shape[-1]:
+            logprobs = apply_top_k(logprobs, top_k)
         if 0.0 < top_p < 1.0:
             logprobs = apply_top_p(logprobs, top_p)
         if key is None:

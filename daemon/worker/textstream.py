@@ -15,16 +15,17 @@ class TextStream:
         self._sent = 0
         self._searched = 0
         self.stopped = False
+        self.matched: str | None = None     # the stop string that ended the text
 
     def _emit(self, final: bool) -> str:
         text = self._detok.text
         if self._stop:
             start = max(0, self._searched - self._holdback)
-            hits = [i for i in (text.find(s, start) for s in self._stop) if i >= 0]
+            hits = [(i, s) for i, s in ((text.find(s, start), s) for s in self._stop) if i >= 0]
             self._searched = len(text)
             if hits:
                 self.stopped = True
-                end = min(hits)
+                end, self.matched = min(hits)
                 out, self._sent = text[self._sent:end], end
                 return out
         end = len(text) if final else max(self._sent, len(text) - self._holdback)

@@ -1,0 +1,205 @@
+"""The request path every API surface shares: body, model, admission, the worker's events.
+
+A surface translates its request into the worker's payload (`start`), then reads typed
+events (`daemon/events.py`) and writes them in its own wire format. Failures arrive as
+`APIError` records, whichever step they come from (rate limit, a full or missing model,
+the worker refusing the prompt or dying, the request timeout), and each surface renders
+them in its own shape, in a response or inside a stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+from dataclasses import dataclass
+from typing import AsyncIterator, Optional
+
+from pydantic import ValidationError
+from quart import current_app, g, request
+
+from .. import events as ev_
+from ..process import RequestTimeout, WorkerGone
+from ..lifecycle.handle import ModelAtCapacity, ModelUnavailable
+from .errors import APIError, from_validation, model_not_found
+
+
+def supervisor():
+    return current_app.config["SUPERVISOR"]
+
+
+async def body(schema):
+    """The request's JSON body validated by `schema`; a 400 naming the field otherwise."""
+    raw = await request.get_data()
+    try:
+        data = json.loads(raw)
+        json.dumps(data, ensure_ascii=False).encode()   # lone surrogates cannot reach the worker
+    except (ValueError, UnicodeError) as e:
+        raise APIError(400, f"The request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise APIError(400, "The request body is nested too deeply.") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "The request body must be a JSON object.")
+    try:
+        return schema.model_validate(data)
+    except ValidationError as e:
+        raise from_validation(e) from None
+
+
+def check_open() -> None:
+    """503 while the daemon drains, before the body is read."""
+    if supervisor().draining:
+        raise APIError(503, "mlxd is shutting down; retry shortly", type_="server_error",
+                       code="shutting_down", headers={"Retry-After": "5"})
+
+
+def model(name: str):
+    """The model's handle; 404 for a name no model answers to."""
+    check_open()
+    handle = supervisor().get(name)
+    if handle is None:
+        raise model_not_found(name)
+    return handle
+
+
+def noise_prefixes() -> tuple[str, ...]:
+    return tuple(supervisor().config.server.drop_system_prefixes)
+
+
+def drop_noise(text: str, prefixes: tuple[str, ...]) -> str:
+    """Text without the lines that start with one of `prefixes` (server.drop_system_prefixes).
+
+    Agents put a session id at the top of the system prompt; left in, no new session could
+    reuse the cached system prompt and tools."""
+    if not prefixes:
+        return text
+    lines = text.split("\n")
+    kept = [ln for ln in lines if not ln.lstrip().startswith(prefixes)]
+    return text if len(kept) == len(lines) else "\n".join(kept).lstrip("\n")
+
+
+def timeout_error(e: RequestTimeout) -> APIError:
+    return APIError(504, f"the request took longer than server.request_timeout ({e.args[0]:g}s) and was cancelled",
+                    type_="server_error", code="timeout")
+
+
+def worker_error(ev: ev_.Error) -> APIError:
+    return APIError(ev.status, ev.message, type_="server_error" if ev.status >= 500 else "invalid_request_error",
+                    code=ev.code, param=ev.param)
+
+
+CANCELLED = ("the request was cancelled: mlxd is stopping or the model was removed", "cancelled")
+
+
+def _admit() -> str:
+    """429 with Retry-After when the key's rate limit is reached; returns the key."""
+    key = g.get("api_key") or request.remote_addr or "-"
+    wait = current_app.config["LIMITER"].admit(key)
+    if wait > 0:
+        raise APIError(429, f"Rate limit reached for this key; retry in {wait:.1f}s.", type_="rate_limit_error",
+                       code="rate_limit_exceeded", headers={"Retry-After": str(math.ceil(wait))})
+    return key
+
+
+async def _charged(events: AsyncIterator[dict], key: str, limiter) -> AsyncIterator[dict]:
+    """The request's tokens charged to its key's rate limit when it ends."""
+    async with contextlib.aclosing(events):
+        async for ev in events:
+            if ev["op"] == "done":
+                u = ev["usage"]
+                limiter.charge(key, u["prompt_tokens"] + u["completion_tokens"])
+            yield ev
+
+
+async def _typed(events: AsyncIterator[dict]) -> AsyncIterator[ev_.Event]:
+    """Typed events until `done`; every failure raised as APIError (the worker's error events too)."""
+    started = False
+    async with contextlib.aclosing(events):
+        try:
+            async for raw in events:
+                ev = ev_.parse(raw)
+                if isinstance(ev, ev_.Error):
+                    raise worker_error(ev)
+                if isinstance(ev, ev_.Done) and ev.finish_reason == "cancelled":
+                    raise APIError(503, CANCELLED[0], type_="server_error", code=CANCELLED[1])
+                started = True
+                yield ev
+        except WorkerGone as e:
+            raise APIError(503, str(e), type_="server_error",
+                           code="worker_died" if started else "worker_unavailable") from None
+        except ModelAtCapacity as e:
+            raise APIError(429, str(e), type_="rate_limit_error", code="model_at_capacity",
+                           headers={"Retry-After": "1"}) from None
+        except ModelUnavailable as e:
+            raise APIError(503, str(e), type_="server_error", code="model_unavailable") from None
+        except RequestTimeout as e:
+            raise timeout_error(e) from None
+
+
+@dataclass
+class Run:
+    """An admitted request the worker accepted: its `started` event and the events after it."""
+    handle: object
+    started: ev_.Started
+    events: AsyncIterator[ev_.Event]
+
+
+async def start(handle, payload: dict) -> Run:
+    """Admit the request, submit it, and wait for the worker's answer, so that a refused
+    prompt is a proper 4xx before any stream begins."""
+    key = _admit()
+    sup = supervisor()
+    events = _typed(_charged(handle.generate(payload, sup.config.server.request_timeout), key,
+                             current_app.config["LIMITER"]))
+    try:
+        async for ev in events:
+            if isinstance(ev, ev_.Started):
+                return Run(handle, ev, events)
+        raise APIError(500, "the worker ended the request without an answer", type_="server_error")
+    except BaseException:
+        await events.aclose()
+        raise
+
+
+async def heartbeat(events: AsyncIterator[ev_.Event], every: float) -> AsyncIterator[Optional[ev_.Event]]:
+    """The events, with None after every `every` seconds without one: a stream waiting on a
+    long prefill says it is alive (as SSE comments or Anthropic's `ping`)."""
+    it = events.__aiter__()
+    nxt: Optional[asyncio.Future] = None
+    try:
+        while True:
+            nxt = nxt or asyncio.ensure_future(it.__anext__())
+            done, _ = await asyncio.wait({nxt}, timeout=every)
+            if not done:
+                yield None
+                continue
+            fut, nxt = nxt, None
+            try:
+                ev = fut.result()
+            except StopAsyncIteration:
+                return
+            yield ev
+    finally:
+        if nxt is not None:
+            nxt.cancel()
+            with contextlib.suppress(BaseException):
+                await nxt
+        await events.aclose()
+
+
+async def count_tokens(handle, payload: dict) -> int:
+    """The prompt's length in tokens as the worker would render it, without generating."""
+    try:
+        worker = await handle.wait_ready(supervisor().config.server.worker_start_timeout)
+        reply = await worker.call("count_tokens", timeout=60, **payload)
+    except WorkerGone as e:
+        raise APIError(503, str(e), type_="server_error", code="worker_unavailable") from None
+    except ModelUnavailable as e:
+        raise APIError(503, str(e), type_="server_error", code="model_unavailable") from None
+    except asyncio.TimeoutError:
+        raise APIError(504, "counting the prompt's tokens timed out", type_="server_error", code="timeout") from None
+    if "error" in reply:
+        err = reply["error"]
+        raise APIError(400, err["message"], code=err.get("code"), param=err.get("param"))
+    return reply["tokens"]
