@@ -197,7 +197,7 @@ def run(eng, events=None, until=None, steps=10_000):
         if until is not None and until(events):
             break
         if not eng.busy:
-            if not eng.pending:
+            if not eng.parked:
                 break
             threading.Event().wait(0.01)
             continue
@@ -207,7 +207,7 @@ def run(eng, events=None, until=None, steps=10_000):
 
 
 def text(evs) -> str:
-    return "".join(e["text"] for e in evs if e["op"] == "delta")
+    return "".join(e["text"] for e in evs if e["op"] == "text")
 
 
 def test_engine_decodes_others_while_a_grammar_compiles(engine):
@@ -215,11 +215,13 @@ def test_engine_decodes_others_while_a_grammar_compiles(engine):
     gate, woke = threading.Event(), threading.Event()
     engine.compiler._pool.submit(gate.wait)        # the compiler's thread is busy until the gate opens
     engine.wake = woke.set
-    assert submit(engine, "free", max_tokens=24)["op"] == "started"
-    assert submit(engine, "json", max_tokens=48, **SMALL) is None
-    events = run(engine, until=lambda evs: len([e for e in evs.get("free", []) if e["op"] == "delta"]) >= 3)
-    assert "json" not in events and "json" in engine.pending      # decoding went on without it
-    gate.set()
+    try:
+        assert submit(engine, "free", max_tokens=24)["op"] == "started"
+        assert submit(engine, "json", max_tokens=48, **SMALL) is None
+        events = run(engine, until=lambda evs: len([e for e in evs.get("free", []) if e["op"] == "text"]) >= 3)
+        assert "json" not in events and "json" in engine.parked      # decoding went on without it
+    finally:
+        gate.set()      # a failure must not leave the compiler's thread blocked (pytest would hang at exit)
     assert woke.wait(60)
     run(engine, events)
     assert events["json"][0]["op"] == "started" and events["json"][-1]["op"] == "done"
@@ -235,16 +237,18 @@ def test_uncompilable_grammar_and_cancel_while_compiling(engine):
     assert "nope" in err["message"]
     gate = threading.Event()
     engine.compiler._pool.submit(gate.wait)
-    assert submit(engine, "gone", **SMALL) is None
-    done = engine.cancel("gone")
-    gate.set()
-    assert done["finish_reason"] == "cancelled" and not engine.pending and not engine.busy
+    try:
+        assert submit(engine, "gone", **SMALL) is None
+        done = engine.cancel("gone")
+    finally:
+        gate.set()
+    assert done["finish_reason"] == "cancelled" and not engine.parked and not engine.busy
 
 
 def test_matcher_failure_fails_only_its_request(engine, lm, compiler):
     submit(engine, "free", max_tokens=24)
     submit(engine, "json", max_tokens=48, **SMALL)
-    events = run(engine, until=lambda evs: any(e["op"] == "delta" for e in evs.get("json", [])))
+    events = run(engine, until=lambda evs: any(e["op"] == "text" for e in evs.get("json", [])))
     (a,) = [a for a in engine.active.values() if a.id == "json"]
     # The next token, allowed by the JSON grammar, is refused by this one: the matcher errors.
     a.grammar.matcher = compiler.compile('%llguidance {}\nstart: "zzz"', "tools").result(timeout=60)
