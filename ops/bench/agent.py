@@ -39,6 +39,9 @@ from common import (InProc, load_now, median, mlx_lm_server, mlxd, model_dir, pu
 from prefix import MLXD_CFG, cache_stats, fmt, log_digest, ratio, settle, warm_up  # noqa: E402
 
 SERVERS = ("mlxd", "mlx_lm.server", "vllm-mlx")
+# The same session through /v1/messages with the anthropic SDK, on a second mlxd with its own cache
+# (one daemon for both would serve each request the other's prefix). Run with --messages.
+MESSAGES = "mlxd-messages"
 STEPS = 10
 STEP_TOKENS = 16
 PROBE_TOKENS = 160   # room for a whole call: a forced `todowrite` or `write` runs long
@@ -67,7 +70,12 @@ RESPONSE_FORMAT = {"type": "json_schema", "json_schema": {"name": "project", "sc
 
 
 def step(server, messages: list[dict]) -> dict:
-    r = stream_chat(server, messages, STEP_TOKENS, timeout=REQUEST_TIMEOUT, extra=AGENT)
+    if server.name == MESSAGES:
+        from messages_client import stream_messages
+
+        r = stream_messages(server.url, server.model, messages, STEP_TOKENS, timeout=REQUEST_TIMEOUT, tools=TOOLS)
+    else:
+        r = stream_chat(server, messages, STEP_TOKENS, timeout=REQUEST_TIMEOUT, extra=AGENT)
     return {k: r[k] for k in ("ttft", "prompt_tokens", "cached_tokens", "completion_tokens", "total",
                               "first_kind", "tool_call_chunks", "finish_reason", "text")}
 
@@ -263,6 +271,12 @@ def summary(res: dict) -> list[str]:
              + " | ".join(row) + " |")
     L.append("| streamed tool calls, tool_choice auto / required | parseable; required honored | " + " | ".join(
         " / ".join(choice_outcome(p) for p in res["c"].get(name, [])) or "n/a" for name in names) + " |")
+    if MESSAGES in names and "mlxd" in names:       # the same session, Messages API vs Chat Completions
+        rs = [ratio(m.get("ttft"), c.get("ttft")) for m, c in zip(a[MESSAGES][1:], a["mlxd"][1:])]
+        rs = [r for r in rs if r is not None]
+        L.append(f"| requests 2-{len(res['requests'])}: TTFT via /v1/messages / via /v1/chat/completions | <= 1.1x | "
+                 + " | ".join((f"median {fmt(median(rs))}x, max {fmt(max(rs))}x" if rs else "n/a")
+                              if name == MESSAGES else "" for name in names) + " |")
     d = res.get("d")
     L.append(f"| json_schema decode / unconstrained (mlxd) | >= {TARGET_JSON}x | " + " | ".join(
         (json_verdict(d) if name == "mlxd" else "not run") for name in names) + " |")
@@ -429,6 +443,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true",
                     help="smoke-test the harness (3 steps, mlxd only unless --servers; numbers meaningless)")
     ap.add_argument("--servers", help=f"comma-separated subset of {','.join(SERVERS)}")
+    ap.add_argument("--messages", action="store_true",
+                    help=f"also run the session through /v1/messages on a second mlxd ({MESSAGES})")
     ap.add_argument("--report", metavar="JSON", help="only rewrite the report and plot of a saved agent.json, "
                                                      "next to it")
     args = ap.parse_args()
@@ -448,6 +464,8 @@ def main() -> int:
         STEPS, FLOOR_REPS, JSON_REPS, common.QUIET_WAIT, names = 3, 1, 1, 3.0, ["mlxd"]
     if args.servers:
         names = [n for n in SERVERS if n in args.servers.split(",")]
+    if args.messages:
+        names.append(MESSAGES)
 
     from transformers import AutoTokenizer
 
@@ -472,6 +490,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="mlxd-agent-bench-") as tmp:
         tmp = Path(tmp)
         make = {"mlxd": lambda: mlxd(tmp, MLXD_CFG, cache_dir=tmp / "mlxd-cache"),
+                MESSAGES: lambda: mlxd(tmp, MLXD_CFG, name=MESSAGES, cache_dir=tmp / "mlxd-messages-cache"),
                 "mlx_lm.server": lambda: mlx_lm_server(tmp, mdir, preload=True),
                 "vllm-mlx": lambda: vllm_mlx_server(tmp, mdir, preload=True)}
         servers = {n: make[n]() for n in names}
