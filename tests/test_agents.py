@@ -28,7 +28,8 @@ THINK_TEMPLATE = (
 
 def _tool(name, desc, **props):
     return {"type": "function", "function": {"name": name, "description": desc, "parameters": {
-        "type": "object", "properties": {k: {"type": v} for k, v in props.items()}, "required": list(props)[:1]}}}
+        "type": "object", "properties": {k: {"type": v} for k, v in props.items()}, "required": list(props)[:1],
+        "additionalProperties": False}}}      # as agents' zod schemas say
 
 
 # opencode's ten tools, shortened descriptions
@@ -283,21 +284,19 @@ def _validates(call_name: str, arguments: str) -> dict:
 
 
 def test_tool_choice_required_forces_a_valid_call_streamed(client):
-    """Without a few-shot history the model answers in prose; `required` makes it call a tool,
-    and the SDK's own stream accumulator reassembles the call."""
-    kw = dict(model="agent", messages=[{"role": "system", "content": SYSTEM},
-                                       {"role": "user", "content": "Please look at the file setup.py"}],
+    """Left free, the model answers in prose; `required` makes it call a tool, and the SDK's
+    own stream accumulator reassembles the call."""
+    kw = dict(model="agent", messages=[{"role": "user", "content": "How many files are in this folder?"}],
               tools=TOOLS, max_tokens=80)
     free = client.chat.completions.create(**kw)
     assert free.choices[0].message.tool_calls is None            # what `required` must change
-    with client.chat.completions.stream(**kw, tool_choice="required") as s:
+    with client.chat.completions.stream(**kw, tool_choice="required", parallel_tool_calls=False) as s:
         final = s.get_final_completion()
     choice = final.choices[0]
     assert choice.finish_reason == "tool_calls"
-    assert choice.message.tool_calls, choice.message
-    for call in choice.message.tool_calls:
-        assert call.function.name in {t["function"]["name"] for t in TOOLS}
-        _validates(call.function.name, call.function.arguments)
+    [call] = choice.message.tool_calls
+    assert call.function.name in {t["function"]["name"] for t in TOOLS}
+    _validates(call.function.name, call.function.arguments)
     assert not (choice.message.content or "").strip()
 
 

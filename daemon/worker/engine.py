@@ -229,8 +229,9 @@ class Engine:
                                f"tool format ({c['tool_parser']}); use 'auto'", param="tool_choice")
         start, end = c["tool_markers"]
         added = getattr(self.tokenizer, "get_added_vocab", dict)()
+        named = isinstance(c["tool_choice"], dict)      # "call this function": one call of it
         return tool_call_grammar(c["tools"], c["tool_choice"], start, end,
-                                 parallel=msg.get("parallel_tool_calls") is not False,
+                                 parallel=not named and msg.get("parallel_tool_calls") is not False,
                                  special=[m for m in (start, end) if m in added]), "tool_choice"
 
     def _vocab_size(self) -> int:
