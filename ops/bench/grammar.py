@@ -52,7 +52,7 @@ def run(engine, requests: list[dict]) -> dict[str, dict]:
             time.sleep(0.001)
             continue
         for ev in engine.step():
-            if ev["op"] == "delta":
+            if ev["op"] == "text":
                 texts[ev["id"]] = texts.get(ev["id"], "") + ev["text"]
             elif ev["op"] in ("done", "error"):
                 done[ev["id"]] = {**ev, "text": texts.get(ev["id"], "")}

@@ -131,7 +131,7 @@ def run(model, tokenizer, root: Path, scenario: str, entry: list[int], rep: int)
             w.submit(f"s{i}", prompt=", ".join(str(n) for n in range(start, start + 12)) + ",",
                      max_tokens=STREAM_TOKENS)
         # both streams decoding for a while before the third request arrives
-        w.wait(lambda ev: all(sum(m["op"] == "delta" for _, m in ev.get(f"s{i}", ())) >= 30 or
+        w.wait(lambda ev: all(sum(m["op"] == "text" for _, m in ev.get(f"s{i}", ())) >= 30 or
                               any(m["op"] == "done" for _, m in ev.get(f"s{i}", ())) for i in range(2)))
         if any(m["op"] == "done" for i in range(2) for _, m in w.events[f"s{i}"]):
             raise RuntimeError("a stream finished before the third request: the measurement would be empty")
@@ -146,7 +146,7 @@ def run(model, tokenizer, root: Path, scenario: str, entry: list[int], rep: int)
         t_started = next((t for t, m in w.events["x"] if m["op"] == "started"), t_submit) if extra else t_submit
         gaps, read_gaps = [], []
         for i in range(2):
-            times = [t for t, m in w.events[f"s{i}"] if m["op"] == "delta"]
+            times = [t for t, m in w.events[f"s{i}"] if m["op"] == "text"]
             gaps += [b - a for a, b in zip(times, times[1:]) if t_submit <= b <= t_end]
             # while the entry is read: from the request's arrival until it could join the batch
             read_gaps += [b - a for a, b in zip(times, times[1:]) if t_submit <= b < t_started]
