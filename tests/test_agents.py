@@ -66,15 +66,19 @@ def agent_messages(path="main.py") -> list[dict]:
     return [{"role": "system", "content": SYSTEM}, *SHOTS, {"role": "user", "content": f"Read {path}"}]
 
 
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("agents")
+def agent_daemon(tmp, agent_engine: dict | None = None, **daemon_kw) -> Daemon:
+    """The agent API tests' daemon: `agent` (plain SmolLM2) and `thinker` (a reasoning template)."""
     (tmp / "think.jinja").write_text(THINK_TEMPLATE)
-    d = Daemon(tmp, [
-        smol("agent", sampling={"temperature": 0.0, "max_tokens": 64}),
+    return Daemon(tmp, [
+        smol("agent", engine=agent_engine or {}, sampling={"temperature": 0.0, "max_tokens": 64}),
         smol("thinker", chat_template=str(tmp / "think.jinja"), reasoning_parser="think",
              engine={"context_length": 512}, sampling={"temperature": 0.0, "max_tokens": 48}),
-    ])
+    ], **daemon_kw)
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory):
+    d = agent_daemon(tmp_path_factory.mktemp("agents"))
     d.start()
     yield d
     d.stop()

@@ -12,8 +12,7 @@ import anthropic
 import httpx
 import pytest
 
-from conftest import Daemon, smol
-from test_agents import SYSTEM, THINK_TEMPLATE, TOOLS
+from test_agents import SYSTEM, TOOLS, agent_daemon
 
 KEY = "sk-test-anthropic"
 A_TOOLS = [{"name": t["function"]["name"], "description": t["function"]["description"],
@@ -37,13 +36,9 @@ def agent_messages(path="main.py") -> list[dict]:
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("anthropic")
-    (tmp / "think.jinja").write_text(THINK_TEMPLATE)
-    d = Daemon(tmp, [
-        smol("agent", engine={"prefill_step_size": 64}, sampling={"temperature": 0.0, "max_tokens": 64}),
-        smol("thinker", chat_template=str(tmp / "think.jinja"), reasoning_parser="think",
-             engine={"context_length": 512}, sampling={"temperature": 0.0, "max_tokens": 48}),
-    ], server={"auth": {"api_keys": [KEY]}, "max_body_bytes": "1MiB", "stream_ping_seconds": 1.0}, api_key=KEY)
+    d = agent_daemon(tmp_path_factory.mktemp("anthropic"), agent_engine={"prefill_step_size": 64},
+                     server={"auth": {"api_keys": [KEY]}, "max_body_bytes": "1MiB", "stream_ping_seconds": 1.0},
+                     api_key=KEY)
     d.start()
     yield d
     d.stop()

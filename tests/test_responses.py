@@ -8,8 +8,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import Daemon, smol
-from test_agents import SYSTEM, THINK_TEMPLATE, TOOLS
+from test_agents import SYSTEM, TOOLS, agent_daemon
 
 R_TOOLS = [{"type": "function", **t["function"]} for t in TOOLS]
 
@@ -26,13 +25,7 @@ def agent_input(path="main.py") -> list[dict]:
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("responses")
-    (tmp / "think.jinja").write_text(THINK_TEMPLATE)
-    d = Daemon(tmp, [
-        smol("agent", sampling={"temperature": 0.0, "max_tokens": 64}),
-        smol("thinker", chat_template=str(tmp / "think.jinja"), reasoning_parser="think",
-             engine={"context_length": 512}, sampling={"temperature": 0.0, "max_tokens": 48}),
-    ], server={"responses_store": 4})
+    d = agent_daemon(tmp_path_factory.mktemp("responses"), server={"responses_store": 4})
     d.start()
     yield d
     d.stop()
