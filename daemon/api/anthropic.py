@@ -14,14 +14,14 @@ import json
 import uuid
 from typing import Annotated, Any, AsyncIterator, Literal, Optional, Union
 
-from pydantic import BaseModel, BeforeValidator, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 from quart import Blueprint, jsonify
 
 from .. import events as ev_
 from . import requests as rq
 from .errors import APIError
 from .openai import sse_response
-from .schemas import STRICT, Count
+from .schemas import STRICT, Count, tagged
 
 bp = Blueprint("anthropic", __name__)
 
@@ -60,20 +60,9 @@ class ThinkingBlock(BaseModel):
     thinking: str = ""
 
 
-def _block(v):
-    """One error naming the block type, not one per union branch."""
-    kinds = {"text": TextBlock, "tool_use": ToolUseBlock, "tool_result": ToolResultBlock,
-             "thinking": ThinkingBlock, "redacted_thinking": ThinkingBlock}
-    if isinstance(v, BaseModel):
-        return v
-    kind = v.get("type") if isinstance(v, dict) else None
-    if kind not in kinds:
-        raise ValueError(f"content blocks of type {kind!r} are not supported: this is a text model "
-                         "(text, tool_use, tool_result and thinking blocks are)")
-    return kinds[kind].model_validate(v)
-
-
-Block = Annotated[Union[TextBlock, ToolUseBlock, ToolResultBlock, ThinkingBlock], BeforeValidator(_block)]
+Block = Annotated[Union[TextBlock, ToolUseBlock, ToolResultBlock, ThinkingBlock], tagged(
+    {"text": TextBlock, "tool_use": ToolUseBlock, "tool_result": ToolResultBlock, "thinking": ThinkingBlock,
+     "redacted_thinking": ThinkingBlock}, "content blocks")]
 
 
 class MessageIn(BaseModel):

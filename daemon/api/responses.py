@@ -16,14 +16,14 @@ import uuid
 from collections import OrderedDict
 from typing import Annotated, Any, AsyncIterator, Callable, Literal, Optional, Union
 
-from pydantic import BaseModel, BeforeValidator, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 from quart import Blueprint, current_app, jsonify
 
 from .. import events as ev_
 from . import requests as rq
 from .errors import APIError
 from .openai import sse_response
-from .schemas import STRICT, Count
+from .schemas import STRICT, Count, tagged
 
 bp = Blueprint("responses", __name__)
 
@@ -82,19 +82,9 @@ class ReasoningItem(BaseModel):
     type: Literal["reasoning"]
 
 
-def _item(v):
-    kinds = {"message": InputMessage, "function_call": FunctionCallItem,
-             "function_call_output": FunctionOutputItem, "reasoning": ReasoningItem}
-    if isinstance(v, BaseModel):
-        return v
-    kind = v.get("type", "message") if isinstance(v, dict) else None
-    if kind not in kinds:
-        raise ValueError(f"input items of type {kind!r} are not supported "
-                         "(message, function_call, function_call_output and reasoning are)")
-    return kinds[kind].model_validate(v)
-
-
-Item = Annotated[Union[InputMessage, FunctionCallItem, FunctionOutputItem, ReasoningItem], BeforeValidator(_item)]
+Item = Annotated[Union[InputMessage, FunctionCallItem, FunctionOutputItem, ReasoningItem], tagged(
+    {"message": InputMessage, "function_call": FunctionCallItem, "function_call_output": FunctionOutputItem,
+     "reasoning": ReasoningItem}, "input items", default="message")]
 
 
 class FunctionTool(BaseModel):

@@ -23,6 +23,19 @@ Count = Annotated[int, BeforeValidator(_whole)]
 STRICT = ConfigDict(extra="allow", strict=True)
 
 
+def tagged(kinds: dict[str, type[BaseModel]], what: str, default: Optional[str] = None):
+    """A validator for a list item picked by its `type` (`default` when it has none): one error
+    naming the unsupported type, not one per branch of the union."""
+    def pick(v):
+        if isinstance(v, BaseModel):
+            return v
+        kind = v.get("type", default) if isinstance(v, dict) else None
+        if kind not in kinds:
+            raise ValueError(f"{what} of type {kind!r} are not supported ({', '.join(dict.fromkeys(kinds))} are)")
+        return kinds[kind].model_validate(v)
+    return BeforeValidator(pick)
+
+
 class _Body(BaseModel):
     model_config = STRICT
 
