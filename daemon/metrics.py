@@ -135,6 +135,9 @@ class _WorkerCollector:
             ("prefix_cache_corrupt", "Prefix-cache files found corrupt and discarded."),
             ("prefix_cache_disk_errors", "Prefix-cache entries not written (disk full, unwritable directory)."),
             ("prefix_cache_dropped_writes", "Prefix-cache entries not written because the write queue was full."),
+            ("worker_internal_errors", "Requests failed by a bug inside the model's worker (see its log); the "
+                                       "worker goes on serving the others."),
+            ("batch_resets", "Times a whole decode batch failed and was restarted (its requests failed)."),
         )}
         for h in self.sup.handles.values():
             s = h.stats if h.state == "ready" else {}
@@ -147,18 +150,22 @@ class _WorkerCollector:
             g["prefix_cache_bytes"].add_metric([h.name, "memory"], (cache.get("memory") or {}).get("bytes", 0))
             g["prefix_cache_bytes"].add_metric([h.name, "disk"], (cache.get("disk") or {}).get("bytes", 0))
             g["prefix_cache_write_queue_bytes"].add_metric([h.name], (cache.get("disk") or {}).get("queue_bytes", 0))
-            totals = h.cache_counters()
+            totals = h.counters()
             c["prefix_cache_evictions"].add_metric([h.name], totals["evictions"])
             c["prefix_cache_corrupt"].add_metric([h.name], totals["corrupt"])
             c["prefix_cache_disk_errors"].add_metric([h.name], totals["disk_errors"])
             c["prefix_cache_dropped_writes"].add_metric([h.name], totals["dropped_writes"])
+            c["worker_internal_errors"].add_metric([h.name], totals["internal_errors"])
+            c["batch_resets"].add_metric([h.name], totals["batch_resets"])
         yield from g.values()
         yield from c.values()
 
 
-def cache_counter_values(cache: dict) -> dict:
-    """The cumulative counters of one worker's cache stats, as the collector names them."""
+def worker_counter_values(stats: dict) -> dict:
+    """The cumulative counters of one worker's stats snapshot, as the collector names them."""
+    cache = stats.get("cache") or {}
     disk = cache.get("disk") or {}
-    return {"evictions": cache.get("memory_evictions", 0) + disk.get("evictions", 0),
+    return {"internal_errors": stats.get("internal_errors", 0), "batch_resets": stats.get("batch_resets", 0),
+            "evictions": cache.get("memory_evictions", 0) + disk.get("evictions", 0),
             "corrupt": disk.get("corrupt", 0), "disk_errors": disk.get("write_errors", 0),
             "dropped_writes": disk.get("dropped_writes", 0)}

@@ -88,8 +88,16 @@ def test_entries_over_the_memory_budget_and_a_failing_batch_leave_the_worker_ser
         assert again.prompt_tokens_details.cached_tokens == 0
         st = d.model_status("m")
         assert st["pid"] == pid and st["restarts"] == 0 and st["state"] == "ready"
+        for _ in range(100):      # the worker's own counters arrive with its next stats poll
+            if d.model_status("m")["internal_errors"]:
+                break
+            time.sleep(0.1)
+        st = d.model_status("m")
+        assert (st["internal_errors"], st["batch_resets"]) == (1, 1)
         metrics = httpx.get(f"{d.url}/metrics", timeout=10).text
         assert 'mlxd_request_errors_total{model="m",reason="internal_error"} 1.0' in metrics
+        assert 'mlxd_worker_internal_errors_total{model="m"} 1.0' in metrics
+        assert 'mlxd_batch_resets_total{model="m"} 1.0' in metrics
     finally:
         d.stop()
 

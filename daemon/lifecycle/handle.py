@@ -18,7 +18,7 @@ import time
 from typing import AsyncIterator, Callable, Optional
 
 from ..config import ModelConfig, Server
-from ..metrics import Metrics, cache_counter_values
+from ..metrics import Metrics, worker_counter_values
 from ..process import WorkerGone, WorkerProcess
 
 log = logging.getLogger("mlxd.lifecycle")
@@ -58,7 +58,7 @@ class ModelHandle:
         self.metrics = metrics
         metrics.model_added(cfg.name)
         self.stats: dict = {}
-        self._counter_base = dict.fromkeys(cache_counter_values({}), 0)
+        self._counter_base = dict.fromkeys(worker_counter_values({}), 0)
         self.state = "stopped"
         self._changed = asyncio.Event()     # set (and replaced) at every transition
         self._stop_wanted = asyncio.Event()
@@ -294,14 +294,14 @@ class ModelHandle:
             await asyncio.sleep(STATS_INTERVAL)
 
     def _fold_counters(self) -> None:
-        """A dead worker's cache counters join the base, so the exposed totals never go back."""
-        if self.stats.get("cache"):
-            for k, v in cache_counter_values(self.stats["cache"]).items():
-                self._counter_base[k] += v
+        """A dead worker's counters join the base, so the exposed totals never go back."""
+        for k, v in worker_counter_values(self.stats).items():
+            self._counter_base[k] += v
         self.stats = {}
 
-    def cache_counters(self) -> dict:
-        live = cache_counter_values(self.stats.get("cache") or {})
+    def counters(self) -> dict:
+        """This model's worker counters since the daemon started, across worker restarts."""
+        live = worker_counter_values(self.stats)
         return {k: self._counter_base[k] + live[k] for k in self._counter_base}
 
     # -- requests ---------------------------------------------------------------------
@@ -363,7 +363,7 @@ class ModelHandle:
                 self.metrics.request_failed(self.name, "cancelled")
 
     def status(self) -> dict:
-        w = self.worker
+        w, totals = self.worker, self.counters()
         return {
             "name": self.name, "aliases": list(self.cfg.aliases), "state": self.state,
             "pid": w.pid if w and self.state == "ready" else None,
@@ -372,6 +372,7 @@ class ModelHandle:
             "requests_running": self.stats.get("running", 0), "requests_waiting": self.stats.get("waiting", 0),
             "memory_bytes": self.stats.get("memory_bytes", 0), "tokens": dict(self.tokens),
             "cache": _cache_summary(self.stats.get("cache")),
+            "internal_errors": totals["internal_errors"], "batch_resets": totals["batch_resets"],
             "workers_started": self.starts, "start_seconds": self.start_seconds, "preload": self.cfg.preload, "pinned": self.pinned,
             "last_used": self.last_used,
             "worker": {k: v for k, v in (w.info if w else {}).items() if k != "op"},

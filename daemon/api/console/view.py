@@ -14,7 +14,7 @@ def _cache(h) -> dict | None:
         return None
     c = h.stats.get("cache") or {}
     mem, disk = c.get("memory") or {}, c.get("disk") or {}
-    totals = h.cache_counters()
+    totals = h.counters()
     pc = h.cfg.prefix_cache
     return {
         "memory": {"entries": mem.get("entries", 0), "bytes": mem.get("bytes", 0), "budget": pc.memory_budget},
