@@ -6,6 +6,7 @@ to decide what to start, stop or leave alone, so every field here must compare b
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -14,7 +15,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema, model_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError,
+                      WithJsonSchema, model_validator)
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
@@ -145,12 +147,21 @@ class ModelConfig(_Strict):
     reasoning_parser: Optional[Literal["think", "none"]] = Field(
         None, description="think: <think>...</think> is reasoning even if the vocabulary lacks those tokens; "
                           "none: no reasoning parsing. Default: what mlx-lm infers from the vocabulary.")
+    # The template file's content when this config was read: editing the file in place is a
+    # change of the entry (the worker renders with it), like editing the YAML.
+    _template_digest: Optional[str] = PrivateAttr(None)
+
+    def model_post_init(self, _context: Any) -> None:
+        if self.chat_template is not None:
+            data = Path(self.chat_template).expanduser().read_bytes()
+            self._template_digest = hashlib.sha256(data).hexdigest()
 
     def worker_key(self) -> str:
         """What a running worker depends on; a change to anything else applies live."""
         key = self.model_dump(mode="json", include={
             "source", "dtype", "engine", "prefix_cache", "chat_template", "tool_parser", "reasoning_parser"})
         del key["engine"]["max_waiting"]       # enforced in the daemon: a change applies live
+        key["chat_template_sha256"] = self._template_digest
         return json.dumps(key, sort_keys=True)
 
 

@@ -73,7 +73,8 @@ async def run(config: Config, host: str, port: int, json_logs: bool = False, con
         loop.add_signal_handler(sig, on_stop_signal)
     if config_path is not None:
         loop.add_signal_handler(signal.SIGHUP, lambda: supervisor.spawn(supervisor.reload()))
-        watcher = loop.create_task(watch_config(config_path, supervisor.reload, stop_watch,
+        templates = lambda: [m.chat_template for m in supervisor.config.models if m.chat_template]
+        watcher = loop.create_task(watch_config(config_path, supervisor.reload, stop_watch, also=templates,
                                                 on_error=lambda: supervisor.metrics.internal_error("watch")))
 
     log.info("mlxd listening on http://%s:%d with %d model(s)", host, port, len(config.models))

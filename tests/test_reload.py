@@ -311,3 +311,24 @@ def test_shutdown_timeout_applies_live(live):
             pass
     assert live.proc.wait(60) == 0
     assert time.monotonic() - t0 < 30
+
+
+def test_chat_template_file_edited_in_place_restarts_the_model(tmp_path):
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    d = Daemon(tmp_path, [smol("t", chat_template=str(template), sampling={"max_tokens": 2})])
+    d.start()
+    try:
+        c = OpenAI(base_url=f"{d.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+        def prompt_tokens() -> int:
+            r = c.chat.completions.create(model="t", messages=[{"role": "user", "content": "Hi"}])
+            return r.usage.prompt_tokens
+
+        before, pid = prompt_tokens(), d.model_status("t")["pid"]
+        template.write_text("Answer briefly and kindly. {% for m in messages %}{{ m.content }}{% endfor %}")
+        wait_until(lambda: d.model_status("t")["pid"] not in (None, pid) and d.model_status("t")["state"] == "ready",
+                   60.0, "a new worker with the edited template")
+        assert prompt_tokens() > before
+    finally:
+        d.stop()
