@@ -6,6 +6,7 @@ to decide what to start, stop or leave alone, so every field here must compare b
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -101,6 +102,32 @@ class PrefixCache(_Strict):
         "(counted as dropped_writes), so a slow disk never holds more memory than this."))
 
 
+def _ip(v: str) -> str:
+    try:
+        return str(ipaddress.ip_address(v))
+    except ValueError:
+        raise ValueError(f"{v!r} is not an IP address (the ring backend connects ranks by IP)") from None
+
+
+class Distributed(_Strict):
+    """One model served by a pipeline of ranks: rank i runs on hosts[i]; rank 0 is this daemon's worker."""
+
+    hosts: tuple[Annotated[str, AfterValidator(_ip)], ...] = Field(min_length=2, description=(
+        "One IP address per rank; hosts[0] is this machine (rank 0 talks to the daemon). Other "
+        "addresses of this machine start a local process, remote ones are started over ssh."))
+    backend: Literal["ring", "jaccl"] = Field("ring", description="MLX distributed backend; jaccl (RDMA over Thunderbolt) is macOS only.")
+    split: Optional[tuple[Annotated[int, Field(gt=0)], ...]] = Field(None, description=(
+        "Layers per rank, in rank order; default: an even split. Rank 0 runs the last layers."))
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Distributed":
+        if self.split is not None and len(self.split) != len(self.hosts):
+            raise ValueError(f"split has {len(self.split)} entries for {len(self.hosts)} hosts; give one per rank")
+        if self.backend == "jaccl" and sys.platform != "darwin":
+            raise ValueError("backend jaccl needs macOS (RDMA over Thunderbolt); use ring on this platform")
+        return self
+
+
 def _tool_parsers() -> Optional[set[str]]:
     """mlx-lm's tool parser modules, listed without importing mlx-lm (the daemon never loads MLX)."""
     import importlib.util
@@ -145,11 +172,15 @@ class ModelConfig(_Strict):
     reasoning_parser: Optional[Literal["think", "none"]] = Field(
         None, description="think: <think>...</think> is reasoning even if the vocabulary lacks those tokens; "
                           "none: no reasoning parsing. Default: what mlx-lm infers from the vocabulary.")
+    distributed: Optional[Distributed] = Field(None, description=(
+        "Serve this model from a pipeline-parallel group of processes over MLX distributed; "
+        "each rank holds only its layers."))
 
     def worker_key(self) -> str:
         """What a running worker depends on; a change to anything else applies live."""
         key = self.model_dump(mode="json", include={
-            "source", "dtype", "engine", "prefix_cache", "chat_template", "tool_parser", "reasoning_parser"})
+            "source", "dtype", "engine", "prefix_cache", "chat_template", "tool_parser", "reasoning_parser",
+            "distributed"})
         del key["engine"]["max_waiting"]       # enforced in the daemon: a change applies live
         return json.dumps(key, sort_keys=True)
 

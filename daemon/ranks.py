@@ -1,0 +1,112 @@
+"""The ranks of a distributed model, seen from the daemon: addresses, ports, how each starts.
+
+Rank 0 is the model's ordinary worker (the daemon's socketpair, the usual protocol); ranks
+1..n-1 have no connection to the daemon. A rank on this machine is a child process started
+with the two variables `mlx.launch` would set (MLX_RANK, MLX_HOSTFILE); a rank on another
+host is started over ssh with the same script mlx.launch runs there. This module never
+imports MLX, like the rest of the daemon.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import shlex
+import socket
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from .config import Distributed
+
+REMOTE_PORT = 32323      # mlx.launch's default starting port, for ranks whose free ports we cannot see
+
+
+@lru_cache(maxsize=64)
+def is_local(ip: str) -> bool:
+    """An address of this machine: loopback, or one we can bind."""
+    addr = ipaddress.ip_address(ip)
+    if addr.is_loopback:
+        return True
+    family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
+    with socket.socket(family) as s:
+        try:
+            s.bind((ip, 0))
+            return True
+        except OSError:
+            return False
+
+
+def free_port(ip: str) -> int:
+    family = socket.AF_INET6 if ipaddress.ip_address(ip).version == 6 else socket.AF_INET
+    with socket.socket(family) as s:
+        s.bind((ip, 0))
+        return s.getsockname()[1]
+
+
+def _endpoint(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where every rank listens: the ring's hostfile and rank 0's doorbell."""
+    hosts: tuple[str, ...]
+    ports: tuple[int, ...]
+    doorbell: str             # "ip:port" rank 0 listens on; the other ranks connect to it
+    backend: str
+
+    @property
+    def hostfile(self) -> str:
+        """MLX_HOSTFILE's contents for the ring backend: one ["ip:port"] per rank."""
+        return json.dumps([[_endpoint(h, p)] for h, p in zip(self.hosts, self.ports)])
+
+    def env(self, rank: int, hostfile_path: str) -> dict[str, str]:
+        out = {"MLX_RANK": str(rank)}
+        if self.backend == "ring":
+            out["MLX_HOSTFILE"] = hostfile_path
+        else:   # jaccl: rank 0 coordinates
+            out["MLX_JACCL_COORDINATOR"] = _endpoint(self.hosts[0], self.ports[0])
+        return out
+
+
+def plan(dist: Distributed) -> Plan:
+    """Ports for a fresh start of the group; hosts[0] must be this machine (rank 0 is our worker)."""
+    if not is_local(dist.hosts[0]):
+        raise ValueError(f"distributed.hosts[0] ({dist.hosts[0]}) is not an address of this machine: "
+                         f"rank 0 runs in the daemon's worker, so the first host must be local")
+    ports = tuple(free_port(h) if is_local(h) else REMOTE_PORT + r for r, h in enumerate(dist.hosts))
+    return Plan(dist.hosts, ports, _endpoint(dist.hosts[0], free_port(dist.hosts[0])), dist.backend)
+
+
+def check_reachable(host: str, timeout: float = 5.0) -> None:
+    """A remote rank's host answers ssh; ValueError naming the host when it does not."""
+    try:
+        with socket.create_connection((host, 22), timeout=timeout):
+            return
+    except OSError as e:
+        raise ValueError(f"distributed host {host} is unreachable over ssh (port 22): {e.strerror or e}") from None
+
+
+def follower_args(rank: int, model_json: str, cache_dir: Path, doorbell: str, extra: list[str]) -> list[str]:
+    return ["-m", "daemon.worker", "--rank", str(rank), "--doorbell", doorbell, "--model", model_json,
+            "--cache-dir", str(cache_dir), *extra]
+
+
+def remote_command(host: str, rank: int, plan_: Plan, python: str, cwd: str, args: list[str],
+                   env: dict[str, str] | None = None) -> list[str]:
+    """The ssh command that starts one remote rank, as mlx.launch does it: the hostfile
+    written to a temp file there, MLX_RANK exported, then exec. `-tt` ties the remote
+    process to the connection: killing ssh (the daemon does, with the group) ends it."""
+    script = "stty -echo 2>/dev/null; "
+    script += f"cd {shlex.quote(cwd)} || exit 1; "
+    for k, v in (env or {}).items():
+        script += f"export {k}={shlex.quote(v)}; "
+    if plan_.backend == "ring":
+        script += "MLX_HOSTFILE=$(mktemp); "
+        script += f"printf '%s' {shlex.quote(plan_.hostfile)} > \"$MLX_HOSTFILE\"; export MLX_HOSTFILE; "
+    for k, v in plan_.env(rank, "").items():
+        if k != "MLX_HOSTFILE":
+            script += f"export {k}={shlex.quote(v)}; "
+    script += "exec " + shlex.join([python, *args])
+    return ["ssh", "-tt", "-o", "LogLevel=QUIET", "-o", "BatchMode=yes", host, script]
