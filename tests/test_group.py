@@ -1,0 +1,195 @@
+"""A model served by a 2-rank pipeline group on loopback: the same tokens as one process,
+continuous batching across ranks, a rank's death restarts the group, reload and shutdown
+converge like any model. Plus the pure logic: config validation and the remote command."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+
+import openai
+import pytest
+from openai import OpenAI
+
+import tiny_gguf
+from conftest import Daemon
+from daemon.config import ConfigError, Distributed, parse_config
+from daemon import ranks
+
+PROMPTS = [[1, 2, 3, 4, 5, 6, 7, 8], [40, 41, 42], [100 + i for i in range(37)], [7] * 20]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def models(source: str, **group) -> list[dict]:
+    common = {"source": source, "sampling": {"max_tokens": 16}, "engine": {"prefill_step_size": 16}}
+    return [{"name": "grp", "distributed": {"hosts": ["127.0.0.1", "127.0.0.1"], **group}, **common},
+            {"name": "one", **common}]
+
+
+@pytest.fixture(scope="module")
+def group(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("group")
+    tiny_gguf.write(tmp / "qwen2.gguf", "qwen2")
+    d = Daemon(tmp, models(str(tmp / "qwen2.gguf")))
+    d.source = str(tmp / "qwen2.gguf")
+    d.start()
+    yield d
+    d.stop()
+
+
+@pytest.fixture(scope="module")
+def client(group):
+    return OpenAI(base_url=f"{group.url}/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def complete(c: OpenAI, model: str, prompt, **kw):
+    r = c.completions.create(model=model, prompt=prompt, temperature=kw.pop("temperature", 0), **kw)
+    return r.choices[0].text, r.choices[0].finish_reason, r.usage.completion_tokens
+
+
+def test_group_gives_the_single_process_tokens(group, client):
+    st = group.model_status("grp")
+    assert st["worker"]["group"] == {"rank": 0, "size": 2, "stage": st["worker"]["group"]["stage"]}
+    (rank1,) = st["worker"]["ranks"]
+    assert rank1["rank"] == 1 and alive(rank1["pid"])
+    for p in PROMPTS:
+        assert complete(client, "grp", p) == complete(client, "one", p)
+    # A seeded sampled request draws the same numbers on every rank (and as one process does).
+    kw = dict(temperature=0.9, seed=1234, max_tokens=12)
+    assert complete(client, "grp", PROMPTS[0], **kw) == complete(client, "one", PROMPTS[0], **kw)
+
+
+def test_requests_join_leave_and_cancel_mid_batch(group, client):
+    expect = {i: complete(client, "one", p, max_tokens=24) for i, p in enumerate(PROMPTS)}
+    got, errors = {}, []
+
+    def run(i: int, delay: float) -> None:
+        time.sleep(delay)
+        try:
+            got[i] = complete(client, "grp", PROMPTS[i], max_tokens=24)
+        except Exception as e:      # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i, 0.15 * i)) for i in (0, 2, 3)]
+    for t in threads:
+        t.start()
+    # One more stream joins and is cancelled after a few tokens, while the others run.
+    stream = client.completions.create(model="grp", prompt=PROMPTS[1], max_tokens=200, temperature=0, stream=True)
+    for n, _ in enumerate(stream):
+        if n == 3:
+            break
+    stream.close()
+    for t in threads:
+        t.join(300)
+    assert not errors
+    assert got == {i: expect[i] for i in (0, 2, 3)}
+    # The batch is consistent on every rank afterwards.
+    assert complete(client, "grp", PROMPTS[1]) == complete(client, "one", PROMPTS[1])
+
+
+def test_killing_rank_1_mid_stream_fails_the_stream_and_the_group_comes_back(group, client):
+    st = group.model_status("grp")
+    pid, rank1 = st["pid"], st["worker"]["ranks"][0]["pid"]
+    stream = client.completions.create(model="grp", prompt=PROMPTS[2], max_tokens=400, temperature=0, stream=True)
+    with pytest.raises(openai.APIError) as e:
+        for n, _ in enumerate(stream):
+            if n == 2:
+                os.kill(rank1, signal.SIGKILL)
+    assert "rank 1" in str(e.value) and "SIGKILL" in str(e.value)
+    st = group.wait_restarted("grp", pid)
+    assert st["restarts"] >= 1 and st["worker"]["ranks"][0]["pid"] != rank1
+    assert not alive(pid)
+    assert complete(client, "grp", PROMPTS[0]) == complete(client, "one", PROMPTS[0])
+
+
+def test_reload_of_the_group_entry_restarts_every_rank(group, client):
+    st = group.model_status("grp")
+    old = [st["pid"], st["worker"]["ranks"][0]["pid"]]
+    group.write_config(models(group.source, split=[1, 1]))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        st = group.model_status("grp")
+        if st["state"] == "ready" and st["pid"] not in (None, old[0]):
+            break
+        time.sleep(0.3)
+    assert st["pid"] != old[0]
+    assert complete(client, "grp", PROMPTS[3]) == complete(client, "one", PROMPTS[3])
+    deadline = time.monotonic() + 60
+    while any(alive(p) for p in old) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(p) for p in old)
+
+
+def test_shutdown_is_clean(group, client):
+    st = group.model_status("grp")
+    pids = [st["pid"], st["worker"]["ranks"][0]["pid"]]
+    complete(client, "grp", PROMPTS[0])
+    before = len(group.log_path.read_text(errors="replace"))
+    assert group.stop() == 0
+    assert not any(alive(p) for p in pids)
+    log = group.log_path.read_text(errors="replace")[before:]
+    for bad in ("Traceback", "rank 0 of the group is gone", "lost rank", "peer", "ERROR"):
+        assert bad not in log, bad
+
+
+# -- pure logic ------------------------------------------------------------------------------
+
+
+def _config(dist: str) -> str:
+    return f"models:\n  - name: m\n    source: embedded:smollm2\n    distributed: {dist}\n"
+
+
+@pytest.mark.parametrize("dist, expect", [
+    ("{hosts: [127.0.0.1, localhost]}", "is not an IP address"),
+    ("{hosts: [127.0.0.1]}", "at least 2 items"),
+    ("{hosts: [127.0.0.1, 10.0.0.2], split: [30]}", "split has 1 entries for 2 hosts"),
+    ("{hosts: [127.0.0.1, 10.0.0.2], split: [0, 30]}", "greater than 0"),
+    ("{hosts: [127.0.0.1, 10.0.0.2], backend: mpi}", "'ring' or 'jaccl'"),
+])
+def test_bad_distributed_blocks_are_clear_errors(dist, expect):
+    with pytest.raises(ConfigError) as e:
+        parse_config(_config(dist), "c.yaml")
+    assert "distributed" in str(e.value) and expect in str(e.value)
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="jaccl is allowed on macOS")
+def test_jaccl_is_macos_only():
+    with pytest.raises(ConfigError, match="jaccl needs macOS"):
+        parse_config(_config("{hosts: [127.0.0.1, 10.0.0.2], backend: jaccl}"), "c.yaml")
+
+
+def test_a_changed_distributed_block_is_a_changed_worker():
+    a = parse_config(_config("{hosts: [127.0.0.1, 127.0.0.1]}")).models[0]
+    b = parse_config(_config("{hosts: [127.0.0.1, 127.0.0.1], split: [10, 20]}")).models[0]
+    assert a.worker_key() != b.worker_key()
+
+
+def test_remote_rank_command_runs_the_worker_over_ssh_with_the_hostfile():
+    plan = ranks.Plan(("127.0.0.1", "192.0.2.7"), (40001, ranks.REMOTE_PORT + 1), "127.0.0.1:40002", "ring")
+    assert plan.hostfile == '[["127.0.0.1:40001"], ["192.0.2.7:32324"]]'
+    args = ranks.follower_args(1, '{"name": "m"}', "/c", plan.doorbell, [])
+    cmd = ranks.remote_command("192.0.2.7", 1, plan, "/venv/bin/python", "/srv/mlxd", args)
+    assert cmd[:2] == ["ssh", "-tt"] and cmd[-2] == "192.0.2.7"
+    script = cmd[-1]
+    assert script.index("cd /srv/mlxd") < script.index("MLX_HOSTFILE=$(mktemp)") < script.index("exec ")
+    assert "export MLX_RANK=1;" in script
+    assert """'[["127.0.0.1:40001"], ["192.0.2.7:32324"]]'""" in script
+    assert script.endswith("exec /venv/bin/python -m daemon.worker --rank 1 --doorbell 127.0.0.1:40002 "
+                           """--model '{"name": "m"}' --cache-dir /c""")
+
+
+def test_rank_0_must_run_on_this_machine():
+    with pytest.raises(ValueError, match="not an address of this machine"):
+        ranks.plan(Distributed(hosts=("192.0.2.7", "127.0.0.1")))
+    plan = ranks.plan(Distributed(hosts=("127.0.0.1", "127.0.0.1")))
+    assert len(set(plan.ports)) == 2 and plan.env(1, "/h") == {"MLX_RANK": "1", "MLX_HOSTFILE": "/h"}
