@@ -17,6 +17,7 @@ one computes the logits and samples the same token).
 from __future__ import annotations
 
 import inspect
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -135,8 +136,20 @@ _STAGES = {llama.Model: LlamaStage, gemma3_text.Model: Gemma3Stage}
 
 
 def _stage_classes(config: dict):
+    """load_model's hook: our pipelined subclass where we have one; refuses, before any
+    weight is looked at, an architecture whose module has no pipelined model."""
     model_class, args_class = _default_classes(config)
-    return _STAGES.get(model_class, model_class), args_class
+    model_class = _STAGES.get(model_class, model_class)
+    if not any(isinstance(v, type) and issubclass(v, PipelineMixin) and v is not PipelineMixin
+               for v in vars(sys.modules[model_class.__module__]).values()):
+        raise _cannot_pipeline(config)
+    return model_class, args_class
+
+
+def _cannot_pipeline(config: dict) -> ValueError:
+    return ValueError(f"model type {config.get('model_type')!r} cannot be split into pipeline stages (mlxd "
+                      f"pipelines llama, gemma3_text and mlx-lm's models with PipelineMixin: qwen2, qwen3_moe, "
+                      f"qwen3_next, deepseek_v3, glm4_moe...)")
 
 
 def load_stage(path, group, *, split: Optional[list[int]] = None, tokenizer_config: Optional[dict] = None):
@@ -146,9 +159,7 @@ def load_stage(path, group, *, split: Optional[list[int]] = None, tokenizer_conf
     model, config = load_model(path, lazy=True, get_model_classes=_stage_classes)
     inner = getattr(model, "model", None)
     if not hasattr(inner, "pipeline"):
-        raise ValueError(f"model type {config.get('model_type')!r} cannot be split into pipeline stages "
-                         f"(mlxd pipelines llama, gemma3_text and mlx-lm's models with PipelineMixin: qwen2, "
-                         f"qwen3_moe, qwen3_next, deepseek_v3, glm4_moe...)")
+        raise _cannot_pipeline(config)      # a wrapper (a VLM's) around a pipelined text model
     inner.pipeline(group, split)
     mx.eval(model.parameters())
     tokenizer = load_tokenizer(path, tokenizer_config, eos_token_ids=config.get("eos_token_id"))
