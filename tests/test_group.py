@@ -10,14 +10,14 @@ import sys
 import threading
 import time
 
+import httpx
 import openai
 import pytest
 from openai import OpenAI
 
-import tiny_gguf
 from conftest import Daemon
-from daemon.config import ConfigError, Distributed, parse_config
 from daemon import ranks
+from daemon.config import ConfigError, Distributed, parse_config
 
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7, 8], [40, 41, 42], [100 + i for i in range(37)], [7] * 20]
 
@@ -30,18 +30,15 @@ def alive(pid: int) -> bool:
     return True
 
 
-def models(source: str, **group) -> list[dict]:
-    common = {"source": source, "sampling": {"max_tokens": 16}, "engine": {"prefill_step_size": 16}}
+def models(**group) -> list[dict]:
+    common = {"source": "embedded:smollm2", "sampling": {"max_tokens": 12}, "engine": {"prefill_step_size": 64}}
     return [{"name": "grp", "distributed": {"hosts": ["127.0.0.1", "127.0.0.1"], **group}, **common},
-            {"name": "one", **common}]
+            {"name": "one", **common, "prefix_cache": {"enabled": False}}]
 
 
 @pytest.fixture(scope="module")
 def group(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("group")
-    tiny_gguf.write(tmp / "qwen2.gguf", "qwen2")
-    d = Daemon(tmp, models(str(tmp / "qwen2.gguf")))
-    d.source = str(tmp / "qwen2.gguf")
+    d = Daemon(tmp_path_factory.mktemp("group"), models())
     d.start()
     yield d
     d.stop()
@@ -70,17 +67,17 @@ def test_group_gives_the_single_process_tokens(group, client):
 
 
 def test_requests_join_leave_and_cancel_mid_batch(group, client):
-    expect = {i: complete(client, "one", p, max_tokens=24) for i, p in enumerate(PROMPTS)}
+    expect = {i: complete(client, "one", p, max_tokens=16) for i, p in enumerate(PROMPTS)}
     got, errors = {}, []
 
     def run(i: int, delay: float) -> None:
         time.sleep(delay)
         try:
-            got[i] = complete(client, "grp", PROMPTS[i], max_tokens=24)
+            got[i] = complete(client, "grp", PROMPTS[i], max_tokens=16)
         except Exception as e:      # reported below
             errors.append(e)
 
-    threads = [threading.Thread(target=run, args=(i, 0.15 * i)) for i in (0, 2, 3)]
+    threads = [threading.Thread(target=run, args=(i, 0.5 * i)) for i in (0, 2, 3)]
     for t in threads:
         t.start()
     # One more stream joins and is cancelled after a few tokens, while the others run.
@@ -95,6 +92,54 @@ def test_requests_join_leave_and_cancel_mid_batch(group, client):
     assert got == {i: expect[i] for i in (0, 2, 3)}
     # The batch is consistent on every rank afterwards.
     assert complete(client, "grp", PROMPTS[1]) == complete(client, "one", PROMPTS[1])
+
+
+def chat(c: OpenAI, model: str, messages: list[dict]):
+    r = c.chat.completions.create(model=model, messages=messages, max_tokens=10, temperature=0)
+    return r.choices[0].message.content, r.usage
+
+
+def cache_stats(d: Daemon) -> dict:
+    return httpx.get(f"{d.url}/v1/cache/stats", timeout=30).json()["models"]["grp"]
+
+
+def unload(d: Daemon, name: str) -> None:
+    httpx.post(f"{d.url}/v1/models/{name}/unload", timeout=120).raise_for_status()
+    deadline = time.monotonic() + 120
+    while d.model_status(name)["state"] != "stopped" and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+def test_a_follow_up_turn_hits_the_group_cache_also_after_a_restart(group, client):
+    msgs = [{"role": "user", "content": "List three colours of the rainbow, please."}]
+    answer, first = chat(client, "grp", msgs)
+    assert answer == chat(client, "one", msgs)[0]
+    msgs += [{"role": "assistant", "content": answer}, {"role": "user", "content": "And two more?"}]
+    answer, second = chat(client, "grp", msgs)
+    assert second.prompt_tokens_details.cached_tokens >= first.prompt_tokens + first.completion_tokens - 4
+    assert answer == chat(client, "one", msgs)[0]
+    # The group stops (every rank flushes its shard to disk) and loads again: the disk tier hits.
+    unload(group, "grp")
+    msgs += [{"role": "assistant", "content": answer}, {"role": "user", "content": "Thanks. One more?"}]
+    answer, third = chat(client, "grp", msgs)
+    assert third.prompt_tokens_details.cached_tokens >= second.prompt_tokens + second.completion_tokens - 4
+    assert answer == chat(client, "one", msgs)[0]
+    assert cache_stats(group)["disk_hit_tokens"] > 0
+
+
+def test_a_hit_rank_1_cannot_serve_is_a_miss_with_the_same_answer(group, client):
+    msgs = [{"role": "user", "content": "Name a large animal that lives in the sea."}]
+    answer, first = chat(client, "grp", msgs)
+    unload(group, "grp")
+    # Rank 1's shards are lost (a disk swapped, a write dropped); rank 0's are intact.
+    shards = [p for p in (group.cache_dir / "prefix").glob("*-r1of2-*/*") if p.suffix in (".json", ".safetensors")]
+    assert shards
+    for p in shards:
+        p.unlink()
+    msgs += [{"role": "assistant", "content": answer}, {"role": "user", "content": "How big is it?"}]
+    answer, second = chat(client, "grp", msgs)
+    assert second.prompt_tokens_details.cached_tokens == 0
+    assert answer == chat(client, "one", msgs)[0]
 
 
 def test_killing_rank_1_mid_stream_fails_the_stream_and_the_group_comes_back(group, client):
@@ -115,7 +160,7 @@ def test_killing_rank_1_mid_stream_fails_the_stream_and_the_group_comes_back(gro
 def test_reload_of_the_group_entry_restarts_every_rank(group, client):
     st = group.model_status("grp")
     old = [st["pid"], st["worker"]["ranks"][0]["pid"]]
-    group.write_config(models(group.source, split=[1, 1]))
+    group.write_config(models(split=[14, 16]))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         st = group.model_status("grp")

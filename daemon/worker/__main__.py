@@ -70,12 +70,12 @@ def load(cfg: ModelConfig, cache_dir, *, total_disk_budget=None, orphan_ttl=7 * 
     resolved = resolve_model(cfg.source, dtype=cfg.dtype, cache_dir=cache_dir)
     stage, cache_args = None, {}
     if group is not None:
-        from .group import load_stage
+        from ..models.pipeline import load_stage, stage as stage_of
 
-        model, tokenizer, stage = load_stage(str(resolved.path), group, split=cfg.distributed.split,
-                                             tokenizer_config=tokenizer_config(cfg))
-        if stage is not None:
-            cache_args = {"stage": stage, **({} if bells else {"follower": True})}
+        split = list(cfg.distributed.split) if cfg.distributed.split else None
+        model, tokenizer = load_stage(resolved.path, group, split=split, tokenizer_config=tokenizer_config(cfg))
+        stage = stage_of(model)
+        cache_args = {"stage": stage, "follower": bells is None}
     else:
         model, tokenizer = mlx_load(str(resolved.path), tokenizer_config=tokenizer_config(cfg))
     if resolved.dtype == "quantized" and not mx.metal.is_available():
@@ -83,9 +83,7 @@ def load(cfg: ModelConfig, cache_dir, *, total_disk_budget=None, orphan_ttl=7 * 
         model.set_dtype(mx.float32)
         log.info("quantized weights on a CPU device: scales and activations in float32")
     prefix_cache = None
-    if cfg.prefix_cache.enabled and group is not None and stage is None:
-        log.warning("model %s: no per-rank prefix cache in this build; the group serves without one", cfg.name)
-    elif cfg.prefix_cache.enabled:
+    if cfg.prefix_cache.enabled:
         prefix_cache = PrefixCache(
             model, fingerprint=resolved.fingerprint, root=cache_dir / "prefix",
             memory_budget=cfg.prefix_cache.memory_budget, disk_budget=cfg.prefix_cache.disk_budget,
@@ -110,7 +108,7 @@ def load(cfg: ModelConfig, cache_dir, *, total_disk_budget=None, orphan_ttl=7 * 
         "mlx_memory_bytes": mx.get_active_memory(),
     }
     if group is not None:
-        info["group"] = {"rank": group.rank(), "size": group.size(), "stage": getattr(stage, "tag", None)}
+        info["group"] = {"rank": group.rank(), "size": group.size(), "stage": stage.tag}
     return engine, info
 
 

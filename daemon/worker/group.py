@@ -159,7 +159,7 @@ class LeaderEngine(Engine):
 
     def _evicted(self) -> None:
         pc = self.prefix_cache
-        if pc is not None and hasattr(pc, "evicted_keys") and (keys := pc.evicted_keys()):
+        if pc is not None and (keys := pc.evicted_keys()):
             self.ops.append(("evict", list(keys)))
 
     def flush(self) -> None:
@@ -288,30 +288,3 @@ class Follower:
         for r in responses:
             if r.finish_reason is not None:
                 self.kept[r.uid] = (r.prompt_cache, r.all_tokens)
-
-
-# -- loading ---------------------------------------------------------------------------------
-
-
-def load_stage(path: str, group, *, split=None, tokenizer_config=None):
-    """This rank's layers only; (model, tokenizer, stage or None)."""
-    try:
-        from ..models.pipeline import load_stage as load, stage
-    except ImportError:     # before the per-architecture loader: mlx-lm's pipelined models only
-        return (*_load_pipelined(path, group, split, tokenizer_config), None)
-    model, tokenizer = load(path, group, split=split, tokenizer_config=tokenizer_config)
-    return model, tokenizer, stage(model)
-
-
-def _load_pipelined(path: str, group, split, tokenizer_config):
-    from pathlib import Path
-
-    from mlx_lm.utils import load_model, load_tokenizer
-
-    model, config = load_model(Path(path), lazy=True, strict=False)
-    if not hasattr(getattr(model, "model", None), "pipeline"):
-        raise ValueError(f"model type {config.get('model_type')!r} cannot be split into a pipeline")
-    model.model.pipeline(group, list(split) if split else None)
-    mx.eval(model.parameters())
-    tokenizer = load_tokenizer(Path(path), tokenizer_config or {}, eos_token_ids=config.get("eos_token_id"))
-    return model, tokenizer
