@@ -64,6 +64,18 @@ def test_group_gives_the_single_process_tokens(group, client):
     # A seeded sampled request draws the same numbers on every rank (and as one process does).
     kw = dict(temperature=0.9, seed=1234, max_tokens=12)
     assert complete(client, "grp", PROMPTS[0], **kw) == complete(client, "one", PROMPTS[0], **kw)
+    # A grammar masks the logits on every rank alike.
+    fmt = {"type": "json_schema", "json_schema": {"name": "p", "schema": {
+        "type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}}}
+    msgs = [{"role": "user", "content": "Give me a pirate name as JSON."}]
+    answers = [client.chat.completions.create(model=m, messages=msgs, max_tokens=16, temperature=0,
+                                              response_format=fmt).choices[0].message.content for m in ("grp", "one")]
+    assert answers[0] == answers[1] and answers[0].lstrip().startswith('{') and '"name"' in answers[0]
+    # Each rank's memory is reported; both ranks run here, so the model's memory is their sum.
+    time.sleep(2.5)
+    st = group.model_status("grp")
+    assert [r["rank"] for r in st["ranks"]] == [0, 1] and all(r["memory_bytes"] > 0 for r in st["ranks"])
+    assert st["memory_bytes"] == sum(r["memory_bytes"] for r in st["ranks"])
 
 
 def test_requests_join_leave_and_cancel_mid_batch(group, client):

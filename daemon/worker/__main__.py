@@ -92,7 +92,7 @@ def load(cfg: ModelConfig, cache_dir, *, total_disk_budget=None, orphan_ttl=7 * 
     kind, extra = Engine, {}
     if bells is not None:
         from .group import LeaderEngine
-        kind, extra = LeaderEngine, {"bells": bells}
+        kind, extra = LeaderEngine, {"bells": bells, "hosts": cfg.distributed.hosts}
     elif group is not None:
         extra = {"stream": mx.default_stream(mx.default_device())}
     engine = kind(
@@ -120,6 +120,10 @@ def stats(engine) -> dict:
            "internal_errors": engine.internal_errors, "batch_resets": engine.batch_resets}
     if engine.prefix_cache is not None:
         out["cache"] = engine.prefix_cache.stats()
+    if hasattr(engine, "rank_memory"):       # a group: every rank's, and this machine's total
+        out["ranks"] = engine.rank_memory()
+        out["memory_bytes"] = sum(r["memory_bytes"] for r in out["ranks"] if r["local"])
+        out["peak_memory_bytes"] = sum(r["peak_memory_bytes"] for r in out["ranks"] if r["local"])
     return out
 
 

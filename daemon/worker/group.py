@@ -32,6 +32,7 @@ from typing import Optional
 
 import mlx.core as mx
 
+from ..ranks import is_local
 from .engine import Engine, Parked
 from .grammar import Compiler, GrammarProcessor, reasoning_end
 from .sampling import make_sampler
@@ -64,6 +65,14 @@ def share(obj=None):
 def all_true(flag: bool) -> bool:
     group = mx.distributed.init()
     return int(mx.distributed.all_sum(int(flag)).item()) == group.size()
+
+
+def memory_table() -> list[tuple[int, int]]:
+    """(active, peak) MLX memory of every rank, in rank order."""
+    group = mx.distributed.init()
+    mine = mx.zeros((group.size(), 2), dtype=mx.int64)
+    mine[group.rank()] = mx.array([mx.get_active_memory(), mx.get_peak_memory()], dtype=mx.int64)
+    return [tuple(row) for row in mx.distributed.all_sum(mine).tolist()]
 
 
 def _addr(endpoint: str) -> tuple[str, int]:
@@ -141,9 +150,10 @@ class Bell:
 class LeaderEngine(Engine):
     """The engine on rank 0: every change to its batch is recorded and broadcast before a step."""
 
-    def __init__(self, *args, bells: Bells, **kw):
+    def __init__(self, *args, bells: Bells, hosts: tuple[str, ...], **kw):
         super().__init__(*args, stream=mx.default_stream(mx.default_device()), **kw)
         self.bells = bells
+        self.hosts = hosts
         self.ops: list[tuple] = []
 
     def _send(self, *extra: tuple) -> None:
@@ -171,6 +181,14 @@ class LeaderEngine(Engine):
     def shutdown(self) -> None:
         self._send(("shutdown",))
         mx.eval(mx.distributed.all_sum(1))    # exit together: nobody's peer vanishes mid-collective
+
+    def rank_memory(self) -> list[dict]:
+        """Each rank's MLX memory (a round trip: the followers answer in one all_sum)."""
+        self._send(("memory",))
+        mem = memory_table()
+        hosts = self.hosts
+        return [{"rank": r, "host": hosts[r], "local": is_local(hosts[r]),
+                 "memory_bytes": int(a), "peak_memory_bytes": int(p)} for r, (a, p) in enumerate(mem)]
 
     def sampling(self, msg: dict) -> tuple:
         temperature, top_p, seed, top_k = super().sampling(msg)
@@ -278,6 +296,9 @@ class Follower:
 
     def _clear(self) -> None:
         self.engine.prefix_cache.clear()
+
+    def _memory(self) -> None:
+        memory_table()
 
     def _has(self, key) -> None:
         all_true(self.engine.prefix_cache.has_key(key))
