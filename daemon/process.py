@@ -21,7 +21,7 @@ from typing import AsyncIterator, Optional
 
 from . import ranks
 from .config import ModelConfig
-from .protocol import encode, read_frame
+from .protocol import GROUP_FAILED, encode, read_frame
 from .worker.blas import optimized_blas
 
 log = logging.getLogger("mlxd.process")
@@ -163,6 +163,17 @@ class WorkerProcess:
         log.error("%s; restarting the group", why)
         await self.kill(why)
 
+    async def _blame_rank(self, wait: float = 1.0) -> None:
+        """Rank 0 saw the group break before we saw why: a rank killed by a signal is the cause
+        (a rank never dies of a signal because another one failed), so the client hears of it."""
+        await asyncio.wait([asyncio.ensure_future(p.wait()) for _, _, p in self.ranks], timeout=wait,
+                           return_when=asyncio.FIRST_COMPLETED)
+        for r, host, proc in self.ranks:
+            if proc.returncode is not None and proc.returncode < 0:
+                self.exit_reason = (f"the worker for model {self.cfg.name!r} lost rank {r} of its group ({host}), "
+                                    f"which {_describe_exit(proc.returncode)}")
+                return
+
     async def _kill_ranks(self, grace: float = 0.0) -> None:
         """Reap every other rank of the group (given `grace` seconds to exit on their own first)."""
         if grace and self.ranks:
@@ -205,6 +216,8 @@ class WorkerProcess:
     async def _exited(self) -> None:
         """The worker is gone (or was killed): every waiter learns why, at once."""
         code = await self.proc.wait() if self.proc else None
+        if self.ranks and self.exit_reason.startswith(GROUP_FAILED):
+            await self._blame_rank()
         # The other ranks of a group: after a clean stop they exit on their own (their caches flushed).
         await self._kill_ranks(grace=self.stop_timeout if self._stopping else 0.0)
         why = f"the worker for model {self.cfg.name!r} {_describe_exit(code)}"

@@ -250,3 +250,8 @@ def test_rank_0_must_run_on_this_machine():
         ranks.plan(Distributed(hosts=("192.0.2.7", "127.0.0.1")))
     plan = ranks.plan(Distributed(hosts=("127.0.0.1", "127.0.0.1")))
     assert len(set(plan.ports)) == 2 and plan.env(1, "/h") == {"MLX_RANK": "1", "MLX_HOSTFILE": "/h"}
+
+
+def test_an_unreachable_rank_host_is_named():
+    with pytest.raises(ValueError, match="distributed host 192.0.2.1 is unreachable"):
+        ranks.check_reachable("192.0.2.1", timeout=0.5)      # TEST-NET-1: never answers

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..config import ModelConfig
-from ..protocol import SyncChannel
+from ..protocol import GROUP_FAILED, SyncChannel
 
 log = logging.getLogger("mlxd.worker")
 
@@ -237,7 +237,7 @@ def main(argv=None) -> int:
         if not _is_group_failure(e):
             raise
         log.error("model %s: %s; exiting so that the group restarts", cfg.name, e)
-        chan.send({"op": "fatal", "message": f"a rank of the group failed: {e}"})
+        chan.send({"op": "fatal", "message": f"{GROUP_FAILED}: {e}"})
         return 1
     return 0
 
