@@ -60,7 +60,7 @@ def test_llama_uneven_split_matches_single_process_and_its_shards_rebuild_its_ca
     assert (len(r1), len(r0), len(whole)) == (10, 20, 30)
     for mine, ref in zip(r1 + r0, whole):
         assert mine.offset == ref.offset == n
-        for a, b in zip(mine.state, ref.state):
+        for a, b in zip(mine.keys_and_values(), ref.keys_and_values()):
             assert np.array_equal(np.array(a), np.array(b))
 
 
