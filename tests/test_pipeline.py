@@ -64,10 +64,10 @@ def test_llama_uneven_split_matches_single_process_and_its_shards_rebuild_its_ca
             assert np.array_equal(np.array(a), np.array(b))
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "gemma3"])
 def test_tiny_models_match_single_process(arch, tmp_path):
-    """qwen2 (mlx-lm's own PipelineMixin) and gemma3_text (ours: sliding-window and global layers,
-    the window crossed by the prompt) from random-weight GGUFs through our importer."""
+    """qwen2 (mlx-lm's own PipelineMixin), qwen3 (ours) and gemma3_text (ours: sliding-window and
+    global layers, the window crossed by the prompt) from random-weight GGUFs through our importer."""
     tiny_gguf.write(tmp_path / f"{arch}.gguf", arch)
     path = resolve_model(str(tmp_path / f"{arch}.gguf"), dtype="float32", cache_dir=tmp_path / "cache").path
     # 24 tokens prefilled, then 16 in one forward pass (window 8: its masks cross the window).
