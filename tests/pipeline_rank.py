@@ -6,6 +6,7 @@ the prompt, decodes greedily, and writes its report as JSON to `out/rank<R>.json
 stage, tokens, active memory after load and after the prefill. With `cache_dir`, it
 also stores the prompt's KV (its own layers) in a per-stage prefix cache there.
 With `single: true` and no group it runs the whole model the same way (the reference).
+The prompt is `prompt` (token ids) or `text` (tokenized).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+PREFILL_STEP = 512
 
 
 def main(spec: dict) -> None:
@@ -29,27 +31,35 @@ def main(spec: dict) -> None:
     from daemon.models.pipeline import load_stage, stage
 
     if spec.get("single"):
-        group = mx.distributed.init()
         from mlx_lm import load
-        model, _ = load(spec["path"])
+        model, tokenizer = load(spec["path"])
         rank = 0
     else:
         group = mx.distributed.init(backend="ring", strict=True)
-        model, _ = load_stage(spec["path"], group, split=spec.get("split"))
+        model, tokenizer = load_stage(spec["path"], group, split=spec.get("split"))
         rank = group.rank()
     report = {"rank": rank, "stage": stage(model).tag, "loaded": mx.get_active_memory()}
     cache = make_prompt_cache(model)
-    prompt = spec["prompt"]
-    logits = model(mx.array([prompt]), cache=cache)
+    prompt = spec.get("prompt") or tokenizer.encode(spec["text"])
+    # As mlx-lm prefills: chunks that only fill the cache, then the last `tail` tokens for logits.
+    head = len(prompt) - spec.get("tail", 1)
+    for i in range(0, head, PREFILL_STEP):
+        model(mx.array([prompt[i:min(i + PREFILL_STEP, head)]]), cache=cache)
+        mx.eval([c.state for c in cache])
+    logits = model(mx.array([prompt[head:]]), cache=cache)
     mx.eval(logits, [c.state for c in cache])
+    report["prompt_tokens"] = len(prompt)
+    # The tail's logits: with random weights the argmax alone barely depends on attention.
+    top = mx.argsort(-logits[0], axis=-1)[:, :8]
+    report["top"] = [top.tolist(), mx.take_along_axis(logits[0], top, axis=-1).tolist()]
     report["prefilled"] = mx.get_active_memory()
     report["peak"] = mx.get_peak_memory()
     if spec.get("cache_dir"):
         from daemon.worker.prefix_cache import PrefixCache
         pc = PrefixCache(model, fingerprint="e" * 64, root=Path(spec["cache_dir"]), memory_budget=1 << 30,
-                         disk_budget=1 << 30, stage=stage(model))
+                         disk_budget=1 << 30, stage=None if spec.get("single") else stage(model))
         report["key"] = pc.store(prompt, cache)
-        pc.close()
+        pc.close()          # written before the decode below moves the cache on
     tokens = []
     y = logits[0, -1].argmax()
     for _ in range(spec.get("max_tokens", 8)):

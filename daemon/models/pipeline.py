@@ -1,7 +1,7 @@
 """One rank's stage of a model split into pipeline stages over MLX distributed.
 
 mlx-lm pipelines the architectures whose inner model mixes in `PipelineMixin` (qwen2,
-qwen3_moe, deepseek...). For llama (SmolLM2, Mistral, Llama 3) and gemma3_text we hand
+qwen3_moe, deepseek...). For llama (SmolLM2, Mistral, Llama 3), qwen3 and gemma3_text we hand
 `load_model` subclasses through its public `get_model_classes` hook: the same modules,
 with `PipelineMixin` and a `__call__` that follows qwen2's (the first stage embeds, the
 others receive the hidden state, each sends it on, the last one's is gathered everywhere).
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
-from mlx_lm.models import gemma3_text, llama
+from mlx_lm.models import gemma3_text, llama, qwen3
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 from mlx_lm.models.pipeline import PipelineMixin
@@ -81,58 +81,78 @@ def _masks(h, cache, sliding: list[bool], window: Optional[int]) -> list:
     return out
 
 
-class LlamaStageModel(PipelineMixin, llama.LlamaModel):
+class _StageModel(PipelineMixin):
+    """An architecture's inner model, pipelined: mixed in before it (`class X(_StageModel, Inner)`)."""
+
+    window: Optional[int] = None
+
     def __init__(self, args):
-        llama.LlamaModel.__init__(self, args)
+        super(PipelineMixin, self).__init__(args)    # the architecture's own __init__
         self.pipeline_rank, self.pipeline_size, self.start_idx, self.end_idx = 0, 1, 0, None
 
-    def __call__(self, inputs, cache=None, input_embeddings=None):
-        h = input_embeddings if input_embeddings is not None else self.embed_tokens(inputs)
-        layers = self.pipeline_layers
-        cache = cache if cache is not None else [None] * len(layers)
-        masks = _masks(h, cache, [layer.use_sliding for layer in layers], self.sliding_window)
-        return _run(self, h, cache, masks)
+    def _embed(self, inputs):
+        return self.embed_tokens(inputs)
 
-
-class LlamaStage(llama.Model):
-    def __init__(self, args):
-        super().__init__(args)
-        self.model = LlamaStageModel(args)
-
-    @property
-    def layers(self):
-        return self.model.pipeline_layers       # llama.Model.make_cache follows this
-
-
-class Gemma3StageModel(PipelineMixin, gemma3_text.Gemma3Model):
-    def __init__(self, args):
-        gemma3_text.Gemma3Model.__init__(self, args)
-        self.pipeline_rank, self.pipeline_size, self.start_idx, self.end_idx = 0, 1, 0, None
+    def _sliding(self, layer) -> bool:
+        return False
 
     def __call__(self, inputs, cache=None, input_embeddings=None):
-        h = input_embeddings if input_embeddings is not None else self.embed_tokens(inputs)
-        h *= mx.array(self.args.hidden_size**0.5, mx.bfloat16).astype(h.dtype)
+        h = input_embeddings if input_embeddings is not None else self._embed(inputs)
         layers = self.pipeline_layers
         cache = cache if cache is not None else [None] * len(layers)
-        masks = _masks(h, cache, [layer.self_attn.is_sliding for layer in layers], self.window_size)
-        return _run(self, h, cache, masks)
+        return _run(self, h, cache, _masks(h, cache, [self._sliding(layer) for layer in layers], self.window))
 
 
-class Gemma3Stage(gemma3_text.Model):
-    def __init__(self, args):
-        super().__init__(args)
-        self.model = Gemma3StageModel(args)
+class LlamaStageModel(_StageModel, llama.LlamaModel):
+    def _sliding(self, layer) -> bool:
+        return layer.use_sliding
 
     @property
-    def layers(self):
-        return self.model.pipeline_layers
+    def window(self):
+        return self.sliding_window
 
-    def make_cache(self):
+
+class Qwen3StageModel(_StageModel, qwen3.Qwen3Model):
+    pass
+
+
+class Gemma3StageModel(_StageModel, gemma3_text.Gemma3Model):
+    def _embed(self, inputs):
+        h = self.embed_tokens(inputs)
+        return h * mx.array(self.args.hidden_size**0.5, mx.bfloat16).astype(h.dtype)
+
+    def _sliding(self, layer) -> bool:
+        return layer.self_attn.is_sliding
+
+    @property
+    def window(self):
+        return self.window_size
+
+
+def _stage_of(base, inner):
+    """The architecture's Model with the pipelined inner model; `layers` (what the KV cache is
+    made for) are this stage's."""
+    class Stage(base):
+        def __init__(self, args):
+            super().__init__(args)
+            self.model = inner(args)
+
+        @property
+        def layers(self):
+            return self.model.pipeline_layers
+
+    Stage.__name__ = Stage.__qualname__ = f"{base.__module__.rsplit('.', 1)[-1]}_stage"
+    return Stage
+
+
+class Gemma3Stage(_stage_of(gemma3_text.Model, Gemma3StageModel)):
+    def make_cache(self):      # gemma3_text's counts every layer of the model
         return [RotatingKVCache(max_size=self.args.sliding_window) if layer.self_attn.is_sliding else KVCache()
                 for layer in self.layers]
 
 
-_STAGES = {llama.Model: LlamaStage, gemma3_text.Model: Gemma3Stage}
+_STAGES = {llama.Model: _stage_of(llama.Model, LlamaStageModel), qwen3.Model: _stage_of(qwen3.Model, Qwen3StageModel),
+           gemma3_text.Model: Gemma3Stage}
 
 
 def _stage_classes(config: dict):
@@ -148,7 +168,7 @@ def _stage_classes(config: dict):
 
 def _cannot_pipeline(config: dict) -> ValueError:
     return ValueError(f"model type {config.get('model_type')!r} cannot be split into pipeline stages (mlxd "
-                      f"pipelines llama, gemma3_text and mlx-lm's models with PipelineMixin: qwen2, qwen3_moe, "
+                      f"pipelines llama, qwen3, gemma3_text and mlx-lm's models with PipelineMixin: qwen2, qwen3_moe, "
                       f"qwen3_next, deepseek_v3, glm4_moe...)")
 
 
