@@ -119,12 +119,25 @@ class Distributed(_Strict):
     split: Optional[tuple[Annotated[int, Field(gt=0)], ...]] = Field(None, description=(
         "Layers per rank, in rank order; default: an even split. Rank 0 runs the last layers."))
 
+    rdma: Optional[tuple[tuple[Optional[str], ...], ...]] = Field(None, description=(
+        "jaccl only: rdma[i][j] is the RDMA device rank i reaches rank j through (null for i == j), "
+        "as in the hostfile `mlx.distributed_config --backend jaccl --auto-setup` writes."))
+
     @model_validator(mode="after")
     def _consistent(self) -> "Distributed":
-        if self.split is not None and len(self.split) != len(self.hosts):
-            raise ValueError(f"split has {len(self.split)} entries for {len(self.hosts)} hosts; give one per rank")
+        n = len(self.hosts)
+        if self.split is not None and len(self.split) != n:
+            raise ValueError(f"split has {len(self.split)} entries for {n} hosts; give one per rank")
         if self.backend == "jaccl" and sys.platform != "darwin":
             raise ValueError("backend jaccl needs macOS (RDMA over Thunderbolt); use ring on this platform")
+        if self.backend == "jaccl":
+            rows = self.rdma or ()
+            if len(rows) != n or any(len(r) != n for r in rows):
+                raise ValueError(f"backend jaccl needs rdma: {n} rows of {n} RDMA device names, one per pair of ranks")
+            if any(rows[i][j] is None for i in range(n) for j in range(n) if i != j) or any(rows[i][i] for i in range(n)):
+                raise ValueError("rdma[i][j] names the device from rank i to rank j, and is null only where i == j")
+        elif self.rdma is not None:
+            raise ValueError("rdma is for backend jaccl only")
         return self
 
 

@@ -73,7 +73,7 @@ class WorkerProcess:
         self.exit_reason = ""
         self.last_frame = time.monotonic()     # any frame is a sign of life (stats come every 2 s)
         self.ranks: list[tuple[int, str, asyncio.subprocess.Process]] = []   # a group's ranks 1..n-1
-        self._hostfile: Optional[Path] = None
+        self._files: list[Path] = []          # the group's hostfile (or jaccl's device list)
         self._stopping = False
         self.stop_timeout = 0.0
 
@@ -132,16 +132,19 @@ class WorkerProcess:
         plan = ranks.plan(dist)
         for host in {h for h in dist.hosts[1:] if not ranks.is_local(h)}:
             await asyncio.to_thread(ranks.check_reachable, host)
-        fd, path = tempfile.mkstemp(prefix=f"mlxd-hosts-{os.getpid()}-", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            f.write(plan.hostfile)
-        self._hostfile = Path(path)
+        paths = {}
+        for var, content in plan.files.items():
+            fd, path = tempfile.mkstemp(prefix=f"mlxd-{var.lower()}-{os.getpid()}-", suffix=".json")
+            with os.fdopen(fd, "w") as f:
+                f.write(content)
+            self._files.append(Path(path))
+            paths[var] = path
         model = json.dumps(self.cfg.model_dump(mode="json"))
         for r, host in enumerate(dist.hosts[1:], start=1):
             args = ranks.follower_args(r, model, self.cache_dir, plan.doorbell, self._cache_args())
             if ranks.is_local(host):
                 proc = await asyncio.create_subprocess_exec(
-                    sys.executable, *args, env={**env, **plan.env(r, path)}, stdin=asyncio.subprocess.DEVNULL,
+                    sys.executable, *args, env={**env, **plan.env(r, paths)}, stdin=asyncio.subprocess.DEVNULL,
                     start_new_session=True)
             else:
                 proc = await asyncio.create_subprocess_exec(
@@ -151,7 +154,7 @@ class WorkerProcess:
             asyncio.create_task(self._watch_rank(r, host, proc), name=f"rank-{r}-{self.cfg.name}")
         log.info("model %s: started ranks 1..%d of its group (%s)", self.cfg.name, len(dist.hosts) - 1,
                  ", ".join(f"{r}: {h} pid {p.pid}" for r, h, p in self.ranks))
-        return {**env, **plan.env(0, path)}, ["--doorbell", plan.doorbell]
+        return {**env, **plan.env(0, paths)}, ["--doorbell", plan.doorbell]
 
     async def _watch_rank(self, r: int, host: str, proc) -> None:
         """A rank that exits takes the group down: rank 0 is killed with the reason, so the
@@ -185,9 +188,9 @@ class WorkerProcess:
                 except ProcessLookupError:
                     pass
             await proc.wait()
-        if self._hostfile is not None:
-            self._hostfile.unlink(missing_ok=True)
-            self._hostfile = None
+        for path in self._files:
+            path.unlink(missing_ok=True)
+        self._files = []
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         try:

@@ -55,17 +55,24 @@ class Plan:
     ports: tuple[int, ...]
     doorbell: str             # "ip:port" rank 0 listens on; the other ranks connect to it
     backend: str
+    rdma: tuple = ()          # jaccl: each rank's RDMA device to each other rank
 
     @property
     def hostfile(self) -> str:
         """MLX_HOSTFILE's contents for the ring backend: one ["ip:port"] per rank."""
         return json.dumps([[_endpoint(h, p)] for h, p in zip(self.hosts, self.ports)])
 
-    def env(self, rank: int, hostfile_path: str) -> dict[str, str]:
-        out = {"MLX_RANK": str(rank)}
+    @property
+    def files(self) -> dict[str, str]:
+        """The variables that name a file, and that file's contents (as mlx.launch writes them)."""
         if self.backend == "ring":
-            out["MLX_HOSTFILE"] = hostfile_path
-        else:   # jaccl: rank 0 coordinates
+            return {"MLX_HOSTFILE": self.hostfile}
+        return {"MLX_IBV_DEVICES": json.dumps([list(r) for r in self.rdma])}
+
+    def env(self, rank: int, paths: dict[str, str]) -> dict[str, str]:
+        """Rank `rank`'s variables, with `paths` where this host holds `files`."""
+        out = {"MLX_RANK": str(rank), **paths}
+        if self.backend == "jaccl":    # rank 0 coordinates
             out["MLX_JACCL_COORDINATOR"] = _endpoint(self.hosts[0], self.ports[0])
         return out
 
@@ -76,7 +83,8 @@ def plan(dist: Distributed) -> Plan:
         raise ValueError(f"distributed.hosts[0] ({dist.hosts[0]}) is not an address of this machine: "
                          f"rank 0 runs in the daemon's worker, so the first host must be local")
     ports = tuple(free_port(h) if is_local(h) else REMOTE_PORT + r for r, h in enumerate(dist.hosts))
-    return Plan(dist.hosts, ports, _endpoint(dist.hosts[0], free_port(dist.hosts[0])), dist.backend)
+    return Plan(dist.hosts, ports, _endpoint(dist.hosts[0], free_port(dist.hosts[0])), dist.backend,
+                dist.rdma or ())
 
 
 def check_reachable(host: str, timeout: float = 5.0) -> None:
@@ -95,18 +103,16 @@ def follower_args(rank: int, model_json: str, cache_dir: Path, doorbell: str, ex
 
 def remote_command(host: str, rank: int, plan_: Plan, python: str, cwd: str, args: list[str],
                    env: dict[str, str] | None = None) -> list[str]:
-    """The ssh command that starts one remote rank, as mlx.launch does it: the hostfile
-    written to a temp file there, MLX_RANK exported, then exec. `-tt` ties the remote
+    """The ssh command that starts one remote rank, as mlx.launch does it: the hostfile (or
+    jaccl's device list) written to a temp file there, MLX_RANK exported, then exec. `-tt` ties the remote
     process to the connection: killing ssh (the daemon does, with the group) ends it."""
     script = "stty -echo 2>/dev/null; "
     script += f"cd {shlex.quote(cwd)} || exit 1; "
     for k, v in (env or {}).items():
         script += f"export {k}={shlex.quote(v)}; "
-    if plan_.backend == "ring":
-        script += "MLX_HOSTFILE=$(mktemp); "
-        script += f"printf '%s' {shlex.quote(plan_.hostfile)} > \"$MLX_HOSTFILE\"; export MLX_HOSTFILE; "
-    for k, v in plan_.env(rank, "").items():
-        if k != "MLX_HOSTFILE":
-            script += f"export {k}={shlex.quote(v)}; "
+    for k, content in plan_.files.items():
+        script += f"{k}=$(mktemp); printf '%s' {shlex.quote(content)} > \"${k}\"; export {k}; "
+    for k, v in plan_.env(rank, {}).items():
+        script += f"export {k}={shlex.quote(v)}; "
     script += "exec " + shlex.join([python, *args])
     return ["ssh", "-tt", "-o", "LogLevel=QUIET", "-o", "BatchMode=yes", host, script]

@@ -249,9 +249,39 @@ def test_rank_0_must_run_on_this_machine():
     with pytest.raises(ValueError, match="not an address of this machine"):
         ranks.plan(Distributed(hosts=("192.0.2.7", "127.0.0.1")))
     plan = ranks.plan(Distributed(hosts=("127.0.0.1", "127.0.0.1")))
-    assert len(set(plan.ports)) == 2 and plan.env(1, "/h") == {"MLX_RANK": "1", "MLX_HOSTFILE": "/h"}
+    assert len(set(plan.ports)) == 2
+    assert plan.env(1, {"MLX_HOSTFILE": "/h"}) == {"MLX_RANK": "1", "MLX_HOSTFILE": "/h"}
+
+
+def test_jaccl_ranks_get_the_device_list_and_the_coordinator():
+    plan = ranks.Plan(("10.0.0.1", "10.0.0.2"), (40001, 32324), "10.0.0.1:40002", "jaccl",
+                      ((None, "rdma_en3"), ("rdma_en3", None)))
+    assert plan.files == {"MLX_IBV_DEVICES": '[[null, "rdma_en3"], ["rdma_en3", null]]'}
+    assert plan.env(0, {"MLX_IBV_DEVICES": "/d"}) == {
+        "MLX_RANK": "0", "MLX_IBV_DEVICES": "/d", "MLX_JACCL_COORDINATOR": "10.0.0.1:40001"}
+    script = ranks.remote_command("10.0.0.2", 1, plan, "python3", "/srv", ["-m", "daemon.worker"])[-1]
+    assert "MLX_IBV_DEVICES=$(mktemp)" in script and "MLX_HOSTFILE" not in script
+    assert "export MLX_JACCL_COORDINATOR=10.0.0.1:40001;" in script
+
+
+@pytest.mark.parametrize("dist, expect", [
+    ("{hosts: [127.0.0.1, 10.0.0.2], rdma: [[null, a], [a, null]]}", "rdma is for backend jaccl only"),
+])
+def test_rdma_belongs_to_jaccl(dist, expect):
+    with pytest.raises(ConfigError, match=expect):
+        parse_config(_config(dist), "c.yaml")
 
 
 def test_an_unreachable_rank_host_is_named():
     with pytest.raises(ValueError, match="distributed host 192.0.2.1 is unreachable"):
         ranks.check_reachable("192.0.2.1", timeout=0.5)      # TEST-NET-1: never answers
+
+
+def test_jaccl_on_macos_needs_a_full_rdma_matrix(monkeypatch):
+    monkeypatch.setattr(sys, "platform", "darwin")
+    with pytest.raises(ConfigError, match="2 rows of 2 RDMA device names"):
+        parse_config(_config("{hosts: [127.0.0.1, 10.0.0.2], backend: jaccl}"), "c.yaml")
+    with pytest.raises(ConfigError, match="null only where i == j"):
+        parse_config(_config("{hosts: [127.0.0.1, 10.0.0.2], backend: jaccl, rdma: [[null, null], [a, null]]}"))
+    ok = parse_config(_config("{hosts: [127.0.0.1, 10.0.0.2], backend: jaccl, rdma: [[null, a], [b, null]]}"))
+    assert ok.models[0].distributed.rdma == ((None, "a"), ("b", None))
