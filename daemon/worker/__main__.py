@@ -179,10 +179,12 @@ def serve(chan: SyncChannel, engine) -> None:
                 for rid in [*engine.uid_of, *engine.parked]:
                     out.append(engine.cancel(rid))
                 chan.send_many(out)
-                if hasattr(engine, "shutdown"):
-                    engine.shutdown()        # the group's other ranks store what was cancelled, then exit
-                if engine.prefix_cache is not None:
-                    engine.prefix_cache.close()
+                try:
+                    if hasattr(engine, "shutdown"):
+                        engine.shutdown()    # the group's other ranks store what was cancelled, then exit
+                finally:
+                    if engine.prefix_cache is not None:
+                        engine.prefix_cache.close()
                 return
             if (reply := handle(engine, msg)) is not None:
                 out.append(reply)

@@ -8,7 +8,7 @@ makes to its batch as an operation; before each step it broadcasts them (a pickl
 `all_sum` as mlx_lm.server's `_share_object`) and the followers apply them:
 
     insert(uid, tokens, cached length, cache key, max_tokens, sampler args, grammar)
-    remove(uid, keep cache)   store(uid)   evict(keys)   discard(key)   clear   has(key)
+    remove(uid, keep cache)   store(uid)   evict(keys)   clear   has(key)   memory
     step   shutdown
 
 Samplers are rebuilt from their arguments on every rank (an unseeded sampled request gets a
@@ -201,8 +201,7 @@ class LeaderEngine(Engine):
         if all_true(self.prefix_cache.has_key(key)):
             return True
         log.warning("prefix cache entry %s is missing on a rank of the group; dropping it", key)
-        self.prefix_cache.discard(key)
-        self.ops.append(("discard", key))
+        self.prefix_cache.discard(key)       # the others drop theirs with the next round's evictions
         return False
 
     def _insert(self, p: Parked, cache, n_cached: int) -> int:
@@ -290,9 +289,6 @@ class Follower:
     def _evict(self, keys) -> None:
         for k in keys:
             self.engine.prefix_cache.discard(k)
-
-    def _discard(self, key) -> None:
-        self.engine.prefix_cache.discard(key)
 
     def _clear(self) -> None:
         self.engine.prefix_cache.clear()
