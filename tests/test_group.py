@@ -167,6 +167,12 @@ def test_killing_rank_1_mid_stream_fails_the_stream_and_the_group_comes_back(gro
     assert st["restarts"] >= 1 and st["worker"]["ranks"][0]["pid"] != rank1
     assert not alive(pid)
     assert complete(client, "grp", PROMPTS[0]) == complete(client, "one", PROMPTS[0])
+    # Rank 0 dying takes its followers with it: the daemon reaps them, and the group comes back.
+    pid, rank1 = st["pid"], st["worker"]["ranks"][0]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    st = group.wait_restarted("grp", pid)
+    assert not alive(rank1) and st["worker"]["ranks"][0]["pid"] != rank1
+    assert complete(client, "grp", PROMPTS[1]) == complete(client, "one", PROMPTS[1])
 
 
 def test_reload_of_the_group_entry_restarts_every_rank(group, client):
