@@ -450,6 +450,7 @@ class PrefixCache:
             "disk": disk,
             "entries": len(self.entries),
             "kv_bits": self.kv_bits,
+            "stage": self.stage,
             **self.counters,
         }
 
