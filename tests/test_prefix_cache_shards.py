@@ -11,7 +11,7 @@ import zlib
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
 
 from conftest import TEST_CACHE
 from daemon.models import resolve_model
@@ -148,4 +148,18 @@ def test_rank_0_reports_what_its_disk_budget_evicted(model, tmp_path):
     follower.disk.flush()
     assert not follower.has_key(ka) and follower.stats()["disk"]["entries"] == 1
     lead.close()
+    follower.close()
+
+
+def test_a_rank_that_cannot_trim_says_so_for_the_length_asked(model, tmp_path):
+    """Rank 0's layers may keep plain KV while another rank's keep a rotating window past its
+    size: that rank holds the entry but can serve it only whole."""
+    full = [RotatingKVCache(max_size=64, keep=4) if i < 15 else KVCache() for i in range(len(model.layers))]
+    model(mx.array([TOKENS]), cache=full)
+    mx.eval([c.state for c in full])
+    follower = rank(tmp_path, R1, follower=True, disk_budget=0)
+    key = follower.store(TOKENS, full[:15])
+    assert follower.has_key(key) and follower.has_key(key, len(TOKENS))
+    assert not follower.has_key(key, 50) and follower.fetch_key(key, 50) is None
+    assert follower.fetch_key(key, len(TOKENS))[0].offset == len(TOKENS)
     follower.close()

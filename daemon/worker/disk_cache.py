@@ -333,13 +333,13 @@ class DiskTier:
         self._enforce_budget()
 
     def _enforce_budget(self, incoming: int = 0) -> None:
-        if not self.evict:
-            return
         """LRU down to the budgets, leaving room for `incoming` bytes about to be written.
         Sizes and ages come from the directory, not our records: a twin worker's entries (same
         weights) count against the namespace's budget, every namespace's against the total,
         and files still being written (ours or another's) count but are never evicted.
         A follower rank (evict=False) leaves it to its rank 0."""
+        if not self.evict:
+            return
         for dirs, budget in (([self.dir], self.budget),
                              ([d for d in self._listdir(self.root) if d.is_dir()], self.total_budget)):
             if budget is None:

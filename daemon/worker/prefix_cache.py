@@ -382,19 +382,25 @@ class PrefixCache:
 
     # -- by key: the followers of a pipeline group ----------------------------------------
 
-    def has_key(self, key: str) -> bool:
-        """Whether this rank holds entry `key`, in memory or written (or queued) on disk. Cheap."""
+    def has_key(self, key: str, n_tokens: Optional[int] = None) -> bool:
+        """Whether this rank holds entry `key`, in memory or written (or queued) on disk, and
+        can serve its first `n_tokens` (a rank whose layers keep a rotating window past its
+        size cannot trim, even where rank 0's plain KV can). Cheap."""
         e = self.entries.get(key)
-        if e is None:
+        if e is None or (n_tokens is not None and not self._serves(e, n_tokens)):
             return False
         return e.cache is not None or (e.on_disk and self.disk is not None and self.disk.has(key))
+
+    @staticmethod
+    def _serves(e: Entry, n_tokens: int) -> bool:
+        return 0 < n_tokens <= e.n_tokens and (n_tokens == e.n_tokens or e.trimmable)
 
     def fetch_key(self, key: str, n_tokens: int) -> Optional[list]:
         """A fresh cache of the first `n_tokens` of entry `key` (rank 0's hit), read from disk
         on this thread if need be; None when this rank cannot serve it (missing, corrupt, or a
         length an untrimmable cache cannot give)."""
         e = self.entries.get(key)
-        if e is None or not 0 < n_tokens <= e.n_tokens or (n_tokens < e.n_tokens and not e.trimmable):
+        if e is None or not self._serves(e, n_tokens):
             return None
         src = e.cache
         if src is None:
@@ -450,6 +456,7 @@ class PrefixCache:
             "disk": disk,
             "entries": len(self.entries),
             "kv_bits": self.kv_bits,
+            "stage": self.stage,
             **self.counters,
         }
 
