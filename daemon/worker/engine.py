@@ -299,7 +299,7 @@ class Engine:
                 got.add_done_callback(lambda _: self.wake())
                 return None
             cache, n_cached, tier = got
-            if tier and not self.shared(self.prefix_cache.last_key):
+            if tier and not self.shared(self.prefix_cache.last_key, n_cached):
                 cache, n_cached, tier = None, 0, None
         a, tokens = p.active, p.tokens
         a.cache_key = self.prefix_cache.last_key if tier else None
@@ -314,8 +314,8 @@ class Engine:
         self.uid_of[a.id] = uid
         return Started(a.id, len(tokens), n_cached, a.max_tokens).wire()
 
-    def shared(self, key: str) -> bool:
-        """Whether a cache hit can be used (a group's every rank must hold its shard)."""
+    def shared(self, key: str, n_tokens: int) -> bool:
+        """Whether a cache hit can be used (a group's every rank must serve its shard of that length)."""
         return True
 
     def _insert(self, p: Parked, cache, n_cached: int) -> int:

@@ -196,9 +196,9 @@ class LeaderEngine(Engine):
             seed = secrets.randbits(63)      # every rank must draw the same numbers
         return temperature, top_p, seed, top_k
 
-    def shared(self, key: str) -> bool:
-        self._send(("has", key))
-        if all_true(self.prefix_cache.has_key(key)):
+    def shared(self, key: str, n_tokens: int) -> bool:
+        self._send(("has", key, n_tokens))
+        if all_true(self.prefix_cache.has_key(key, n_tokens)):
             return True
         log.warning("prefix cache entry %s is missing on a rank of the group; dropping it", key)
         self.prefix_cache.discard(key)       # the others drop theirs with the next round's evictions
@@ -296,8 +296,8 @@ class Follower:
     def _memory(self) -> None:
         memory_table()
 
-    def _has(self, key) -> None:
-        all_true(self.engine.prefix_cache.has_key(key))
+    def _has(self, key, n_tokens) -> None:
+        all_true(self.engine.prefix_cache.has_key(key, n_tokens))
 
     def _step(self) -> None:
         self.kept.clear()            # rank 0 stored what it wanted before this step
