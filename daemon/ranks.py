@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import random
 import shlex
 import socket
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from .config import Distributed
 
-REMOTE_PORT = 32323      # mlx.launch's default starting port, for ranks whose free ports we cannot see
+REMOTE_PORTS = (32323, 60000)   # for ranks whose free ports we cannot see (mlx.launch starts at 32323)
 
 
 @lru_cache(maxsize=64)
@@ -82,7 +83,8 @@ def plan(dist: Distributed) -> Plan:
     if not is_local(dist.hosts[0]):
         raise ValueError(f"distributed.hosts[0] ({dist.hosts[0]}) is not an address of this machine: "
                          f"rank 0 runs in the daemon's worker, so the first host must be local")
-    ports = tuple(free_port(h) if is_local(h) else REMOTE_PORT + r for r, h in enumerate(dist.hosts))
+    # A random port on a remote host: a replacement group starts while the old one still holds its ports.
+    ports = tuple(free_port(h) if is_local(h) else random.randrange(*REMOTE_PORTS) for h in dist.hosts)
     return Plan(dist.hosts, ports, _endpoint(dist.hosts[0], free_port(dist.hosts[0])), dist.backend,
                 dist.rdma or ())
 

@@ -238,7 +238,7 @@ def test_a_changed_distributed_block_is_a_changed_worker():
 
 
 def test_remote_rank_command_runs_the_worker_over_ssh_with_the_hostfile():
-    plan = ranks.Plan(("127.0.0.1", "192.0.2.7"), (40001, ranks.REMOTE_PORT + 1), "127.0.0.1:40002", "ring")
+    plan = ranks.Plan(("127.0.0.1", "192.0.2.7"), (40001, 32324), "127.0.0.1:40002", "ring")
     assert plan.hostfile == '[["127.0.0.1:40001"], ["192.0.2.7:32324"]]'
     args = ranks.follower_args(1, '{"name": "m"}', "/c", plan.doorbell, [])
     cmd = ranks.remote_command("192.0.2.7", 1, plan, "/venv/bin/python", "/srv/mlxd", args)
@@ -257,6 +257,9 @@ def test_rank_0_must_run_on_this_machine():
     plan = ranks.plan(Distributed(hosts=("127.0.0.1", "127.0.0.1")))
     assert len(set(plan.ports)) == 2
     assert plan.env(1, {"MLX_HOSTFILE": "/h"}) == {"MLX_RANK": "1", "MLX_HOSTFILE": "/h"}
+    remote = ranks.plan(Distributed(hosts=("127.0.0.1", "192.0.2.7")))
+    assert ranks.REMOTE_PORTS[0] <= remote.ports[1] < ranks.REMOTE_PORTS[1]
+    assert remote.doorbell.startswith("127.0.0.1:")
 
 
 def test_jaccl_ranks_get_the_device_list_and_the_coordinator():
