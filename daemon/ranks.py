@@ -83,6 +83,10 @@ def plan(dist: Distributed) -> Plan:
     if not is_local(dist.hosts[0]):
         raise ValueError(f"distributed.hosts[0] ({dist.hosts[0]}) is not an address of this machine: "
                          f"rank 0 runs in the daemon's worker, so the first host must be local")
+    remote = [h for h in dist.hosts[1:] if not is_local(h)]
+    if remote and ipaddress.ip_address(dist.hosts[0]).is_loopback:
+        raise ValueError(f"distributed.hosts[0] is {dist.hosts[0]}, which {remote[0]} cannot reach: "
+                         f"give this machine's address on the network the ranks share")
     # A random port on a remote host: a replacement group starts while the old one still holds its ports.
     ports = tuple(free_port(h) if is_local(h) else random.randrange(*REMOTE_PORTS) for h in dist.hosts)
     return Plan(dist.hosts, ports, _endpoint(dist.hosts[0], free_port(dist.hosts[0])), dist.backend,
