@@ -93,13 +93,14 @@ def plan(dist: Distributed) -> Plan:
                 dist.rdma or ())
 
 
-def check_reachable(host: str, timeout: float = 5.0) -> None:
-    """A remote rank's host answers ssh; ValueError naming the host when it does not."""
+def check_reachable(host: str, timeout: float = 5.0, port: int = 22) -> None:
+    """A remote rank's host answers on the ssh port; ValueError naming the host when it does not."""
     try:
-        with socket.create_connection((host, 22), timeout=timeout):
+        with socket.create_connection((host, port), timeout=timeout):
             return
     except OSError as e:
-        raise ValueError(f"distributed host {host} is unreachable over ssh (port 22): {e.strerror or e}") from None
+        raise ValueError(f"distributed host {host} is unreachable over ssh (port {port}): "
+                         f"{e.strerror or e or 'timed out'}") from None
 
 
 def follower_args(rank: int, model_json: str, cache_dir: Path, doorbell: str, extra: list[str]) -> list[str]:

@@ -238,27 +238,27 @@ def test_a_changed_distributed_block_is_a_changed_worker():
 
 
 def test_remote_rank_command_runs_the_worker_over_ssh_with_the_hostfile():
-    plan = ranks.Plan(("127.0.0.1", "192.0.2.7"), (40001, 32324), "127.0.0.1:40002", "ring")
-    assert plan.hostfile == '[["127.0.0.1:40001"], ["192.0.2.7:32324"]]'
+    plan = ranks.Plan(("127.0.0.1", "198.51.100.7"), (40001, 32324), "127.0.0.1:40002", "ring")
+    assert plan.hostfile == '[["127.0.0.1:40001"], ["198.51.100.7:32324"]]'
     args = ranks.follower_args(1, '{"name": "m"}', "/c", plan.doorbell, [])
-    cmd = ranks.remote_command("192.0.2.7", 1, plan, "/venv/bin/python", "/srv/mlxd", args)
-    assert cmd[:2] == ["ssh", "-tt"] and cmd[-2] == "192.0.2.7"
+    cmd = ranks.remote_command("198.51.100.7", 1, plan, "/venv/bin/python", "/srv/mlxd", args)
+    assert cmd[:2] == ["ssh", "-tt"] and cmd[-2] == "198.51.100.7"
     script = cmd[-1]
     assert script.index("cd /srv/mlxd") < script.index("MLX_HOSTFILE=$(mktemp)") < script.index("exec ")
     assert "export MLX_RANK=1;" in script
-    assert """'[["127.0.0.1:40001"], ["192.0.2.7:32324"]]'""" in script
+    assert """'[["127.0.0.1:40001"], ["198.51.100.7:32324"]]'""" in script
     assert script.endswith("exec /venv/bin/python -m daemon.worker --rank 1 --doorbell 127.0.0.1:40002 "
                            """--model '{"name": "m"}' --cache-dir /c""")
 
 
 def test_rank_0_must_run_on_this_machine():
     with pytest.raises(ValueError, match="not an address of this machine"):
-        ranks.plan(Distributed(hosts=("192.0.2.7", "127.0.0.1")))
+        ranks.plan(Distributed(hosts=("198.51.100.7", "127.0.0.1")))
     plan = ranks.plan(Distributed(hosts=("127.0.0.1", "127.0.0.1")))
     assert len(set(plan.ports)) == 2
     assert plan.env(1, {"MLX_HOSTFILE": "/h"}) == {"MLX_RANK": "1", "MLX_HOSTFILE": "/h"}
-    with pytest.raises(ValueError, match="which 192.0.2.7 cannot reach"):
-        ranks.plan(Distributed(hosts=("127.0.0.1", "192.0.2.7")))
+    with pytest.raises(ValueError, match="which 198.51.100.7 cannot reach"):
+        ranks.plan(Distributed(hosts=("127.0.0.1", "198.51.100.7")))
 
 
 def test_jaccl_ranks_get_the_device_list_and_the_coordinator():
@@ -281,8 +281,9 @@ def test_rdma_belongs_to_jaccl(dist, expect):
 
 
 def test_an_unreachable_rank_host_is_named():
-    with pytest.raises(ValueError, match="distributed host 192.0.2.1 is unreachable"):
-        ranks.check_reachable("192.0.2.1", timeout=0.5)      # TEST-NET-1: never answers
+    closed = ranks.free_port("127.0.0.1")      # nothing listens there (a sandbox may answer any remote address)
+    with pytest.raises(ValueError, match=f"distributed host 127.0.0.1 is unreachable over ssh \\(port {closed}\\)"):
+        ranks.check_reachable("127.0.0.1", timeout=2, port=closed)
 
 
 def test_jaccl_on_macos_needs_a_full_rdma_matrix(monkeypatch):
