@@ -488,17 +488,19 @@ class Engine:
         self.decoding.discard(uid)
         return a
 
-    def _store(self, uid: int, cache_and_tokens) -> None:
-        """Best effort: the request's answer is complete, so a failure here costs only reuse."""
+    def _store(self, uid: int, cache_and_tokens) -> Optional[str]:
+        """Best effort: the request's answer is complete, so a failure here costs only reuse.
+        The entry's key when it was stored."""
         if self.prefix_cache is None or not cache_and_tokens:
-            return
+            return None
         cache, tokens = cache_and_tokens
         if cache and tokens:
             try:
-                self.prefix_cache.store(list(tokens), cache)
+                return self.prefix_cache.store(list(tokens), cache)
             except Exception:
                 self.prefix_cache.counters["store_errors"] += 1
                 log.exception("storing a finished request's cache failed; serving goes on")
+        return None
 
     def _logprob(self, a: Active, r) -> Logprob:
         lp, top = r.logprobs, []

@@ -215,11 +215,12 @@ class LeaderEngine(Engine):
         self.ops.append(("remove", uid, caches))
         return out
 
-    def _store(self, uid: int, cache_and_tokens) -> None:
-        super()._store(uid, cache_and_tokens)
-        if self.prefix_cache is not None and cache_and_tokens:
+    def _store(self, uid: int, cache_and_tokens) -> Optional[str]:
+        key = super()._store(uid, cache_and_tokens)
+        if key is not None:                  # the others keep what rank 0 keeps, nothing more
             self.ops.append(("store", uid))
             self._evicted()
+        return key
 
     def clear_cache(self) -> int:
         n = super().clear_cache()
