@@ -56,6 +56,10 @@ def cmd_check(args) -> int:
         aliases = f" (aliases: {', '.join(m.aliases)})" if m.aliases else ""
         print(f"  - {m.name}{aliases}: source={m.source} dtype={dtype} "
               f"max_batch_size={m.engine.max_batch_size} prefix_cache={'on' if m.prefix_cache.enabled else 'off'}")
+        if m.distributed is not None:
+            d = m.distributed
+            print(f"    distributed ({d.backend}): {len(d.hosts)} ranks on {', '.join(d.hosts)}"
+                  + (f", split {list(d.split)}" if d.split else ", even split"))
     return 0
 
 

@@ -7,6 +7,7 @@ to decide what to start, stop or leave alone, so every field here must compare b
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import os
 import re
@@ -103,6 +104,45 @@ class PrefixCache(_Strict):
         "(counted as dropped_writes), so a slow disk never holds more memory than this."))
 
 
+def _ip(v: str) -> str:
+    try:
+        return str(ipaddress.ip_address(v))
+    except ValueError:
+        raise ValueError(f"{v!r} is not an IP address (the ring backend connects ranks by IP)") from None
+
+
+class Distributed(_Strict):
+    """One model served by a pipeline of ranks: rank i runs on hosts[i]; rank 0 is this daemon's worker."""
+
+    hosts: tuple[Annotated[str, AfterValidator(_ip)], ...] = Field(min_length=2, description=(
+        "One IP address per rank; hosts[0] is this machine (rank 0 talks to the daemon). Other "
+        "addresses of this machine start a local process, remote ones are started over ssh."))
+    backend: Literal["ring", "jaccl"] = Field("ring", description="MLX distributed backend; jaccl (RDMA over Thunderbolt) is macOS only.")
+    split: Optional[tuple[Annotated[int, Field(gt=0)], ...]] = Field(None, description=(
+        "Layers per rank, in rank order; default: an even split. Rank 0 runs the last layers."))
+
+    rdma: Optional[tuple[tuple[Optional[str], ...], ...]] = Field(None, description=(
+        "jaccl only: rdma[i][j] is the RDMA device rank i reaches rank j through (null for i == j), "
+        "as in the hostfile `mlx.distributed_config --backend jaccl --auto-setup` writes."))
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Distributed":
+        n = len(self.hosts)
+        if self.split is not None and len(self.split) != n:
+            raise ValueError(f"split has {len(self.split)} entries for {n} hosts; give one per rank")
+        if self.backend == "jaccl" and sys.platform != "darwin":
+            raise ValueError("backend jaccl needs macOS (RDMA over Thunderbolt); use ring on this platform")
+        if self.backend == "jaccl":
+            rows = self.rdma or ()
+            if len(rows) != n or any(len(r) != n for r in rows):
+                raise ValueError(f"backend jaccl needs rdma: {n} rows of {n} RDMA device names, one per pair of ranks")
+            if any(rows[i][j] is None for i in range(n) for j in range(n) if i != j) or any(rows[i][i] for i in range(n)):
+                raise ValueError("rdma[i][j] names the device from rank i to rank j, and is null only where i == j")
+        elif self.rdma is not None:
+            raise ValueError("rdma is for backend jaccl only")
+        return self
+
+
 def _tool_parsers() -> Optional[set[str]]:
     """mlx-lm's tool parser modules, listed without importing mlx-lm (the daemon never loads MLX)."""
     import importlib.util
@@ -147,6 +187,9 @@ class ModelConfig(_Strict):
     reasoning_parser: Optional[Literal["think", "none"]] = Field(
         None, description="think: <think>...</think> is reasoning even if the vocabulary lacks those tokens; "
                           "none: no reasoning parsing. Default: what mlx-lm infers from the vocabulary.")
+    distributed: Optional[Distributed] = Field(None, description=(
+        "Serve this model from a pipeline-parallel group of processes over MLX distributed; "
+        "each rank holds only its layers."))
     # The template file's content when this config was read: editing the file in place is a
     # change of the entry (the worker renders with it), like editing the YAML.
     _template_digest: Optional[str] = PrivateAttr(None)
@@ -159,7 +202,8 @@ class ModelConfig(_Strict):
     def worker_key(self) -> str:
         """What a running worker depends on; a change to anything else applies live."""
         key = self.model_dump(mode="json", include={
-            "source", "dtype", "engine", "prefix_cache", "chat_template", "tool_parser", "reasoning_parser"})
+            "source", "dtype", "engine", "prefix_cache", "chat_template", "tool_parser", "reasoning_parser",
+            "distributed"})
         del key["engine"]["max_waiting"]       # enforced in the daemon: a change applies live
         key["chat_template_sha256"] = self._template_digest
         return json.dumps(key, sort_keys=True)

@@ -14,15 +14,18 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import AsyncIterator, Optional
 
+from . import ranks
 from .config import ModelConfig
-from .protocol import encode, read_frame
+from .protocol import GROUP_FAILED, encode, read_frame
 from .worker.blas import optimized_blas
 
 log = logging.getLogger("mlxd.process")
+ROOT = Path(__file__).resolve().parent.parent     # a remote rank runs from the same path on its host
 
 
 class WorkerGone(Exception):
@@ -69,6 +72,10 @@ class WorkerProcess:
         self.exited: asyncio.Future = asyncio.get_running_loop().create_future()
         self.exit_reason = ""
         self.last_frame = time.monotonic()     # any frame is a sign of life (stats come every 2 s)
+        self.ranks: list[tuple[int, str, asyncio.subprocess.Process]] = []   # a group's ranks 1..n-1
+        self._files: list[Path] = []          # the group's hostfile (or jaccl's device list)
+        self._stopping = False
+        self.stop_timeout = 0.0
 
     @property
     def pid(self) -> Optional[int]:
@@ -80,14 +87,24 @@ class WorkerProcess:
 
     async def start(self, timeout: float) -> dict:
         """Spawn and wait for the model to load; raises WorkerGone if it does not."""
+        env, extra = worker_env(), []
+        if self.cfg.distributed is not None:
+            try:
+                env, extra = await self._start_ranks(env)
+            except (ValueError, OSError) as e:
+                await self._kill_ranks()
+                raise WorkerGone(f"model {self.cfg.name!r} cannot start its group: {e}") from None
         parent, child = socket.socketpair()
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "daemon.worker", "--fd", str(child.fileno()),
                 "--model", json.dumps(self.cfg.model_dump(mode="json")), "--cache-dir", str(self.cache_dir),
-                *self._cache_args(),
-                pass_fds=(child.fileno(),), env=worker_env(), stdin=asyncio.subprocess.DEVNULL,
+                *self._cache_args(), *extra,
+                pass_fds=(child.fileno(),), env=env, stdin=asyncio.subprocess.DEVNULL,
                 start_new_session=True)
+        except BaseException:
+            await self._kill_ranks()
+            raise
         finally:
             child.close()
         reader, self._writer = await asyncio.open_unix_connection(sock=parent)
@@ -97,6 +114,8 @@ class WorkerProcess:
         except asyncio.TimeoutError:
             await self.kill()
             raise WorkerGone(f"model {self.cfg.name!r} did not load within {timeout:.0f}s") from None
+        if self.ranks:
+            self.info["ranks"] = [{"rank": r, "host": h, "pid": p.pid} for r, h, p in self.ranks]
         return self.info
 
     def _cache_args(self) -> list[str]:
@@ -106,6 +125,72 @@ class WorkerProcess:
         if self.server.cache_disk_budget is not None:
             out += ["--cache-disk-budget", str(self.server.cache_disk_budget)]
         return out
+
+    async def _start_ranks(self, env: dict) -> tuple[dict, list[str]]:
+        """Start ranks 1..n-1 of a distributed model; rank 0's environment and arguments."""
+        dist = self.cfg.distributed
+        plan = ranks.plan(dist)
+        for host in {h for h in dist.hosts[1:] if not ranks.is_local(h)}:
+            await asyncio.to_thread(ranks.check_reachable, host)
+        paths = {}
+        for var, content in plan.files.items():
+            fd, path = tempfile.mkstemp(prefix=f"mlxd-{var.lower()}-{os.getpid()}-", suffix=".json")
+            with os.fdopen(fd, "w") as f:
+                f.write(content)
+            self._files.append(Path(path))
+            paths[var] = path
+        model = json.dumps(self.cfg.model_dump(mode="json"))
+        for r, host in enumerate(dist.hosts[1:], start=1):
+            args = ranks.follower_args(r, model, self.cache_dir, plan.doorbell, self._cache_args())
+            if ranks.is_local(host):
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable, *args, env={**env, **plan.env(r, paths)}, stdin=asyncio.subprocess.DEVNULL,
+                    start_new_session=True)
+            else:
+                proc = await asyncio.create_subprocess_exec(
+                    *ranks.remote_command(host, r, plan, sys.executable, str(ROOT), args),
+                    stdin=asyncio.subprocess.DEVNULL, start_new_session=True)
+            self.ranks.append((r, host, proc))
+            asyncio.create_task(self._watch_rank(r, host, proc), name=f"rank-{r}-{self.cfg.name}")
+        log.info("model %s: started ranks 1..%d of its group (%s)", self.cfg.name, len(dist.hosts) - 1,
+                 ", ".join(f"{r}: {h} pid {p.pid}" for r, h, p in self.ranks))
+        return {**env, **plan.env(0, paths)}, ["--doorbell", plan.doorbell]
+
+    async def _watch_rank(self, r: int, host: str, proc) -> None:
+        """A rank that exits takes the group down: rank 0 is killed with the reason, so the
+        in-flight requests fail at once and the handle restarts the whole group."""
+        code = await proc.wait()
+        if self.exited.done() or self._stopping or self.proc is None or self.proc.returncode is not None:
+            return
+        why = f"the worker for model {self.cfg.name!r} lost rank {r} of its group ({host}), which {_describe_exit(code)}"
+        log.error("%s; restarting the group", why)
+        await self.kill(why)
+
+    async def _blame_rank(self, wait: float = 1.0) -> None:
+        """Rank 0 saw the group break before we saw why: a rank killed by a signal is the cause
+        (a rank never dies of a signal because another one failed), so the client hears of it."""
+        await asyncio.wait([asyncio.ensure_future(p.wait()) for _, _, p in self.ranks], timeout=wait,
+                           return_when=asyncio.FIRST_COMPLETED)
+        for r, host, proc in self.ranks:
+            if proc.returncode is not None and proc.returncode < 0:
+                self.exit_reason = (f"the worker for model {self.cfg.name!r} lost rank {r} of its group ({host}), "
+                                    f"which {_describe_exit(proc.returncode)}")
+                return
+
+    async def _kill_ranks(self, grace: float = 0.0) -> None:
+        """Reap every other rank of the group (given `grace` seconds to exit on their own first)."""
+        if grace and self.ranks:
+            await asyncio.wait([asyncio.ensure_future(p.wait()) for _, _, p in self.ranks], timeout=grace)
+        for _, _, proc in self.ranks:
+            if proc.returncode is None:
+                try:
+                    proc.kill()
+                except ProcessLookupError:
+                    pass
+            await proc.wait()
+        for path in self._files:
+            path.unlink(missing_ok=True)
+        self._files = []
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         try:
@@ -134,6 +219,10 @@ class WorkerProcess:
     async def _exited(self) -> None:
         """The worker is gone (or was killed): every waiter learns why, at once."""
         code = await self.proc.wait() if self.proc else None
+        if self.ranks and self.exit_reason.startswith(GROUP_FAILED):
+            await self._blame_rank()
+        # The other ranks of a group: after a clean stop they exit on their own (their caches flushed).
+        await self._kill_ranks(grace=self.stop_timeout if self._stopping else 0.0)
         why = f"the worker for model {self.cfg.name!r} {_describe_exit(code)}"
         if self.exit_reason.startswith("the worker"):
             why = self.exit_reason
@@ -203,6 +292,7 @@ class WorkerProcess:
         """Ask the worker to finish (it flushes its prefix cache), then make sure it is gone."""
         if self.proc is None or self.exited.done():
             return
+        self._stopping, self.stop_timeout = True, timeout
         try:
             self._send({"op": "shutdown"})
             await self._writer.drain()

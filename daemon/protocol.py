@@ -16,6 +16,7 @@ import socket
 import struct
 
 _HEADER = struct.Struct(">I")
+GROUP_FAILED = "a rank of the group failed"    # starts a group's rank 0 `fatal`: the daemon finds the rank to blame
 MAX_FRAME = 64 * 1024 * 1024
 
 

@@ -376,6 +376,7 @@ class ModelHandle:
             "workers_started": self.starts, "start_seconds": self.start_seconds, "preload": self.cfg.preload, "pinned": self.pinned,
             "last_used": self.last_used,
             "worker": {k: v for k, v in (w.info if w else {}).items() if k != "op"},
+            **({"ranks": self.stats["ranks"]} if self.stats.get("ranks") else {}),
         }
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..config import ModelConfig
-from ..protocol import SyncChannel
+from ..protocol import GROUP_FAILED, SyncChannel
 
 log = logging.getLogger("mlxd.worker")
 
@@ -55,8 +55,9 @@ def tokenizer_config(cfg: ModelConfig) -> dict:
     return out
 
 
-def load(cfg: ModelConfig, cache_dir, *, total_disk_budget=None, orphan_ttl=7 * 86400.0):
-    """Resolve the source, load weights, build the engine; returns (engine, info)."""
+def load(cfg: ModelConfig, cache_dir, *, total_disk_budget=None, orphan_ttl=7 * 86400.0, group=None, bells=None):
+    """Resolve the source, load weights (this rank's layers only, in a group), build the engine;
+    returns (engine, info). `bells` makes rank 0's engine, `group` without them a follower's."""
     import mlx.core as mx
     from mlx_lm import load as mlx_load
 
@@ -67,7 +68,16 @@ def load(cfg: ModelConfig, cache_dir, *, total_disk_budget=None, orphan_ttl=7 * 
 
     t0 = time.perf_counter()
     resolved = resolve_model(cfg.source, dtype=cfg.dtype, cache_dir=cache_dir)
-    model, tokenizer = mlx_load(str(resolved.path), tokenizer_config=tokenizer_config(cfg))
+    stage, cache_args = None, {}
+    if group is not None:
+        from ..models.pipeline import load_stage, stage as stage_of
+
+        split = list(cfg.distributed.split) if cfg.distributed.split else None
+        model, tokenizer = load_stage(resolved.path, group, split=split, tokenizer_config=tokenizer_config(cfg))
+        stage = stage_of(model)
+        cache_args = {"stage": stage, "follower": bells is None}
+    else:
+        model, tokenizer = mlx_load(str(resolved.path), tokenizer_config=tokenizer_config(cfg))
     if resolved.dtype == "quantized" and not mx.metal.is_available():
         # GGUF scales are float16, and MLX's CPU quantized matmul is ~35x slower in float16.
         model.set_dtype(mx.float32)
@@ -78,19 +88,27 @@ def load(cfg: ModelConfig, cache_dir, *, total_disk_budget=None, orphan_ttl=7 * 
             model, fingerprint=resolved.fingerprint, root=cache_dir / "prefix",
             memory_budget=cfg.prefix_cache.memory_budget, disk_budget=cfg.prefix_cache.disk_budget,
             kv_bits=cfg.prefix_cache.kv_bits, write_buffer=cfg.prefix_cache.write_buffer,
-            total_disk_budget=total_disk_budget, orphan_ttl=orphan_ttl)
-    engine = Engine(
+            total_disk_budget=total_disk_budget, orphan_ttl=orphan_ttl, **cache_args)
+    kind, extra = Engine, {}
+    if bells is not None:
+        from .group import LeaderEngine
+        kind, extra = LeaderEngine, {"bells": bells, "hosts": cfg.distributed.hosts}
+    elif group is not None:
+        extra = {"stream": mx.default_stream(mx.default_device())}
+    engine = kind(
         model, tokenizer,
         max_batch_size=cfg.engine.max_batch_size, prefill_batch_size=cfg.engine.prefill_batch_size,
         prefill_step_size=cfg.engine.prefill_step_size, context_length=_context_length(model, cfg),
         default_max_tokens=cfg.sampling.max_tokens, prefix_cache=prefix_cache,
-        reasoning_parser=cfg.reasoning_parser)
+        reasoning_parser=cfg.reasoning_parser, **extra)
     info = {
         "pid": os.getpid(), "path": str(resolved.path), "kind": resolved.kind, "dtype": resolved.dtype,
         "fingerprint": resolved.fingerprint, "device": device_name(), "blas": loaded_blas(),
         "context_length": engine.context_length, "load_seconds": round(time.perf_counter() - t0, 3),
         "mlx_memory_bytes": mx.get_active_memory(),
     }
+    if group is not None:
+        info["group"] = {"rank": group.rank(), "size": group.size(), "stage": stage.tag}
     return engine, info
 
 
@@ -102,6 +120,10 @@ def stats(engine) -> dict:
            "internal_errors": engine.internal_errors, "batch_resets": engine.batch_resets}
     if engine.prefix_cache is not None:
         out["cache"] = engine.prefix_cache.stats()
+    if hasattr(engine, "rank_memory"):       # a group: every rank's, and this machine's total
+        out["ranks"] = engine.rank_memory()
+        out["memory_bytes"] = sum(r["memory_bytes"] for r in out["ranks"] if r["local"])
+        out["peak_memory_bytes"] = sum(r["peak_memory_bytes"] for r in out["ranks"] if r["local"])
     return out
 
 
@@ -118,7 +140,7 @@ def handle(engine, msg: dict) -> Optional[dict]:
         if op == "stats":
             return {"op": "stats", "seq": msg.get("seq"), **stats(engine)}
         if op == "cache_clear":
-            n = engine.prefix_cache.clear() if engine.prefix_cache is not None else 0
+            n = engine.clear_cache()
             return {"op": "cache_cleared", "seq": msg.get("seq"), "entries": n}
         if op == "count_tokens":
             try:
@@ -157,8 +179,12 @@ def serve(chan: SyncChannel, engine) -> None:
                 for rid in [*engine.uid_of, *engine.parked]:
                     out.append(engine.cancel(rid))
                 chan.send_many(out)
-                if engine.prefix_cache is not None:
-                    engine.prefix_cache.close()
+                try:
+                    if hasattr(engine, "shutdown"):
+                        engine.shutdown()    # the group's other ranks store what was cancelled, then exit
+                finally:
+                    if engine.prefix_cache is not None:
+                        engine.prefix_cache.close()
                 return
             if (reply := handle(engine, msg)) is not None:
                 out.append(reply)
@@ -169,30 +195,85 @@ def serve(chan: SyncChannel, engine) -> None:
             except Exception as e:      # step guards each request; this is the last resort
                 events = engine.reset(e)
             chan.send_many(events)
+        if hasattr(engine, "flush") and not engine.busy:
+            engine.flush()                   # going idle: the other ranks catch up now, not at the next request
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m daemon.worker")
-    p.add_argument("--fd", type=int, required=True)
+    p.add_argument("--fd", type=int, help="the socket to the daemon (rank 0 only)")
     p.add_argument("--model", required=True, help="the model's config entry as JSON")
     p.add_argument("--cache-dir", required=True)
     p.add_argument("--cache-disk-budget", type=int, help="bytes for every prefix cache under cache-dir together")
     p.add_argument("--cache-orphan-ttl", type=float, default=7 * 86400.0)
+    p.add_argument("--rank", type=int, help="a distributed model's rank (MLX_RANK says the same)")
+    p.add_argument("--doorbell", help="ip:port rank 0 of a distributed model listens on")
     args = p.parse_args(argv)
     logging.basicConfig(level=os.environ.get("MLXD_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     cfg = ModelConfig.model_validate(json.loads(args.model))
+    if cfg.distributed is not None and int(os.environ.get("MLX_RANK", "0")) > 0:
+        return follow(cfg, args)
     chan = SyncChannel(socket.socket(fileno=args.fd))
+    bells = group = None
     try:
+        if cfg.distributed is not None:
+            import mlx.core as mx
+
+            from .group import Bells
+            bells = Bells(args.doorbell, len(cfg.distributed.hosts) - 1)   # bound before the others connect
+            group = mx.distributed.init(backend=cfg.distributed.backend, strict=True)
         engine, info = load(cfg, Path(args.cache_dir), total_disk_budget=args.cache_disk_budget,
-                            orphan_ttl=args.cache_orphan_ttl)
-    except Exception as e:
+                            orphan_ttl=args.cache_orphan_ttl, group=group, bells=bells)
+        if bells is not None:
+            bells.gather()
+    except BaseException as e:
         traceback.print_exc()
-        chan.send({"op": "fatal", "message": f"{type(e).__name__}: {e}"})
+        chan.send({"op": "fatal", "message": f"{type(e).__name__}: {e}" if not _is_group_failure(e) else str(e)})
         return 1
     log.info("model %s ready: %s", cfg.name, json.dumps(info))
     chan.send({"op": "ready", **info})
-    serve(chan, engine)
+    try:
+        serve(chan, engine)
+    except BaseException as e:
+        if not _is_group_failure(e):
+            raise
+        log.error("model %s: %s; exiting so that the group restarts", cfg.name, e)
+        chan.send({"op": "fatal", "message": f"{GROUP_FAILED}: {e}"})
+        return 1
+    return 0
+
+
+def _is_group_failure(e: BaseException) -> bool:
+    from .group import GroupFailed
+    return isinstance(e, GroupFailed)
+
+
+def follow(cfg: ModelConfig, args) -> int:
+    """Ranks 1..n-1: load this rank's layers, report to rank 0's doorbell, then follow its steps."""
+    import mlx.core as mx
+
+    from .group import Bell, Follower
+
+    rank = int(os.environ["MLX_RANK"])
+    group = mx.distributed.init(backend=cfg.distributed.backend, strict=True)
+    error = None
+    try:
+        engine, info = load(cfg, Path(args.cache_dir), total_disk_budget=args.cache_disk_budget,
+                            orphan_ttl=args.cache_orphan_ttl, group=group)
+    except Exception as e:
+        traceback.print_exc()
+        error = f"{type(e).__name__}: {e}"
+    bell = Bell(args.doorbell, rank)
+    bell.report(error)
+    if error:
+        return 1
+    log.info("model %s rank %d of %d ready: %s", cfg.name, rank, group.size(), json.dumps(info))
+    try:
+        Follower(engine, bell).run()
+    finally:
+        if engine.prefix_cache is not None:
+            engine.prefix_cache.close()
     return 0
 
 

@@ -23,6 +23,9 @@ Why this shape:
   replacement worker starting beside the one it replaces), so start-up removes only
   leftovers that no live writer can still finish: temp files of dead processes and files
   whose record is overdue. An entry the other worker evicted is simply gone, not corrupt.
+- In a pipeline group each rank writes its own layers' shard, in its stage's namespace; the
+  stage is written in the record and in the file's metadata too, so a shard that ends up
+  under another rank's name (copied or renamed by hand) is discarded as corrupt, never served.
 """
 
 from __future__ import annotations
@@ -122,8 +125,13 @@ class _Write:
 
 class DiskTier:
     def __init__(self, root: Path, namespace: str, budget: int, *, orphan_ttl: float,
-                 total_budget: Optional[int] = None, write_buffer: int = 512 << 20):
+                 total_budget: Optional[int] = None, write_buffer: int = 512 << 20,
+                 stage: Optional[str] = None, evict: bool = True, track_evictions: bool = False):
         self.root = root
+        self.stage = stage                        # Stage.tag of a pipeline rank's shards
+        self.evict = evict                        # False: a follower rank, whose rank 0 decides
+        self.track_evictions = track_evictions
+        self.evicted: list[str] = []              # the budget's evictions, for take_evicted()
         self.dir = root / namespace
         self.budget = budget
         self.total_budget = total_budget          # over every namespace under root
@@ -215,6 +223,8 @@ class DiskTier:
                     key = meta["key"]
                     if key != name.removesuffix(".json") or not (self.dir / f"{key}{_SUFFIX}").exists():
                         raise ValueError("record without its file")
+                    if meta.get("stage") != self.stage:
+                        raise ValueError(f"a shard of stage {meta.get('stage')}, not {self.stage}")
                     meta["mtime"] = p.stat().st_mtime
                 except FileNotFoundError:
                     continue                  # evicted by another worker meanwhile
@@ -295,8 +305,10 @@ class DiskTier:
         path = self.dir / f"{key}{_SUFFIX}"
         tmp = self.dir / f"{key}.tmp.{os.getpid()}{_SUFFIX}"
         self._enforce_budget(incoming=item.nbytes)     # room first: the temp file counts too
-        save_prompt_cache(str(tmp), item.cache, metadata={
-            "key": key, "tokens": base64.b64encode(tokens.astype("<i4").tobytes()).decode()})
+        meta = {"key": key, "tokens": base64.b64encode(tokens.astype("<i4").tobytes()).decode()}
+        if self.stage is not None:
+            meta["stage"] = self.stage
+        save_prompt_cache(str(tmp), item.cache, metadata=meta)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         size = tmp.stat().st_size
@@ -304,6 +316,8 @@ class DiskTier:
         os.replace(tmp, path)
         record = {"key": key, "n_tokens": int(len(tokens)), "size": size, "crc32": crc,
                   "created": time.time(), **item.meta}
+        if self.stage is not None:
+            record["stage"] = self.stage
         _write_atomic(self.dir / f"{key}.json", json.dumps(record).encode())
         _fsync_dir(self.dir)
         record["mtime"] = time.time()
@@ -322,7 +336,10 @@ class DiskTier:
         """LRU down to the budgets, leaving room for `incoming` bytes about to be written.
         Sizes and ages come from the directory, not our records: a twin worker's entries (same
         weights) count against the namespace's budget, every namespace's against the total,
-        and files still being written (ours or another's) count but are never evicted."""
+        and files still being written (ours or another's) count but are never evicted.
+        A follower rank (evict=False) leaves it to its rank 0."""
+        if not self.evict:
+            return
         for dirs, budget in (([self.dir], self.budget),
                              ([d for d in self._listdir(self.root) if d.is_dir()], self.total_budget)):
             if budget is None:
@@ -334,6 +351,9 @@ class DiskTier:
                     break
                 self._discard(key, d=d)
                 self.counters["evictions"] += 1
+                if self.track_evictions and d == self.dir:
+                    with self.lock:
+                        self.evicted.append(key)
                 total -= entries[(d, key)][0]
 
     @staticmethod
@@ -387,6 +407,8 @@ class DiskTier:
             tokens = np.frombuffer(base64.b64decode(meta["tokens"]), dtype="<i4").astype(np.int32)
             if meta.get("key") != key or len(tokens) != record["n_tokens"]:
                 raise ValueError("file belongs to another entry")
+            if meta.get("stage") != self.stage:
+                raise ValueError(f"a shard of stage {meta.get('stage')}, not {self.stage}")
         except Exception as e:
             log.warning("discarding prefix cache entry %s: %s", key, e)
             self._discard(key, corrupt=True)
@@ -394,6 +416,16 @@ class DiskTier:
         self.counters["loads"] += 1
         self.touch(key)
         return tokens, cache
+
+    def has(self, key: str) -> bool:
+        """Whether the entry is written (its record is in place) or queued to be."""
+        with self.lock:
+            return key in self.records or key in self.pending
+
+    def take_evicted(self) -> list[str]:
+        with self.lock:
+            out, self.evicted = self.evicted, []
+        return out
 
     def touch(self, key: str) -> None:
         with self.lock:
@@ -433,6 +465,7 @@ class DiskTier:
             keys = list(self.records)
             self.records.clear()
             self.pending.clear()
+            self.evicted.clear()
         self.queue.put(keys)
 
     def stats(self) -> dict:

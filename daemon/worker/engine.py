@@ -77,6 +77,8 @@ class Parked:
     sampler: Any
     grammar: Optional[Future] = None    # the compiler's Future of the request's matcher
     read: Any = None                    # the prefix cache's Future for the read
+    spec: tuple = ()                    # make_sampler's arguments (a group's other ranks build the same)
+    wanted: Optional[tuple] = None      # the grammar and its field, when constrained
 
     @property
     def waiting_on(self) -> Future:
@@ -86,8 +88,9 @@ class Parked:
 class Engine:
     def __init__(self, model, tokenizer, *, max_batch_size: int, prefill_batch_size: int,
                  prefill_step_size: int, context_length: int, default_max_tokens: int,
-                 prefix_cache: Any = None, reasoning_parser: Optional[str] = None):
+                 prefix_cache: Any = None, reasoning_parser: Optional[str] = None, stream: Any = None):
         self.model = model
+        self.stream = stream        # a group's ranks must run every collective on one stream
         self.tokenizer = tokenizer
         self.context_length = context_length
         self.default_max_tokens = default_max_tokens
@@ -128,6 +131,7 @@ class Engine:
             completion_batch_size=self.max_batch_size,
             prefill_batch_size=min(self.prefill_batch_size, self.max_batch_size),
             prefill_step_size=self.prefill_step_size,
+            stream=self.stream,
         )
 
     # -- requests ---------------------------------------------------------------------
@@ -258,17 +262,21 @@ class Engine:
             wanted = self.grammar(msg)
         except GrammarError as e:
             raise RequestError(str(e), param=e.param) from None
-        sampler = make_sampler(float(msg.get("temperature", 0.0)), float(msg.get("top_p", 1.0)), msg.get("seed"),
-                               int(msg.get("top_k") or 0))
+        spec = self.sampling(msg)
         a = Active(id=rid, uid=None, prompt_tokens=len(tokens), cached_tokens=0, max_tokens=max_tokens,
                    out=out, t_submit=time.perf_counter(),
                    top_logprobs=int(msg.get("top_logprobs") or 0) if msg.get("logprobs") else None)
-        p = Parked(a, tokens, sampler)
+        p = Parked(a, tokens, make_sampler(*spec), spec=spec, wanted=wanted)
         if wanted is not None:
             if self.compiler is None:
                 self.compiler = Compiler(self.tokenizer, self._vocab_size())
             p.grammar = self.compiler.compile(*wanted)
         return self._start(p)
+
+    def sampling(self, msg: dict) -> tuple:
+        """make_sampler's arguments for a request."""
+        return (float(msg.get("temperature", 0.0)), float(msg.get("top_p", 1.0)), msg.get("seed"),
+                int(msg.get("top_k") or 0))
 
     def _start(self, p: Parked) -> Optional[dict]:
         """Insert a request into the batch on top of its cached prefix; park it (None) while
@@ -291,13 +299,12 @@ class Engine:
                 got.add_done_callback(lambda _: self.wake())
                 return None
             cache, n_cached, tier = got
+            if tier and not self.shared(self.prefix_cache.last_key, n_cached):
+                cache, n_cached, tier = None, 0, None
         a, tokens = p.active, p.tokens
         a.cache_key = self.prefix_cache.last_key if tier else None
-        extra = {"logits_processors": [[a.grammar]]} if a.grammar is not None else {}
         try:
-            (uid,) = self.gen.insert(
-                [tokens[n_cached:]], max_tokens=[a.max_tokens], caches=[cache],
-                all_tokens=[list(tokens[:n_cached])], samplers=[p.sampler], **extra)
+            uid = self._insert(p, cache, n_cached)
         except Exception:
             if a.cache_key:
                 self.prefix_cache.discard(a.cache_key)     # not trusted again
@@ -306,6 +313,27 @@ class Engine:
         self.active[uid] = a
         self.uid_of[a.id] = uid
         return Started(a.id, len(tokens), n_cached, a.max_tokens).wire()
+
+    def shared(self, key: str, n_tokens: int) -> bool:
+        """Whether a cache hit can be used (a group's every rank must serve its shard of that length)."""
+        return True
+
+    def _insert(self, p: Parked, cache, n_cached: int) -> int:
+        extra = {"logits_processors": [[p.active.grammar]]} if p.active.grammar is not None else {}
+        (uid,) = self.gen.insert(
+            [p.tokens[n_cached:]], max_tokens=[p.active.max_tokens], caches=[cache],
+            all_tokens=[list(p.tokens[:n_cached])], samplers=[p.sampler], **extra)
+        return uid
+
+    def _remove(self, uid: int, caches: bool = False):
+        """Take a sequence out of the batch; its (cache, tokens) when asked for."""
+        return self.gen.remove([uid], return_prompt_caches=caches).get(uid) if caches else self.gen.remove([uid])
+
+    def _next(self):
+        return self.gen.next()
+
+    def clear_cache(self) -> int:
+        return self.prefix_cache.clear() if self.prefix_cache is not None else 0
 
     def cancel(self, rid: str) -> Optional[dict]:
         if (p := self.parked.pop(rid, None)) is not None:
@@ -316,9 +344,9 @@ class Engine:
         uid = self.uid_of.get(rid)
         if uid is None:
             return None
-        caches = self.gen.remove([uid], return_prompt_caches=True)
+        cache = self._remove(uid, caches=True)
         a = self._forget(uid)
-        self._store(caches.get(uid))
+        self._store(uid, cache)
         return self._done(a, "cancelled")
 
     @property
@@ -345,7 +373,7 @@ class Engine:
             return events
         t0 = time.perf_counter()
         try:
-            prompt_resps, gen_resps = self.gen.next()
+            prompt_resps, gen_resps = self._next()
         except Exception as e:
             return events + self.reset(e)
         now = time.perf_counter()
@@ -366,7 +394,7 @@ class Engine:
             if a.grammar is not None and a.grammar.error:     # the matcher failed: this request only
                 if r.finish_reason is None:
                     with contextlib.suppress(Exception):
-                        self.gen.remove([r.uid])
+                        self._remove(r.uid)
                 self._forget(r.uid)
                 events.append(Error(a.id, a.grammar.error, code="grammar_error", status=500).wire())
                 continue
@@ -377,7 +405,7 @@ class Engine:
                 if r.uid in self.active:
                     self._forget(r.uid)
                 with contextlib.suppress(Exception):
-                    self.gen.remove([r.uid])      # it may have left the batch already (finished)
+                    self._remove(r.uid)      # it may have left the batch already (finished)
                 events.append(self._internal_error(a.id, e))
         return events
 
@@ -396,14 +424,14 @@ class Engine:
         cache = (r.prompt_cache, r.all_tokens) if reason else None
         if reason is None and a.out.stopped:
             reason = "stop"
-            cache = self.gen.remove([r.uid], return_prompt_caches=True).get(r.uid)
+            cache = self._remove(r.uid, caches=True)
         if reason is not None:
             tail, reason = a.out.finish(reason)
             out += tail
         events.extend(e.wire() for e in out)
         if reason is not None:
             self._forget(r.uid)
-            self._store(cache)
+            self._store(r.uid, cache)
             events.append(self._done(a, reason))
         return events
 
@@ -460,17 +488,19 @@ class Engine:
         self.decoding.discard(uid)
         return a
 
-    def _store(self, cache_and_tokens) -> None:
-        """Best effort: the request's answer is complete, so a failure here costs only reuse."""
+    def _store(self, uid: int, cache_and_tokens) -> Optional[str]:
+        """Best effort: the request's answer is complete, so a failure here costs only reuse.
+        The entry's key when it was stored."""
         if self.prefix_cache is None or not cache_and_tokens:
-            return
+            return None
         cache, tokens = cache_and_tokens
         if cache and tokens:
             try:
-                self.prefix_cache.store(list(tokens), cache)
+                return self.prefix_cache.store(list(tokens), cache)
             except Exception:
                 self.prefix_cache.counters["store_errors"] += 1
                 log.exception("storing a finished request's cache failed; serving goes on")
+        return None
 
     def _logprob(self, a: Active, r) -> Logprob:
         lp, top = r.logprobs, []

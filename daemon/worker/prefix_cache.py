@@ -16,6 +16,14 @@ the disk: `fetch_nowait` hands it a Future for the read, done on a loader thread
 A trimmable entry serves every prefix of itself, so storing turn N of a conversation
 supersedes turns 1..N-1 in both tiers (on disk once turn N is durably written): a long chat
 costs the disk its last snapshot, not the sum of all of them.
+
+In a pipeline group (`stage` given) each rank keeps its own layers' shard of every entry,
+under the same key (the hash of the tokens is the same on every rank), in a namespace of
+its own stage: ranks sharing a cache directory never meet, and a record or file that names
+another stage is discarded as corrupt, never served (the shapes would match; the KV would
+be garbage). Rank 0 resolves prefixes and decides what goes; the followers (`follower=True`)
+never drop an entry on their own, serve rank 0's hits by key (`fetch_key`) and drop what
+rank 0's `evicted_keys()` says it dropped.
 """
 
 from __future__ import annotations
@@ -42,10 +50,12 @@ BLOCK = 32
 FORMAT_VERSION = 1
 
 
-def namespace(fingerprint: str, kv_bits: Optional[int]) -> str:
+def namespace(fingerprint: str, kv_bits: Optional[int], stage=None) -> str:
     """The disk directory of a model's entries: its weights, the numerics that computed the KV
-    (mlx and mlx-lm versions: an upgrade may change them) and the entry format."""
-    return f"{fingerprint[:32]}-mlx{mx.__version__}-lm{mlx_lm.__version__}-kv{kv_bits or 'f'}-v{FORMAT_VERSION}"
+    (mlx and mlx-lm versions: an upgrade may change them), the entry format, and in a pipeline
+    group the rank's stage (its layers)."""
+    ns = f"{fingerprint[:32]}-mlx{mx.__version__}-lm{mlx_lm.__version__}-kv{kv_bits or 'f'}-v{FORMAT_VERSION}"
+    return f"{ns}-{stage.tag}" if stage is not None else ns
 
 
 def block_hashes(tokens, n_blocks: Optional[int] = None) -> list[str]:
@@ -103,13 +113,19 @@ class Entry:
     cache: Optional[list] = None   # in memory when not None
     nbytes: int = 0
     on_disk: bool = False
+    stage: Optional[str] = None    # the layers it holds, in a pipeline group (Stage.tag)
 
 
 class PrefixCache:
     def __init__(self, model, *, fingerprint: str, root: Path, memory_budget: int, disk_budget: int,
                  kv_bits: Optional[int] = None, orphan_ttl: float = 7 * 86400,
-                 total_disk_budget: Optional[int] = None, write_buffer: int = 512 << 20):
+                 total_disk_budget: Optional[int] = None, write_buffer: int = 512 << 20,
+                 stage=None, follower: bool = False):
         self.model = model
+        self.stage = stage.tag if stage is not None else None
+        self.follower = follower
+        self._track = stage is not None and not follower   # rank 0 of a group reports what it drops
+        self._evicted: list[str] = []
         self.kv_bits = kv_bits
         self.memory_budget = memory_budget
         self.entries: dict[str, Entry] = {}
@@ -124,11 +140,12 @@ class PrefixCache:
         self._loader: Optional[ThreadPoolExecutor] = None
         self.disk: Optional[DiskTier] = None
         if disk_budget > 0:
-            self.disk = DiskTier(Path(root), namespace(fingerprint, kv_bits), disk_budget, orphan_ttl=orphan_ttl,
-                                 total_budget=total_disk_budget, write_buffer=write_buffer)
+            self.disk = DiskTier(Path(root), namespace(fingerprint, kv_bits, stage), disk_budget,
+                                 orphan_ttl=orphan_ttl, total_budget=total_disk_budget, write_buffer=write_buffer,
+                                 stage=self.stage, evict=not follower, track_evictions=self._track)
             for meta in self.disk.load_index():
-                self._index(Entry(key=meta["key"], tokens=None, n_tokens=meta["n_tokens"],
-                                  blocks=meta["blocks"], trimmable=meta["trimmable"], on_disk=True))
+                self._index(Entry(key=meta["key"], tokens=None, n_tokens=meta["n_tokens"], blocks=meta["blocks"],
+                                  trimmable=meta["trimmable"], on_disk=True, stage=meta.get("stage")))
 
     # -- index ------------------------------------------------------------------------
 
@@ -140,6 +157,8 @@ class PrefixCache:
     def _unindex(self, e: Entry) -> None:
         if self.entries.get(e.key) is e:
             del self.entries[e.key]
+            if self._track:
+                self._evicted.append(e.key)
         for h in e.blocks:
             keys = self.by_block.get(h)
             if keys is not None and self.entries.get(e.key) is None:
@@ -272,25 +291,25 @@ class PrefixCache:
 
     # -- store ------------------------------------------------------------------------
 
-    def store(self, tokens: list[int], cache: list) -> None:
-        """Keep the KV of a finished request (prompt + completion) for the next turn."""
+    def store(self, tokens: list[int], cache: list) -> Optional[str]:
+        """Keep the KV of a finished request (prompt + completion) for the next turn; its key."""
         if not tokens or not cache:
-            return
+            return None
         arr = np.asarray(tokens, dtype=np.int32)
         key = _key(arr)
         old = self.entries.get(key)
         if old is not None and old.cache is not None:
             self.memory.move_to_end(key)
-            return
+            return key
         trimmable = can_trim_prompt_cache(cache)
         if self.kv_bits:
             cache = quantize(cache, self.kv_bits)
         mx.eval([c.state for c in cache])
         e = Entry(key=key, tokens=arr, n_tokens=len(arr), blocks=block_hashes(arr), trimmable=trimmable,
-                  cache=cache, nbytes=cache_nbytes(cache), on_disk=old is not None and old.on_disk)
+                  cache=cache, nbytes=cache_nbytes(cache), on_disk=old is not None and old.on_disk, stage=self.stage)
         if old is not None:
             self._unindex(old)
-        covered = self._covered(e) if trimmable else []
+        covered = self._covered(e) if trimmable and not self.follower else []   # a follower's go when rank 0's do
         superseded = [c.key for c in covered if c.on_disk]
         if self.disk is not None and not e.on_disk:
             # Marked before it joins memory: an entry too large for memory lives on disk only.
@@ -306,6 +325,7 @@ class PrefixCache:
         self._index(e)
         self._remember(e)
         self.counters["stores"] += 1
+        return key
 
     def _covered(self, e: Entry) -> list[Entry]:
         """Entries that are strict prefixes of `e`: an entry whose last full block is one of
@@ -328,15 +348,18 @@ class PrefixCache:
         if e.key in self.memory:
             self.memory.move_to_end(e.key)
             return
-        if e.nbytes > self.memory_budget:
+        if e.nbytes > self.memory_budget and (e.on_disk or not self.follower):
             self.counters["too_large_for_memory"] += 1
             self._evict_memory(e)      # on disk only, or (no disk) not kept at all
             return
         self.memory[e.key] = e
         self.memory_bytes += e.nbytes
-        while self.memory_bytes > self.memory_budget:   # e fits alone, so it is never the one to go
-            oldest = next(iter(self.memory.values()))
-            self._evict_memory(oldest)
+        for old in list(self.memory.values()):      # oldest first
+            if self.memory_bytes <= self.memory_budget:
+                break
+            if old is e or (self.follower and not old.on_disk):
+                continue     # a follower's entry in memory only goes when rank 0 drops it
+            self._evict_memory(old)
             self.counters["memory_evictions"] += 1
 
     def _evict_memory(self, e: Entry) -> None:
@@ -357,6 +380,59 @@ class PrefixCache:
         if e.on_disk and self.disk is not None:
             self.disk.supersede([key])
 
+    # -- by key: the followers of a pipeline group ----------------------------------------
+
+    def has_key(self, key: str, n_tokens: Optional[int] = None) -> bool:
+        """Whether this rank holds entry `key`, in memory or written (or queued) on disk, and
+        can serve its first `n_tokens` (a rank whose layers keep a rotating window past its
+        size cannot trim, even where rank 0's plain KV can). Cheap."""
+        e = self.entries.get(key)
+        if e is None or (n_tokens is not None and not self._serves(e, n_tokens)):
+            return False
+        return e.cache is not None or (e.on_disk and self.disk is not None and self.disk.has(key))
+
+    @staticmethod
+    def _serves(e: Entry, n_tokens: int) -> bool:
+        return 0 < n_tokens <= e.n_tokens and (n_tokens == e.n_tokens or e.trimmable)
+
+    def fetch_key(self, key: str, n_tokens: int) -> Optional[list]:
+        """A fresh cache of the first `n_tokens` of entry `key` (rank 0's hit), read from disk
+        on this thread if need be; None when this rank cannot serve it (missing, corrupt, or a
+        length an untrimmable cache cannot give)."""
+        e = self.entries.get(key)
+        if e is None or not self._serves(e, n_tokens):
+            return None
+        src = e.cache
+        if src is None:
+            loaded = self._read(e, wait=True)
+            if loaded is None or self.entries.get(key) is not e:
+                self._unindex(e)
+                return None
+            src = loaded[1]
+            self._install(e, *loaded)
+        else:
+            self.memory.move_to_end(key)
+        cache = copy.deepcopy(src) if src is e.cache else src
+        if n_tokens < e.n_tokens:
+            trim_prompt_cache(cache, e.n_tokens - n_tokens)
+        if e.on_disk and self.disk is not None:
+            self.disk.touch(key)
+        return dequantize(cache) if self.kv_bits else cache
+
+    def evicted_keys(self) -> list[str]:
+        """Rank 0 of a group: the keys it dropped (from both tiers) since the last call, for
+        the followers to `discard`. Entries stored again since are not in it."""
+        if self.disk is not None:
+            for key in self.disk.take_evicted():      # the disk budget's, on the writer thread
+                e = self.entries.get(key)
+                if e is not None and e.on_disk:
+                    e.on_disk = False
+                    if e.cache is None:
+                        self._unindex(e)
+        out = [k for k in dict.fromkeys(self._evicted) if k not in self.entries]
+        self._evicted.clear()
+        return out
+
     # -- admin ------------------------------------------------------------------------
 
     def clear(self) -> int:
@@ -368,6 +444,7 @@ class PrefixCache:
         self.by_block.clear()
         self.memory.clear()
         self.memory_bytes = 0
+        self._evicted.clear()              # the followers are told to clear, not to evict
         if self.disk is not None:
             self.disk.clear()
         return n
@@ -379,6 +456,7 @@ class PrefixCache:
             "disk": disk,
             "entries": len(self.entries),
             "kv_bits": self.kv_bits,
+            "stage": self.stage,
             **self.counters,
         }
 

@@ -1,0 +1,308 @@
+"""A model served by a pipeline-parallel group: rank 0 decides, every rank runs the same batch.
+
+Each rank holds only its layers (`load_stage`) and its own `BatchGenerator`; a decode step is
+one pipelined forward pass through all of them, so every rank must insert and remove the same
+sequences in the same order before each `next()`. Rank 0 (the model's worker, the only one
+that talks to the daemon) tokenizes, resolves the prefix cache and records every change it
+makes to its batch as an operation; before each step it broadcasts them (a pickled list,
+`all_sum` as mlx_lm.server's `_share_object`) and the followers apply them:
+
+    insert(uid, tokens, cached length, cache key, max_tokens, sampler args, grammar)
+    remove(uid, keep cache)   store(uid)   evict(keys)   clear   has(key)   memory
+    step   shutdown
+
+Samplers are rebuilt from their arguments on every rank (an unseeded sampled request gets a
+seed from rank 0), and every rank computes the same logits, so they sample the same tokens.
+
+A rank waiting in a collective spins a core, so nobody waits in one while idle: before each
+broadcast rank 0 writes a byte to each follower's doorbell (a TCP connection to rank 0), and
+a follower sleeps in `recv` on it. The doorbell also carries each follower's load result
+(a JSON line) and tells a follower that rank 0 is gone (EOF), so it exits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import secrets
+import socket
+import time
+from typing import Optional
+
+import mlx.core as mx
+
+from ..ranks import is_local
+from .engine import Engine, Parked
+from .grammar import Compiler, GrammarProcessor, reasoning_end
+from .sampling import make_sampler
+
+log = logging.getLogger("mlxd.group")
+
+CONNECT_TIMEOUT = 600.0     # a follower's load may take this long before rank 0 hears from it
+
+
+class GroupFailed(BaseException):
+    """A rank or the connection between ranks failed: the group must restart as a whole.
+    A BaseException so that no per-request guard (which fails one request and goes on) catches it."""
+
+
+# -- the broadcast ---------------------------------------------------------------------------
+
+
+def share(obj=None):
+    """Rank 0 sends `obj` (a picklable object), the others receive it: mlx_lm.server's scheme."""
+    if mx.distributed.init().rank() == 0:
+        data = mx.array(memoryview(pickle.dumps(obj)), dtype=mx.uint8)
+        mx.eval(mx.distributed.all_sum(data.size))
+        mx.eval(mx.distributed.all_sum(data))
+        return obj
+    size = mx.distributed.all_sum(0).item()
+    data = mx.distributed.all_sum(mx.zeros(size, dtype=mx.uint8))
+    return pickle.loads(memoryview(data))
+
+
+def all_true(flag: bool) -> bool:
+    group = mx.distributed.init()
+    return int(mx.distributed.all_sum(int(flag)).item()) == group.size()
+
+
+def memory_table() -> list[tuple[int, int]]:
+    """(active, peak) MLX memory of every rank, in rank order."""
+    group = mx.distributed.init()
+    mine = mx.zeros((group.size(), 2), dtype=mx.int64)
+    mine[group.rank()] = mx.array([mx.get_active_memory(), mx.get_peak_memory()], dtype=mx.int64)
+    return [tuple(row) for row in mx.distributed.all_sum(mine).tolist()]
+
+
+def _addr(endpoint: str) -> tuple[str, int]:
+    host, _, port = endpoint.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class Bells:
+    """Rank 0's doorbells: one connection per follower."""
+
+    def __init__(self, endpoint: str, followers: int):
+        host, port = _addr(endpoint)
+        self.server = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+        self.followers = followers
+        self.socks: list[socket.socket] = []
+
+    def gather(self, timeout: float = CONNECT_TIMEOUT) -> None:
+        """Wait for every follower's load result; GroupFailed naming the rank that failed."""
+        self.server.settimeout(timeout)
+        try:
+            for _ in range(self.followers):
+                sock, _ = self.server.accept()
+                sock.settimeout(timeout)
+                line = sock.makefile("rb").readline()
+                sock.settimeout(None)
+                self.socks.append(sock)
+                msg = json.loads(line) if line else {"error": "closed its doorbell before loading"}
+                if msg.get("error"):
+                    raise GroupFailed(f"rank {msg.get('rank', '?')} failed to load: {msg['error']}")
+        except socket.timeout:
+            raise GroupFailed(f"{self.followers - len(self.socks)} rank(s) did not load within {timeout:.0f}s") from None
+        finally:
+            self.server.close()
+        for s in self.socks:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def ring(self) -> None:
+        try:
+            for s in self.socks:
+                s.sendall(b"\x01")
+        except OSError as e:
+            raise GroupFailed(f"a rank of the group is gone ({e})") from None
+
+
+class Bell:
+    """A follower's doorbell: a blocking read that sleeps while rank 0 is idle."""
+
+    def __init__(self, endpoint: str, rank: int, timeout: float = 60.0):
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.sock = socket.create_connection(_addr(endpoint), timeout=5)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        self.sock.settimeout(None)
+        self.rank = rank
+
+    def report(self, error: Optional[str] = None) -> None:
+        self.sock.sendall(json.dumps({"rank": self.rank, "error": error}).encode() + b"\n")
+
+    def wait(self) -> bool:
+        """Until rank 0 rings; False when it has gone."""
+        try:
+            return self.sock.recv(1) == b"\x01"
+        except OSError:
+            return False
+
+
+# -- rank 0 ----------------------------------------------------------------------------------
+
+
+class LeaderEngine(Engine):
+    """The engine on rank 0: every change to its batch is recorded and broadcast before a step."""
+
+    def __init__(self, *args, bells: Bells, hosts: tuple[str, ...], **kw):
+        super().__init__(*args, stream=mx.default_stream(mx.default_device()), **kw)
+        self.bells = bells
+        self.hosts = hosts
+        self.ops: list[tuple] = []
+
+    def _send(self, *extra: tuple) -> None:
+        self._evicted()
+        ops, self.ops = [*self.ops, *extra], []
+        try:
+            self.bells.ring()
+            share(ops)
+        except GroupFailed:
+            raise
+        except Exception as e:
+            raise GroupFailed(f"broadcasting to the group failed: {type(e).__name__}: {e}") from e
+
+    def _evicted(self) -> None:
+        pc = self.prefix_cache
+        if pc is not None and (keys := pc.evicted_keys()):
+            self.ops.append(("evict", list(keys)))
+
+    def flush(self) -> None:
+        """Send what is pending now (the group goes idle: followers store what finished)."""
+        self._evicted()
+        if self.ops:
+            self._send()
+
+    def shutdown(self) -> None:
+        self._send(("shutdown",))
+        mx.eval(mx.distributed.all_sum(1))    # exit together: nobody's peer vanishes mid-collective
+
+    def rank_memory(self) -> list[dict]:
+        """Each rank's MLX memory (a round trip: the followers answer in one all_sum)."""
+        self._send(("memory",))
+        mem = memory_table()
+        hosts = self.hosts
+        return [{"rank": r, "host": hosts[r], "local": is_local(hosts[r]),
+                 "memory_bytes": int(a), "peak_memory_bytes": int(p)} for r, (a, p) in enumerate(mem)]
+
+    def sampling(self, msg: dict) -> tuple:
+        temperature, top_p, seed, top_k = super().sampling(msg)
+        if temperature > 0 and seed is None:
+            seed = secrets.randbits(63)      # every rank must draw the same numbers
+        return temperature, top_p, seed, top_k
+
+    def shared(self, key: str, n_tokens: int) -> bool:
+        self._send(("has", key, n_tokens))
+        if all_true(self.prefix_cache.has_key(key, n_tokens)):
+            return True
+        log.warning("prefix cache entry %s is missing on a rank of the group; dropping it", key)
+        self.prefix_cache.discard(key)       # the others drop theirs with the next round's evictions
+        return False
+
+    def _insert(self, p: Parked, cache, n_cached: int) -> int:
+        uid = super()._insert(p, cache, n_cached)
+        key = self.prefix_cache.last_key if cache is not None else None
+        self.ops.append(("insert", uid, p.tokens, n_cached, key, p.active.max_tokens, p.spec, p.wanted))
+        return uid
+
+    def _remove(self, uid: int, caches: bool = False):
+        out = super()._remove(uid, caches)
+        self.ops.append(("remove", uid, caches))
+        return out
+
+    def _store(self, uid: int, cache_and_tokens) -> Optional[str]:
+        key = super()._store(uid, cache_and_tokens)
+        if key is not None:                  # the others keep what rank 0 keeps, nothing more
+            self.ops.append(("store", uid))
+            self._evicted()
+        return key
+
+    def clear_cache(self) -> int:
+        n = super().clear_cache()
+        self.ops.append(("clear",))
+        return n
+
+    def _next(self):
+        self._send(("step",))
+        return self.gen.next()
+
+    def reset(self, e: Exception) -> list[dict]:
+        raise GroupFailed(f"the group's batch failed ({type(e).__name__}: {e})") from e
+
+
+# -- ranks 1..n-1 ----------------------------------------------------------------------------
+
+
+class Follower:
+    """A rank without a daemon: applies rank 0's operations to its own engine, step by step."""
+
+    def __init__(self, engine: Engine, bell: Bell):
+        self.engine = engine
+        self.bell = bell
+        self.kept: dict[int, tuple] = {}     # uid -> (cache, tokens) of sequences that just left the batch
+
+    def run(self) -> None:
+        while self.bell.wait():
+            for op in share():
+                if op[0] == "shutdown":
+                    mx.eval(mx.distributed.all_sum(1))
+                    return
+                getattr(self, "_" + op[0])(*op[1:])
+        log.error("rank 0 of the group is gone; exiting")
+
+    def _insert(self, uid, tokens, n_cached, key, max_tokens, spec, wanted) -> None:
+        e = self.engine
+        cache = None
+        if key is not None:
+            cache = e.prefix_cache.fetch_key(key, n_cached)
+            if cache is None:
+                raise GroupFailed(f"prefix cache entry {key} vanished on rank {self.bell.rank}")
+        extra = {}
+        if wanted is not None:
+            if e.compiler is None:
+                e.compiler = Compiler(e.tokenizer, e._vocab_size())
+            proc = GrammarProcessor(e.compiler.compile(*wanted).result(), e._vocab_size(), e.tokenizer.eos_token_id,
+                                    reasoning_end(e.tokenizer, tokens) if e.think else None)
+            extra["logits_processors"] = [[proc]]
+        (mine,) = e.gen.insert([tokens[n_cached:]], max_tokens=[max_tokens], caches=[cache],
+                               all_tokens=[list(tokens[:n_cached])], samplers=[make_sampler(*spec)], **extra)
+        if mine != uid:
+            raise GroupFailed(f"rank {self.bell.rank} is out of step (uid {mine}, rank 0 has {uid})")
+
+    def _remove(self, uid, caches) -> None:
+        if caches:
+            got = self.engine.gen.remove([uid], return_prompt_caches=True).get(uid)
+            if got:
+                self.kept[uid] = got
+        else:
+            self.engine.gen.remove([uid])
+
+    def _store(self, uid) -> None:
+        got = self.kept.pop(uid, None)
+        if got is not None and got[0] and got[1]:
+            self.engine.prefix_cache.store(list(got[1]), got[0])
+
+    def _evict(self, keys) -> None:
+        for k in keys:
+            self.engine.prefix_cache.discard(k)
+
+    def _clear(self) -> None:
+        self.engine.prefix_cache.clear()
+
+    def _memory(self) -> None:
+        memory_table()
+
+    def _has(self, key, n_tokens) -> None:
+        all_true(self.engine.prefix_cache.has_key(key, n_tokens))
+
+    def _step(self) -> None:
+        self.kept.clear()            # rank 0 stored what it wanted before this step
+        _, responses = self.engine.gen.next()
+        for r in responses:
+            if r.finish_reason is not None:
+                self.kept[r.uid] = (r.prompt_cache, r.all_tokens)
