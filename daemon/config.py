@@ -81,6 +81,22 @@ class Sampling(_Strict):
     max_tokens: int = Field(512, ge=1, description="Default max_tokens for a request that sets none.")
 
 
+class Speculative(_Strict):
+    """Prompt-lookup speculative decoding: drafts copied from the request's own prompt and output."""
+
+    mode: Literal["prompt_lookup"] = Field(description="prompt_lookup: no draft model, drafts from the context.")
+    max_draft: int = Field(8, ge=1, le=32, description="Draft tokens verified per step at most.")
+    ngram: tuple[int, int] = Field((2, 4), description="[min, max] length of the context's tail looked up "
+                                                        "earlier in it (longest first, most recent match).")
+
+    @model_validator(mode="after")
+    def _ngram_order(self):
+        lo, hi = self.ngram
+        if not 1 <= lo <= hi:
+            raise ValueError(f"ngram must be [min, max] with 1 <= min <= max, got [{lo}, {hi}]")
+        return self
+
+
 class Engine(_Strict):
     """The worker's batching; a change needs a new worker process, except max_waiting (enforced by the daemon)."""
 
@@ -89,6 +105,7 @@ class Engine(_Strict):
     prefill_step_size: int = Field(512, ge=16, description="Tokens per prefill chunk; smaller keeps decode of others smooth.")
     context_length: Optional[int] = Field(None, ge=16, description="Max prompt + completion tokens; default: the model's.")
     max_waiting: int = Field(64, ge=0, description="Requests queued beyond max_batch_size before new ones get 429.")
+    speculative: Optional[Speculative] = Field(None, description="Speculative decoding; null (default): off.")
 
 
 class PrefixCache(_Strict):

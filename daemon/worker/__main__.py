@@ -84,7 +84,8 @@ def load(cfg: ModelConfig, cache_dir, *, total_disk_budget=None, orphan_ttl=7 * 
         max_batch_size=cfg.engine.max_batch_size, prefill_batch_size=cfg.engine.prefill_batch_size,
         prefill_step_size=cfg.engine.prefill_step_size, context_length=_context_length(model, cfg),
         default_max_tokens=cfg.sampling.max_tokens, prefix_cache=prefix_cache,
-        reasoning_parser=cfg.reasoning_parser)
+        reasoning_parser=cfg.reasoning_parser,
+        speculative=cfg.engine.speculative.model_dump() if cfg.engine.speculative else None)
     info = {
         "pid": os.getpid(), "path": str(resolved.path), "kind": resolved.kind, "dtype": resolved.dtype,
         "fingerprint": resolved.fingerprint, "device": device_name(), "blas": loaded_blas(),
@@ -102,6 +103,8 @@ def stats(engine) -> dict:
            "internal_errors": engine.internal_errors, "batch_resets": engine.batch_resets}
     if engine.prefix_cache is not None:
         out["cache"] = engine.prefix_cache.stats()
+    if engine.spec is not None:
+        out["spec"] = {"draft_tokens": engine.spec.draft_tokens, "accepted_tokens": engine.spec.accepted_tokens}
     return out
 
 
