@@ -27,6 +27,7 @@ COMPONENTS = ("supervisor", "handle", "poll_stats", "reaper", "reload", "watch")
 LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0,
            60.0, 90.0, 120.0, 180.0, 300.0, 600.0)
 ITL = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
+SPEC_COUNTERS = ("draft_tokens", "accepted_tokens")     # the worker's stats["spec"]
 TOKENS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 
 
@@ -135,6 +136,8 @@ class _WorkerCollector:
             ("prefix_cache_corrupt", "Prefix-cache files found corrupt and discarded."),
             ("prefix_cache_disk_errors", "Prefix-cache entries not written (disk full, unwritable directory)."),
             ("prefix_cache_dropped_writes", "Prefix-cache entries not written because the write queue was full."),
+            ("spec_draft_tokens", "Draft tokens proposed by speculative decoding (models with it on)."),
+            ("spec_accepted_tokens", "Draft tokens the model accepted."),
         )}
         for h in self.sup.handles.values():
             s = h.stats if h.state == "ready" else {}
@@ -152,6 +155,9 @@ class _WorkerCollector:
             c["prefix_cache_corrupt"].add_metric([h.name], totals["corrupt"])
             c["prefix_cache_disk_errors"].add_metric([h.name], totals["disk_errors"])
             c["prefix_cache_dropped_writes"].add_metric([h.name], totals["dropped_writes"])
+            if (spec := h.spec_counters()) is not None:
+                c["spec_draft_tokens"].add_metric([h.name], spec["draft_tokens"])
+                c["spec_accepted_tokens"].add_metric([h.name], spec["accepted_tokens"])
         yield from g.values()
         yield from c.values()
 

@@ -18,7 +18,7 @@ import time
 from typing import AsyncIterator, Callable, Optional
 
 from ..config import ModelConfig, Server
-from ..metrics import Metrics, cache_counter_values
+from ..metrics import SPEC_COUNTERS, Metrics, cache_counter_values
 from ..process import WorkerGone, WorkerProcess
 
 log = logging.getLogger("mlxd.lifecycle")
@@ -59,6 +59,7 @@ class ModelHandle:
         metrics.model_added(cfg.name)
         self.stats: dict = {}
         self._counter_base = dict.fromkeys(cache_counter_values({}), 0)
+        self._spec_base = dict.fromkeys(SPEC_COUNTERS, 0)
         self.state = "stopped"
         self._changed = asyncio.Event()     # set (and replaced) at every transition
         self._stop_wanted = asyncio.Event()
@@ -298,11 +299,20 @@ class ModelHandle:
         if self.stats.get("cache"):
             for k, v in cache_counter_values(self.stats["cache"]).items():
                 self._counter_base[k] += v
+        for k in SPEC_COUNTERS:
+            self._spec_base[k] += (self.stats.get("spec") or {}).get(k, 0)
         self.stats = {}
 
     def cache_counters(self) -> dict:
         live = cache_counter_values(self.stats.get("cache") or {})
         return {k: self._counter_base[k] + live[k] for k in self._counter_base}
+
+    def spec_counters(self) -> Optional[dict]:
+        """Speculative decoding's draft and accepted tokens over every worker, or None when it is off."""
+        if self.cfg.engine.speculative is None:
+            return None
+        live = self.stats.get("spec") or {}
+        return {k: self._spec_base[k] + live.get(k, 0) for k in SPEC_COUNTERS}
 
     # -- requests ---------------------------------------------------------------------
 
@@ -372,10 +382,18 @@ class ModelHandle:
             "requests_running": self.stats.get("running", 0), "requests_waiting": self.stats.get("waiting", 0),
             "memory_bytes": self.stats.get("memory_bytes", 0), "tokens": dict(self.tokens),
             "cache": _cache_summary(self.stats.get("cache")),
+            "speculative": _spec_summary(self.spec_counters()),
             "workers_started": self.starts, "start_seconds": self.start_seconds, "preload": self.cfg.preload, "pinned": self.pinned,
             "last_used": self.last_used,
             "worker": {k: v for k, v in (w.info if w else {}).items() if k != "op"},
         }
+
+
+def _spec_summary(counters: Optional[dict]) -> Optional[dict]:
+    if counters is None:
+        return None
+    drafted = counters["draft_tokens"]
+    return {**counters, "acceptance_rate": round(counters["accepted_tokens"] / drafted, 4) if drafted else None}
 
 
 def _cache_summary(cache: Optional[dict]) -> Optional[dict]:
