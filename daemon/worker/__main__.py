@@ -157,7 +157,7 @@ def serve(chan: SyncChannel, engine) -> None:
         out: list[dict] = []
         for msg in msgs:
             if msg is None or msg["op"] == "shutdown":
-                for rid in [*engine.uid_of, *engine.parked]:
+                for rid in [*engine.uid_of, *engine.parked, *(h.active.id for h in engine.held)]:
                     out.append(engine.cancel(rid))
                 chan.send_many(out)
                 if engine.prefix_cache is not None:
