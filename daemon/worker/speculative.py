@@ -30,17 +30,24 @@ COMPACT = 64     # left padding every row has gathered (from rolls) before the c
 
 
 def find_draft(tokens: list[int], ngram: tuple[int, int], max_draft: int) -> list[int]:
-    """What followed the most recent earlier occurrence of the longest matching tail n-gram."""
-    if max_draft < 1 or len(tokens) < ngram[0] + 1:
+    """What followed the earlier occurrence of the sequence's tail that matches it longest
+    (at least ngram[0] tokens, counted up to ngram[1]; the most recent among equals)."""
+    lo, hi = ngram
+    if max_draft < 1 or len(tokens) < lo + 1:
         return []
     seq = np.asarray(tokens, dtype=np.int64)
-    for n in range(min(ngram[1], len(seq) - 1), ngram[0] - 1, -1):
-        windows = sliding_window_view(seq[:-1], n)      # every start that leaves a token after it
-        hits = np.flatnonzero((windows == seq[-n:]).all(axis=1))
-        if hits.size:
-            start = int(hits[-1]) + n
-            return seq[start:start + max_draft].tolist()
-    return []
+    ends = np.flatnonzero((sliding_window_view(seq[:-1], lo) == seq[-lo:]).all(axis=1)) + lo - 1
+    if not ends.size:
+        return []
+    length = np.full(ends.shape, lo)
+    for k in range(lo, hi):     # extend every match backwards while it still agrees
+        alive = (length == k) & (ends - k >= 0)
+        alive[alive] = seq[ends[alive] - k] == seq[-1 - k]
+        if not alive.any():
+            break
+        length[alive] += 1
+    end = ends[np.flatnonzero(length == length.max())[-1]] + 1
+    return seq[end:end + max_draft].tolist()
 
 
 @dataclass
