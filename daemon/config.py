@@ -86,7 +86,7 @@ class Speculative(_Strict):
 
     mode: Literal["prompt_lookup"] = Field(description="prompt_lookup: no draft model, drafts from the context.")
     max_draft: int = Field(8, ge=1, le=32, description="Draft tokens verified per step at most.")
-    ngram: tuple[int, int] = Field((2, 4), description="[min, max] length of the context's tail looked up "
+    ngram: tuple[int, int] = Field((2, 16), description="[min, max] length of the context's tail looked up "
                                                         "earlier in it (longest first, most recent match).")
 
     @model_validator(mode="after")

@@ -16,7 +16,7 @@ from openai import OpenAI
 
 from conftest import Daemon, smol
 
-SPEC = {"mode": "prompt_lookup", "max_draft": 8, "ngram": [2, 4]}
+SPEC = {"mode": "prompt_lookup", "max_draft": 8, "ngram": [2, 16]}
 
 
 def code(name: str, arg: str) -> str:
