@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
-from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
+from mlx_lm.models.cache import KVCache, can_trim_prompt_cache, make_prompt_cache
 from mlx_lm.sample_utils import greedy_sampler
 from mlx_lm.tool_parsers import json_tools
 
@@ -112,9 +112,13 @@ class Engine:
         self.max_batch_size, self.prefill_batch_size, self.prefill_step_size = \
             max_batch_size, prefill_batch_size, prefill_step_size
         self.gen = self._new_generator()
-        # Prompt-lookup speculation: off for models whose cache cannot be trimmed (rotating
-        # windows, recurrent state), since rejected draft tokens must leave the cache.
-        self.speculative = speculative if speculative and can_trim_prompt_cache(make_prompt_cache(model)) else None
+        # Prompt-lookup speculation: only on plain KV caches, since rejected draft tokens must
+        # leave the cache (rotating windows and recurrent state cannot be trimmed back).
+        fresh = make_prompt_cache(model)
+        plain = can_trim_prompt_cache(fresh) and all(type(c) is KVCache for c in fresh)
+        self.speculative = speculative if speculative and plain else None
+        if speculative and not plain:
+            log.warning("speculative decoding is off for this model: its KV cache cannot be trimmed")
         self.spec: Optional[SpecBatch] = self._new_spec()
         self.held: deque[Parked] = deque()     # beyond max_batch_size while speculative rows decode apart
         self.active: dict[int, Active] = {}

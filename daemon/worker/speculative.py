@@ -116,6 +116,10 @@ class SpecBatch:
                 c.trim(n_cached - want)
         elif want > n_cached:
             self.model(mx.array([row.context[n_cached:want]]), cache=cache)
+        for c in cache:     # exactly its tokens, as BatchGenerator's caches are (files, memory budget)
+            keys, values, offset = c.state
+            if keys is not None and keys.shape[2] > offset:
+                c.state = (keys[..., :offset, :], values[..., :offset, :], offset)
         mx.eval([c.state for c in cache])
         return cache, row.context[:want]
 
