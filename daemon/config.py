@@ -84,6 +84,22 @@ class Sampling(_Strict):
     max_tokens: int = Field(512, ge=1, description="Default max_tokens for a request that sets none.")
 
 
+class Speculative(_Strict):
+    """Prompt-lookup speculative decoding: drafts copied from the request's own prompt and output."""
+
+    mode: Literal["prompt_lookup"] = Field(description="prompt_lookup: no draft model, drafts from the context.")
+    max_draft: int = Field(8, ge=1, le=32, description="Draft tokens verified per step at most.")
+    ngram: tuple[int, int] = Field((2, 16), description="[min, max] length of the context's tail looked up "
+                                                        "earlier in it (longest first, most recent match).")
+
+    @model_validator(mode="after")
+    def _ngram_order(self):
+        lo, hi = self.ngram
+        if not 1 <= lo <= hi:
+            raise ValueError(f"ngram must be [min, max] with 1 <= min <= max, got [{lo}, {hi}]")
+        return self
+
+
 class Engine(_Strict):
     """The worker's batching; a change needs a new worker process, except max_waiting (enforced by the daemon)."""
 
@@ -92,6 +108,7 @@ class Engine(_Strict):
     prefill_step_size: int = Field(512, ge=16, description="Tokens per prefill chunk; smaller keeps decode of others smooth.")
     context_length: Optional[int] = Field(None, ge=16, description="Max prompt + completion tokens; default: the model's.")
     max_waiting: int = Field(64, ge=0, description="Requests queued beyond max_batch_size before new ones get 429.")
+    speculative: Optional[Speculative] = Field(None, description="Speculative decoding; null (default): off.")
 
 
 class PrefixCache(_Strict):
@@ -193,6 +210,13 @@ class ModelConfig(_Strict):
     # The template file's content when this config was read: editing the file in place is a
     # change of the entry (the worker renders with it), like editing the YAML.
     _template_digest: Optional[str] = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _group_engine(self) -> "ModelConfig":
+        if self.distributed is not None and self.engine.speculative is not None:
+            # Every rank would have to run the same drafts and rollbacks: not broadcast yet.
+            raise ValueError("engine.speculative is not supported with distributed yet; remove one of them")
+        return self
 
     def model_post_init(self, _context: Any) -> None:
         if self.chat_template is not None:

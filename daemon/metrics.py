@@ -138,6 +138,8 @@ class _WorkerCollector:
             ("worker_internal_errors", "Requests failed by a bug inside the model's worker (see its log); the "
                                        "worker goes on serving the others."),
             ("batch_resets", "Times a whole decode batch failed and was restarted (its requests failed)."),
+            ("spec_draft_tokens", "Draft tokens proposed by speculative decoding (models with it on)."),
+            ("spec_accepted_tokens", "Draft tokens the model accepted."),
         )}
         for h in self.sup.handles.values():
             s = h.stats if h.state == "ready" else {}
@@ -157,6 +159,9 @@ class _WorkerCollector:
             c["prefix_cache_dropped_writes"].add_metric([h.name], totals["dropped_writes"])
             c["worker_internal_errors"].add_metric([h.name], totals["internal_errors"])
             c["batch_resets"].add_metric([h.name], totals["batch_resets"])
+            if (spec := h.spec_counters()) is not None:
+                c["spec_draft_tokens"].add_metric([h.name], spec["draft_tokens"])
+                c["spec_accepted_tokens"].add_metric([h.name], spec["accepted_tokens"])
         yield from g.values()
         yield from c.values()
 
@@ -165,7 +170,9 @@ def worker_counter_values(stats: dict) -> dict:
     """The cumulative counters of one worker's stats snapshot, as the collector names them."""
     cache = stats.get("cache") or {}
     disk = cache.get("disk") or {}
+    spec = stats.get("spec") or {}
     return {"internal_errors": stats.get("internal_errors", 0), "batch_resets": stats.get("batch_resets", 0),
+            "spec_draft_tokens": spec.get("draft_tokens", 0), "spec_accepted_tokens": spec.get("accepted_tokens", 0),
             "evictions": cache.get("memory_evictions", 0) + disk.get("evictions", 0),
             "corrupt": disk.get("corrupt", 0), "disk_errors": disk.get("write_errors", 0),
             "dropped_writes": disk.get("dropped_writes", 0)}

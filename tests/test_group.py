@@ -225,6 +225,12 @@ def test_bad_distributed_blocks_are_clear_errors(dist, expect):
     assert "distributed" in str(e.value) and expect in str(e.value)
 
 
+def test_speculation_on_a_group_is_refused_not_ignored():
+    text = _config("{hosts: [127.0.0.1, 127.0.0.1]}") + "    engine: {speculative: {mode: prompt_lookup}}\n"
+    with pytest.raises(ConfigError, match="engine.speculative is not supported with distributed"):
+        parse_config(text, "c.yaml")
+
+
 @pytest.mark.skipif(sys.platform == "darwin", reason="jaccl is allowed on macOS")
 def test_jaccl_is_macos_only():
     with pytest.raises(ConfigError, match="jaccl needs macOS"):

@@ -304,6 +304,13 @@ class ModelHandle:
         live = worker_counter_values(self.stats)
         return {k: self._counter_base[k] + live[k] for k in self._counter_base}
 
+    def spec_counters(self) -> Optional[dict]:
+        """Speculative decoding's draft and accepted tokens over every worker, or None when it is off."""
+        if self.cfg.engine.speculative is None:
+            return None
+        totals = self.counters()
+        return {"draft_tokens": totals["spec_draft_tokens"], "accepted_tokens": totals["spec_accepted_tokens"]}
+
     # -- requests ---------------------------------------------------------------------
 
     async def wait_ready(self, timeout: float) -> WorkerProcess:
@@ -373,11 +380,19 @@ class ModelHandle:
             "memory_bytes": self.stats.get("memory_bytes", 0), "tokens": dict(self.tokens),
             "cache": _cache_summary(self.stats.get("cache")),
             "internal_errors": totals["internal_errors"], "batch_resets": totals["batch_resets"],
+            "speculative": _spec_summary(self.spec_counters()),
             "workers_started": self.starts, "start_seconds": self.start_seconds, "preload": self.cfg.preload, "pinned": self.pinned,
             "last_used": self.last_used,
             "worker": {k: v for k, v in (w.info if w else {}).items() if k != "op"},
             **({"ranks": self.stats["ranks"]} if self.stats.get("ranks") else {}),
         }
+
+
+def _spec_summary(counters: Optional[dict]) -> Optional[dict]:
+    if counters is None:
+        return None
+    drafted = counters["draft_tokens"]
+    return {**counters, "acceptance_rate": round(counters["accepted_tokens"] / drafted, 4) if drafted else None}
 
 
 def _cache_summary(cache: Optional[dict]) -> Optional[dict]:

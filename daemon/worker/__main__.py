@@ -100,7 +100,8 @@ def load(cfg: ModelConfig, cache_dir, *, total_disk_budget=None, orphan_ttl=7 * 
         max_batch_size=cfg.engine.max_batch_size, prefill_batch_size=cfg.engine.prefill_batch_size,
         prefill_step_size=cfg.engine.prefill_step_size, context_length=_context_length(model, cfg),
         default_max_tokens=cfg.sampling.max_tokens, prefix_cache=prefix_cache,
-        reasoning_parser=cfg.reasoning_parser, **extra)
+        reasoning_parser=cfg.reasoning_parser,
+        speculative=cfg.engine.speculative.model_dump() if cfg.engine.speculative else None, **extra)
     info = {
         "pid": os.getpid(), "path": str(resolved.path), "kind": resolved.kind, "dtype": resolved.dtype,
         "fingerprint": resolved.fingerprint, "device": device_name(), "blas": loaded_blas(),
@@ -124,6 +125,8 @@ def stats(engine) -> dict:
         out["ranks"] = engine.rank_memory()
         out["memory_bytes"] = sum(r["memory_bytes"] for r in out["ranks"] if r["local"])
         out["peak_memory_bytes"] = sum(r["peak_memory_bytes"] for r in out["ranks"] if r["local"])
+    if engine.spec is not None:
+        out["spec"] = {"draft_tokens": engine.spec.draft_tokens, "accepted_tokens": engine.spec.accepted_tokens}
     return out
 
 
@@ -176,7 +179,7 @@ def serve(chan: SyncChannel, engine) -> None:
         out: list[dict] = []
         for msg in msgs:
             if msg is None or msg["op"] == "shutdown":
-                for rid in [*engine.uid_of, *engine.parked]:
+                for rid in [*engine.uid_of, *engine.parked, *(h.active.id for h in engine.held)]:
                     out.append(engine.cancel(rid))
                 chan.send_many(out)
                 try:

@@ -17,12 +17,15 @@ import contextlib
 import json
 import logging
 import time
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
+from mlx_lm.models.cache import KVCache, can_trim_prompt_cache, make_prompt_cache
+from mlx_lm.sample_utils import greedy_sampler
 from mlx_lm.tool_parsers import json_tools
 
 from ..events import Done, Error, Logprob, Progress, Started
@@ -30,6 +33,7 @@ from . import tools as toolfmt
 from .grammar import Compiler, GrammarError, GrammarProcessor, reasoning_end, request_grammar, tool_call_grammar
 from .output import THINK, Markers, Output, initial_state, state_machine
 from .sampling import make_sampler
+from .speculative import SpecBatch
 
 log = logging.getLogger("mlxd.worker")
 
@@ -66,6 +70,7 @@ class Active:
     itl: list = field(default_factory=list)
     top_logprobs: Optional[int] = None      # None: no logprobs asked for
     grammar: Optional[GrammarProcessor] = None
+    sampler: Any = None                     # set for a request that decodes speculatively
 
 
 @dataclass
@@ -85,10 +90,21 @@ class Parked:
         return self.grammar if self.grammar is not None else self.read
 
 
+@dataclass
+class SpecToken:
+    """One token of a speculative row, shaped like BatchGenerator's responses for `_advance`."""
+    uid: int
+    token: int
+    logprobs: Any
+    finish_reason: Optional[str]
+    keep: int       # its place among the tokens its step emitted (1-based)
+
+
 class Engine:
     def __init__(self, model, tokenizer, *, max_batch_size: int, prefill_batch_size: int,
                  prefill_step_size: int, context_length: int, default_max_tokens: int,
-                 prefix_cache: Any = None, reasoning_parser: Optional[str] = None, stream: Any = None):
+                 prefix_cache: Any = None, reasoning_parser: Optional[str] = None,
+                 speculative: Optional[dict] = None, stream: Any = None):
         self.model = model
         self.stream = stream        # a group's ranks must run every collective on one stream
         self.tokenizer = tokenizer
@@ -99,6 +115,15 @@ class Engine:
         self.max_batch_size, self.prefill_batch_size, self.prefill_step_size = \
             max_batch_size, prefill_batch_size, prefill_step_size
         self.gen = self._new_generator()
+        # Prompt-lookup speculation: only on plain KV caches, since rejected draft tokens must
+        # leave the cache (rotating windows and recurrent state cannot be trimmed back).
+        fresh = make_prompt_cache(model)
+        plain = can_trim_prompt_cache(fresh) and all(type(c) is KVCache for c in fresh)
+        self.speculative = speculative if speculative and plain else None
+        if speculative and not plain:
+            log.warning("speculative decoding is off for this model: its KV cache cannot be trimmed")
+        self.spec: Optional[SpecBatch] = self._new_spec()
+        self.held: deque[Parked] = deque()     # beyond max_batch_size while speculative rows decode apart
         self.active: dict[int, Active] = {}
         self.uid_of: dict[str, int] = {}
         self.decoding: set[int] = set()
@@ -133,6 +158,14 @@ class Engine:
             prefill_step_size=self.prefill_step_size,
             stream=self.stream,
         )
+
+    def _new_spec(self) -> Optional[SpecBatch]:
+        if self.speculative is None:
+            return None
+        spec = SpecBatch(self.model, max_draft=self.speculative["max_draft"], ngram=self.speculative["ngram"])
+        if getattr(self, "spec", None) is not None:    # counters survive a reset
+            spec.draft_tokens, spec.accepted_tokens = self.spec.draft_tokens, self.spec.accepted_tokens
+        return spec
 
     # -- requests ---------------------------------------------------------------------
 
@@ -290,6 +323,9 @@ class Engine:
             matcher, p.grammar = p.grammar.result(), None
             p.active.grammar = GrammarProcessor(matcher, self._vocab_size(), self.tokenizer.eos_token_id,
                                                 reasoning_end(self.tokenizer, p.tokens) if self.think else None)
+        if self.spec is not None and len(self.active) >= self.max_batch_size:
+            self.held.append(p)     # speculative rows leave the BatchGenerator, which would admit more
+            return None
         cache, n_cached, tier = None, 0, None
         if self.prefix_cache is not None:
             got = self.prefix_cache.fetch_nowait(p.tokens)
@@ -303,6 +339,8 @@ class Engine:
                 cache, n_cached, tier = None, 0, None
         a, tokens = p.active, p.tokens
         a.cache_key = self.prefix_cache.last_key if tier else None
+        if self.spec is not None and a.grammar is None:
+            a.sampler = p.sampler       # decoded speculatively once prefilled (see `_insert`)
         try:
             uid = self._insert(p, cache, n_cached)
         except Exception:
@@ -320,9 +358,12 @@ class Engine:
 
     def _insert(self, p: Parked, cache, n_cached: int) -> int:
         extra = {"logits_processors": [[p.active.grammar]]} if p.active.grammar is not None else {}
+        # A request decoded speculatively leaves the BatchGenerator when its prompt ends, and
+        # the one token the BatchGenerator samples there is dropped: it draws greedily.
+        sampler = greedy_sampler if p.active.sampler is not None else p.sampler
         (uid,) = self.gen.insert(
             [p.tokens[n_cached:]], max_tokens=[p.active.max_tokens], caches=[cache],
-            all_tokens=[list(p.tokens[:n_cached])], samplers=[p.sampler], **extra)
+            all_tokens=[list(p.tokens[:n_cached])], samplers=[sampler], **extra)
         return uid
 
     def _remove(self, uid: int, caches: bool = False):
@@ -341,10 +382,16 @@ class Engine:
                 p.grammar.cancel()
             self._abandon(p.read)
             return self._done(p.active, "cancelled")
+        if (p := next((h for h in self.held if h.active.id == rid), None)) is not None:
+            self.held.remove(p)
+            return self._done(p.active, "cancelled")
         uid = self.uid_of.get(rid)
         if uid is None:
             return None
-        cache = self._remove(uid, caches=True)
+        if self.spec is not None and uid in self.spec:
+            cache = self.spec.remove(uid)
+        else:
+            cache = self._remove(uid, caches=True)
         a = self._forget(uid)
         self._store(uid, cache)
         return self._done(a, "cancelled")
@@ -352,7 +399,7 @@ class Engine:
     @property
     def busy(self) -> bool:
         """Work to do now: sequences in the batch, or parked ones whose grammar or disk read is done."""
-        return bool(self.active) or any(p.waiting_on.done() for p in self.parked.values())
+        return bool(self.active) or bool(self.held) or any(p.waiting_on.done() for p in self.parked.values())
 
     @property
     def running(self) -> int:
@@ -360,7 +407,7 @@ class Engine:
 
     @property
     def waiting(self) -> int:
-        return len(self.active) - len(self.decoding) + len(self.parked)
+        return len(self.active) - len(self.decoding) + len(self.parked) + len(self.held)
 
     # -- the step loop ------------------------------------------------------------------
 
@@ -369,8 +416,19 @@ class Engine:
         chunk and/or one decoded token for every sequence. A failure fails only the requests it
         touched (the whole batch when the batch itself fails) and the engine goes on."""
         events = self._unpark()
+        while self.held and len(self.active) < self.max_batch_size:
+            events += self._admit(self.held.popleft())
         if not self.active:
             return events
+        if self.spec is None or len(self.active) > len(self.spec):
+            events += self._gen_step()
+        if self.spec:
+            events += self._spec_step()
+        return events
+
+    def _gen_step(self) -> list[dict]:
+        """The BatchGenerator's step: a prefill chunk and/or one token for each of its sequences."""
+        events = []
         t0 = time.perf_counter()
         try:
             prompt_resps, gen_resps = self._next()
@@ -385,6 +443,11 @@ class Engine:
                 a.t_prefill_start = t0
             if p.end_of_prompt:
                 self.decoding.add(p.uid)
+                if a.sampler is not None:
+                    try:
+                        self._to_spec(a, p.uid)
+                    except Exception as e:
+                        return events + self.reset(e)
             else:
                 events.append(Progress(a.id, p.progress[0], p.progress[1]).wire())
         for r in gen_resps:
@@ -409,6 +472,42 @@ class Engine:
                 events.append(self._internal_error(a.id, e))
         return events
 
+    def _to_spec(self, a: Active, uid: int) -> None:
+        """A prefilled prompt leaves the BatchGenerator for the speculative batch. Its cache holds
+        the whole prompt; the last token comes off and is fed again with the first draft."""
+        cache, tokens = self._remove(uid, caches=True)
+        for c in cache:
+            c.trim(1)
+        self.spec.add(uid, cache, list(tokens), sampler=None if a.sampler is greedy_sampler else a.sampler,
+                      max_tokens=a.max_tokens, logprobs=a.top_logprobs is not None)
+
+    def _spec_step(self) -> list[dict]:
+        """One verify pass for the speculative rows; each accepted token goes through `_advance`
+        on its own, so stop strings, EOS and max_tokens cut exactly where they would have."""
+        events = []
+        try:
+            emitted = self.spec.step()
+        except Exception as e:
+            return self.reset(e)
+        now = time.perf_counter()
+        for uid, tokens in emitted.items():
+            a = self.active.get(uid)
+            for j, t in enumerate(tokens):
+                if a is None or uid not in self.active:
+                    break
+                reason = "stop" if t.token in self.eos else "length" if a.generated + 1 >= a.max_tokens else None
+                try:
+                    events.extend(self._advance(a, SpecToken(uid, t.token, t.logprobs, reason, j + 1), now))
+                except Exception as e:
+                    log.exception("request %s failed while handling its token", a.id)
+                    if uid in self.active:
+                        self._forget(uid)
+                    if uid in self.spec:
+                        with contextlib.suppress(Exception):
+                            self.spec.remove(uid)
+                    events.append(self._internal_error(a.id, e))
+        return events
+
     def _advance(self, a: Active, r, now: float) -> list[dict]:
         """One generated token of one request: its events, and its end if it ended."""
         a.generated += 1
@@ -421,11 +520,11 @@ class Engine:
         eos = reason == "stop" and r.token in self.eos
         events = [self._logprob(a, r).wire()] if a.top_logprobs is not None and not eos else []
         out = [] if eos else a.out.add(r.token)
-        cache = (r.prompt_cache, r.all_tokens) if reason else None
+        cache = None
         if reason is None and a.out.stopped:
             reason = "stop"
-            cache = self._remove(r.uid, caches=True)
         if reason is not None:
+            cache = self._release(r)
             tail, reason = a.out.finish(reason)
             out += tail
         events.extend(e.wire() for e in out)
@@ -434,6 +533,21 @@ class Engine:
             self._store(r.uid, cache)
             events.append(self._done(a, reason))
         return events
+
+    def _release(self, r) -> Optional[tuple]:
+        """A finished sequence's cache and tokens, up to and including its last token."""
+        if isinstance(r, SpecToken):
+            return self.spec.remove(r.uid, keep=r.keep)
+        if r.finish_reason:
+            return r.prompt_cache, r.all_tokens
+        return self._remove(r.uid, caches=True)
+
+    def _admit(self, p: Parked) -> list[dict]:
+        try:
+            return [ev] if (ev := self._start(p)) is not None else []
+        except Exception as e:
+            log.exception("request %s failed to start", p.active.id)
+            return [self._internal_error(p.active.id, e)]
 
     def _unpark(self) -> list[dict]:
         events = []
@@ -474,6 +588,7 @@ class Engine:
             events.append(self._internal_error(a.id, e))
         self.gen.close()
         self.gen = self._new_generator()
+        self.spec = self._new_spec()
         return events
 
     def _internal_error(self, rid: str, e: Exception) -> dict:
