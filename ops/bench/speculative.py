@@ -8,7 +8,7 @@ entry per value, `smol-spec-d4`, `smol-spec-d8`, to sweep it in the same run).
     repetition names another line. Decode tok/s per request and how many lines of the expected
     code the answer repeats: a model that does not copy gives prompt lookup nothing to find,
     and the ratio then says nothing about edits.
-(b) prose: a short story, nothing in the prompt to copy.
+(b) prose: a short story, nothing in the prompt to copy (256 tokens: longer, the model loops).
 (c) 8 concurrent streams of (a), each with its own edit: aggregate decode tok/s.
 (d) mlx_lm.server on (a) in its best single-stream configuration here (`--peer`; plain by
     default: with no smaller model than SmolLM2-135M, a self-draft spends a full forward pass
@@ -37,7 +37,8 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[2]))   # this checkout's daemon package
 import common  # noqa: E402
-from common import Server, load_now, median, mlx_lm_server, mlxd, model_dir, publish, wait_quiet  # noqa: E402
+from common import (Server, cpu_seconds, load_now, median, mlx_lm_server, mlxd, model_dir, publish,  # noqa: E402
+                    wait_quiet)
 from prefix import fmt, log_digest, ratio, settle, warm_up  # noqa: E402
 from speculative_edit import EDITS, copied, edit_messages  # noqa: E402
 
@@ -51,9 +52,12 @@ OFF = "smol"
 PEER = "mlx_lm.server"
 ENGINE = {"max_batch_size": CONC, "prefill_batch_size": 4, "prefill_step_size": 512}
 PREFIX_CACHE = {"enabled": True, "memory_budget": "256MiB", "disk_budget": "2GiB", "kv_bits": None}
-STORIES = ("a lighthouse keeper who finds a message in a bottle", "a baker who opens a shop on the moon",
-           "two rival chess players stuck in a snowed-in train", "a robot learning to paint",
-           "a girl who can hear the thoughts of trees", "an old fisherman and a talking seagull")
+# (b) stops at PROSE_TOKENS: past ~300 tokens SmolLM2's greedy stories fall into loops (74% of the
+# 8-word runs of 700-token answers repeated earlier ones), which prompt lookup drafts from as if
+# there were something to copy. Of ten topics, these three stay loop-free (<= 5%) for 256 tokens.
+PROSE_TOKENS = 256
+STORIES = ("a lighthouse keeper who finds a message in a bottle", "two rival chess players stuck in a snowed-in train",
+           "a boy who trains a dragon to deliver mail")
 
 
 def prose_messages(i: int) -> list[dict]:
@@ -108,27 +112,53 @@ class Variant:
     def __init__(self, name: str, server: Server, model: str, extra: dict | None = None):
         self.name, self.server, self.model, self.extra = name, server, model, extra
         self.is_mlxd = server.name == "mlxd"
+        self.pid = None       # the process that computes: the model's worker, or the peer server
+
+    def find_pid(self) -> None:
+        self.pid = self.server.proc.pid
+        if self.is_mlxd:
+            models = httpx.get(f"{self.server.url}/v1/status", timeout=30).json()["models"]
+            self.pid = next(m["pid"] for m in models if m["name"] == self.model)
 
     def run(self, messages: list[dict], max_tokens: int) -> dict:
         return stream(self.server, self.model, messages, max_tokens, self.extra)
 
-    def counters(self) -> tuple[float, float] | None:
-        return spec_counters(self.server).get(self.model) if self.is_mlxd else None
+    def snap(self) -> dict:
+        return {"spec": spec_counters(self.server).get(self.model) if self.is_mlxd else None,
+                "cpu": cpu_seconds(self.pid)}
 
 
-def acceptance(before, after) -> dict:
-    if before is None or after is None:
-        return {"drafted": None, "accepted": None}
-    return {"drafted": after[0] - before[0], "accepted": after[1] - before[1]}
+def repeated(text: str, n: int = 8) -> float:
+    """Share of the answer's word n-grams it already wrote earlier: where a small model loops,
+    prompt lookup drafts from its own output, even on a task with nothing to copy."""
+    words = text.split()
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    seen: set = set()
+    again = 0
+    for g in grams:
+        again += g in seen
+        seen.add(g)
+    return again / len(grams) if grams else 0.0
+
+
+def work(before: dict, after: dict, tokens: int | None) -> dict:
+    """Drafted and accepted tokens, and the computing process's CPU ms per generated token (the work
+    a token costs: less sensitive than wall time to other processes' load on a shared box)."""
+    out = {"cpu_ms_per_token": 1000 * (after["cpu"] - before["cpu"]) / tokens if tokens else None,
+           "drafted": None, "accepted": None}
+    if before["spec"] is not None and after["spec"] is not None:
+        out.update(drafted=after["spec"][0] - before["spec"][0], accepted=after["spec"][1] - before["spec"][1])
+    return out
 
 
 def one(v: Variant, messages: list[dict], max_tokens: int, edit: int | None) -> dict:
-    before = v.counters()
+    before = v.snap()
     r = v.run(messages, max_tokens)
-    r.update(acceptance(before, v.counters()))
+    r.update(work(before, v.snap(), r["completion_tokens"]))
     if edit is not None:
         r["copy"] = copied(edit, r["text"])
     r["text_sha1"] = hashlib.sha1(r["text"].encode()).hexdigest()     # compared whole, kept in part
+    r["repeated"] = repeated(r["text"])
     r["text"] = r["text"][:4000]
     for k in ("start", "first", "end"):
         r.pop(k)
@@ -138,7 +168,7 @@ def one(v: Variant, messages: list[dict], max_tokens: int, edit: int | None) -> 
 def concurrent(v: Variant, n: int, rep: int, max_tokens: int) -> dict:
     """n streams of (a) at once, edits rep*n .. rep*n+n-1: aggregate decode tok/s = all completion
     tokens / (last end - first content chunk of any stream), plus the same over the whole wall time."""
-    before = v.counters()
+    before = v.snap()
     barrier = threading.Barrier(n)
 
     def go(i):
@@ -154,7 +184,7 @@ def concurrent(v: Variant, n: int, rep: int, max_tokens: int) -> dict:
     return {"tokens": tokens, "agg_decode_tps": tokens / (end - first), "agg_wall_tps": tokens / (end - start),
             "wall": end - start, "ttft_max": max(r["ttft"] or 0 for r in rs),
             "per_stream_decode_tps": median(r["decode_tps"] for r in rs),
-            "copy": [copied(i, r["text"]) for r, i in runs], **acceptance(before, v.counters())}
+            "copy": [copied(i, r["text"]) for r, i in runs], **work(before, v.snap(), tokens)}
 
 
 # -- report ---------------------------------------------------------------------------------
@@ -168,6 +198,12 @@ def acc_text(runs: list[dict]) -> str:
     if not any(r.get("drafted") is not None for r in runs):   # not run, or no spec counters in /metrics
         return "n/a"
     return f"{a / d:.0%} ({a:.0f} of {d:.0f})" if d else "0 drafted"
+
+
+def self_text(runs: list[dict]) -> str:
+    """The median share of word 8-grams each answer had already written."""
+    xs = [r["repeated"] if "repeated" in r else repeated(r["text"]) for r in runs]
+    return f"{median(xs):.0%} of 8-word runs" if xs else ""
 
 
 def cut_short(c: dict) -> bool:
@@ -184,6 +220,11 @@ def copy_text(runs: list[dict]) -> str:
             f"edit made {sum(c['edit_made'] for c in cs)}/{len(cs)}" + (f", {cut} cut short" if cut else ""))
 
 
+def cpu_ratio(xs: dict, m: str) -> str:
+    on, off = med(xs.get(m, []), "cpu_ms_per_token"), med(xs.get(OFF, []), "cpu_ms_per_token")
+    return f"{fmt(ratio(off, on))}x" if on and off else "n/a"
+
+
 def same_text(a: dict, b: dict, m: str) -> str:
     key = lambda r: r.get("text_sha1") or r["text"]  # noqa: E731
     pairs = [(key(x), key(y)) for xs in (a, b) for x, y in zip(xs.get(m, []), xs.get(OFF, []))]
@@ -197,7 +238,8 @@ def report(res: dict, cmd: str) -> str:
          f"Model: SmolLM2-135M-Instruct f32 on mlxd (`{OFF}`: speculation off; "
          + ", ".join(f"`{m}`: `{res['spec_cfg'][m] or 'speculation left out (--no-spec)'}`" for m in spec)
          + f") and on {res['peer_label']}; "
-         f"OpenBLAS preloaded everywhere, greedy, max_tokens {res['max_tokens']}. Medians of {res['reps']} "
+         f"OpenBLAS preloaded everywhere, greedy, max_tokens {res['max_tokens']} "
+         f"({res.get('prose_tokens', res['max_tokens'])} for (b)). Medians of {res['reps']} "
          f"round-robin repetitions ({res['conc_reps']} for (c)). Took {res['seconds'] / 60:.1f} min.", "",
          f"Shared machine: load average {res['load_start']} at start, {res['load_end']} at end; before "
          f"{len(gates)} rounds other processes kept the CPUs {min(gates):.0%}-{max(gates):.0%} busy (median "
@@ -220,22 +262,26 @@ def report(res: dict, cmd: str) -> str:
     for p in res["peer_names"]:
         row(f"(d) (a): decode tok/s, on / {p}", "", lambda m: f"{fmt(ratio(med(a.get(m, [])), med(a[p])))}x "
             f"({fmt(med(a.get(m, [])), 1)} vs {fmt(med(a[p]), 1)} tok/s)" if a.get(p) else "not run")
+    row("(a) / (b) / (c): CPU per token, off / on (the work saved; less noisy)", "",
+        lambda m: " / ".join(cpu_ratio(xs, m) for xs in (a, b, c)))
     row("acceptance (a) / (b) / (c)", "", lambda m: " / ".join(acc_text(xs.get(m, [])) for xs in (a, b, c)))
     row("(a), (b): answers identical to speculation off (greedy)", "all", lambda m: same_text(a, b, m))
     L += ["", "## Per variant", "",
-          "| task | variant | decode tok/s (median) | runs | TTFT (s, median) | tokens | repeats the code |",
-          "|---|---|---|---|---|---|---|"]
+          "| task | variant | decode tok/s (median) | runs | TTFT (s, median) | CPU ms/token | tokens | "
+          "repeats the code | repeats itself |", "|---|---|---|---|---|---|---|---|---|"]
     for task, xs in (("(a) edit", a), ("(b) prose", b)):
         for name, runs in xs.items():
             L.append(f"| {task} | {name} | {fmt(med(runs), 1)} | {', '.join(fmt(r['decode_tps'], 1) for r in runs)} | "
-                     f"{fmt(med(runs, 'ttft'))} | {', '.join(str(r['completion_tokens']) for r in runs)} | "
-                     f"{copy_text(runs) if task.startswith('(a)') else ''} |")
+                     f"{fmt(med(runs, 'ttft'))} | {fmt(med(runs, 'cpu_ms_per_token'), 1)} | "
+                     f"{', '.join(str(r['completion_tokens']) for r in runs)} | "
+                     f"{copy_text(runs) if task.startswith('(a)') else ''} | {self_text(runs)} |")
     for name, runs in c.items():
         L.append(f"| (c) {res['conc']} streams | {name} | {fmt(med(runs, 'agg_decode_tps'), 1)} aggregate "
                  f"({fmt(med(runs, 'agg_wall_tps'), 1)} over the wall time, "
                  f"{fmt(med(runs, 'per_stream_decode_tps'), 1)} per stream) | "
                  f"{', '.join(fmt(r['agg_decode_tps'], 1) for r in runs)} | {fmt(med(runs, 'ttft_max'))} (max) | "
-                 f"{', '.join(str(r['tokens']) for r in runs)} | {copy_text(runs)} |")
+                 f"{fmt(med(runs, 'cpu_ms_per_token'), 1)} | "
+                 f"{', '.join(str(r['tokens']) for r in runs)} | {copy_text(runs)} | |")
     cs = [r["copy"] for runs in a.values() for r in runs if r.get("copy")]
     # out of the lines it could have repeated: an answer cut at max_tokens ends in a partial line
     share = [x["lines_matching"] / max(1, min(x["lines_expected"], x["lines_out"] - cut_short(x)))
@@ -291,6 +337,7 @@ def main() -> int:
     if args.quick:
         max_tokens, reps, conc, conc_reps, common.QUIET_WAIT = 64, 1, 2, 1, 3.0
     max_tokens, reps, conc_reps = args.tokens or max_tokens, args.reps or reps, args.conc_reps or conc_reps
+    prose_tokens = min(PROSE_TOKENS, max_tokens)
     if args.quiet_wait is not None:
         common.QUIET_WAIT = args.quiet_wait
     peers = [p for p in args.peer.split(",") if p and p != "none"]
@@ -305,8 +352,9 @@ def main() -> int:
         models.append({"name": name, "dtype": "float32", "prefix_cache": PREFIX_CACHE,
                        "engine": {**ENGINE, **({"speculative": cfg} if cfg else {})}})
     res = {"model_dir": str(mdir), "load_start": load_now(), "quiet_wait": common.QUIET_WAIT, "gates": [],
-           "max_tokens": max_tokens, "reps": reps, "conc": conc, "conc_reps": conc_reps, "spec_cfg": spec_cfg,
-           "spec_models": list(spec_cfg), "peers": peers, "startup": {}, "errors": {}, "a": {}, "b": {}, "c": {}}
+           "max_tokens": max_tokens, "prose_tokens": prose_tokens, "reps": reps, "conc": conc, "conc_reps": conc_reps,
+           "spec_cfg": spec_cfg, "spec_models": list(spec_cfg), "peers": peers,
+           "startup": {}, "errors": {}, "a": {}, "b": {}, "c": {}}
     res["peer_label"] = f"{PEER} ({', '.join(peers)})" if peers else f"no {PEER}"
 
     with tempfile.TemporaryDirectory(prefix="mlxd-spec-bench-") as tmp:
@@ -331,6 +379,7 @@ def main() -> int:
             for name, s in servers.items():
                 res["startup"][name] = s.start(timeout=300)
             for v in variants + peer_variants:
+                v.find_pid()
                 stream(v.server, v.model, [{"role": "user", "content": "Hi"}], 4, v.extra)    # warm-up
 
             def rounds(key, n, vs, fn):
@@ -359,7 +408,7 @@ def main() -> int:
             if "a" in tasks:
                 rounds("a", reps, variants + peer_variants, lambda v, rep: one(v, edit_messages(rep), max_tokens, rep))
             if "b" in tasks:
-                rounds("b", reps, variants, lambda v, rep: one(v, prose_messages(rep), max_tokens, None))
+                rounds("b", reps, variants, lambda v, rep: one(v, prose_messages(rep), prose_tokens, None))
             if "c" in tasks:
                 rounds("c", conc_reps, variants, lambda v, rep: concurrent(v, conc, rep, max_tokens))
         finally:
