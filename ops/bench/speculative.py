@@ -310,8 +310,8 @@ def main() -> int:
                     help="smoke-test the harness (64 tokens, 1 repetition, 2 streams; numbers meaningless)")
     ap.add_argument("--max-draft", default="8",
                     help="comma-separated: one smol-spec entry per value (default 8, the engine's)")
-    ap.add_argument("--ngram", default="2,4",
-                    help="min,max length of the n-grams prompt lookup matches (default 2,4, the engine's)")
+    ap.add_argument("--ngram", default="2,16",
+                    help="min,max length of the n-grams prompt lookup matches (default 2,16, the engine's)")
     ap.add_argument("--no-spec", action="store_true",
                     help="leave `engine.speculative` out of the smol-spec entries (proves the harness on a daemon "
                          "without the feature: every ratio should be ~1)")
