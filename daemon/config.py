@@ -89,6 +89,9 @@ class Speculative(_Strict):
 
     mode: Literal["prompt_lookup"] = Field(description="prompt_lookup: no draft model, drafts from the context.")
     max_draft: int = Field(8, ge=1, le=32, description="Draft tokens verified per step at most.")
+    max_sequences: int = Field(1, ge=1, description=(
+        "Draft while at most this many sequences decode together; beyond, they decode a token a step. "
+        "On a CPU a batch's wider verify pass (and realigning its rows' caches) costs more than it saves."))
     ngram: tuple[int, int] = Field((2, 16), description="[min, max] length of the context's tail looked up "
                                                         "earlier in it (longest first, most recent match).")
 

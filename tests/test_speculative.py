@@ -16,7 +16,9 @@ from openai import OpenAI
 
 from conftest import Daemon, smol
 
-SPEC = {"mode": "prompt_lookup", "max_draft": 8, "ngram": [2, 16]}
+# Rows draft together while at most 4 decode, so a batch of 8 goes through drafting in a batch,
+# the switch to one token a step (rows realigned) and back.
+SPEC = {"mode": "prompt_lookup", "max_draft": 8, "ngram": [2, 16], "max_sequences": 4}
 
 
 def code(name: str, arg: str) -> str:

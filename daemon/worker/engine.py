@@ -162,7 +162,8 @@ class Engine:
     def _new_spec(self) -> Optional[SpecBatch]:
         if self.speculative is None:
             return None
-        spec = SpecBatch(self.model, max_draft=self.speculative["max_draft"], ngram=self.speculative["ngram"])
+        spec = SpecBatch(self.model, max_draft=self.speculative["max_draft"], ngram=self.speculative["ngram"],
+                         max_sequences=self.speculative["max_sequences"])
         if getattr(self, "spec", None) is not None:    # counters survive a reset
             spec.draft_tokens, spec.accepted_tokens = self.spec.draft_tokens, self.spec.accepted_tokens
         return spec

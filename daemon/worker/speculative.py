@@ -72,10 +72,13 @@ class Row:
 class SpecBatch:
     """The rows decoding speculatively, and their batched KV cache."""
 
-    def __init__(self, model, *, max_draft: int, ngram: tuple[int, int]):
+    def __init__(self, model, *, max_draft: int, ngram: tuple[int, int], max_sequences: int = 1):
         self.model = model
         self.max_draft, self.ngram = max_draft, tuple(ngram)
         self.pending_cap = max_draft
+        # Beyond this many rows nobody drafts: a batch already fills the CPU, so a wider verify
+        # pass costs more than its accepted tokens save (measured in the README).
+        self.max_sequences = max_sequences
         self.rows: list[Row] = []
         self.cache: Optional[list] = None
         self.draft_tokens = 0
@@ -126,7 +129,8 @@ class SpecBatch:
     def step(self) -> dict[int, list[Emitted]]:
         """One verify pass for every row: the tokens each row emits, in order."""
         rows = self.rows
-        drafts = [self._draft(r) for r in rows]
+        drafting = len(rows) <= self.max_sequences
+        drafts = [self._draft(r) if drafting else [] for r in rows]
         inputs = [r.pending + d for r, d in zip(rows, drafts)]
         width = max(map(len, inputs))
         x = mx.array([i + [0] * (width - len(i)) for i in inputs])
@@ -157,7 +161,7 @@ class SpecBatch:
             if d:   # adapt: grow after a full accept, shrink to what was accepted after a miss
                 r.limit = min(self.max_draft, r.limit * 2) if a == len(d) else max(1, a + 1)
             valid.append(p + a)
-        self._commit(inputs, valid, width)
+        self._commit(inputs, valid, width, self.pending_cap if drafting else 0)
         return {r.uid: r.emitted for r in rows}
 
     def _draft(self, r: Row) -> list[int]:
@@ -188,11 +192,11 @@ class SpecBatch:
                 return draft[:j] + [int(residual[j])]
         return draft + [int(bonus[0])]
 
-    def _commit(self, inputs: list[list[int]], valid: list[int], width: int) -> None:
+    def _commit(self, inputs: list[list[int]], valid: list[int], width: int, cap: int) -> None:
         """Keep each row's accepted inputs in the cache: one trim for all rows, the rest pending;
-        a roll when some row would have too much pending."""
+        a roll when some row would have more than `cap` pending (0: no drafts, so align now)."""
         low = min(valid)
-        if max(valid) - low <= self.pending_cap:
+        if max(valid) - low <= cap:
             for c in self.cache:
                 c.trim(width - low)
             for r, inp, v in zip(self.rows, inputs, valid):
