@@ -32,7 +32,7 @@ class Daemon:
     """A `mlxd serve` subprocess on a config file the test may rewrite."""
 
     def __init__(self, tmp: Path, models: list[dict], server: dict | None = None, api_key: str | None = None):
-        self.tmp = tmp
+        self.tmp, self.api_key = tmp, api_key
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.cache_dir = tmp / "cache"
         self.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -86,6 +86,18 @@ class Daemon:
     def model_status(self, name: str) -> dict:
         return next(m for m in self.status()["models"] if m["name"] == name)
 
+    def __enter__(self) -> "Daemon":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def openai(self, timeout: float = 300):
+        """The official client on this daemon, without retries (a retry would hide a failure)."""
+        from openai import OpenAI
+
+        return OpenAI(base_url=f"{self.url}/v1", api_key=self.api_key or "unused", max_retries=0, timeout=timeout)
+
     def wait_restarted(self, name: str, old_pid: int, timeout: float = 120) -> dict:
         """Until the model is ready again in a new worker process."""
         deadline = time.monotonic() + timeout
@@ -122,19 +134,15 @@ def smol(name: str, **over) -> dict:
 @pytest.fixture(scope="session")
 def two_model_daemon(tmp_path_factory):
     """Two models from the same weights with different settings, as a user might run them."""
-    d = Daemon(tmp_path_factory.mktemp("daemon"), [
+    with Daemon(tmp_path_factory.mktemp("daemon"), [
         smol("smol-a", aliases=["default", "smol"], engine={"max_batch_size": 8},
              sampling={"temperature": 0.0, "max_tokens": 64}),
         smol("smol-b", engine={"max_batch_size": 4, "prefill_step_size": 256},
              sampling={"temperature": 0.0, "max_tokens": 48}),
-    ])
-    d.start()
-    yield d
-    d.stop()
+    ]) as d:
+        yield d
 
 
 @pytest.fixture(scope="session")
 def client(two_model_daemon):
-    from openai import OpenAI
-
-    return OpenAI(base_url=f"{two_model_daemon.url}/v1", api_key="unused", max_retries=0, timeout=300)
+    return two_model_daemon.openai()

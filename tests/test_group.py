@@ -38,15 +38,13 @@ def models(**group) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def group(tmp_path_factory):
-    d = Daemon(tmp_path_factory.mktemp("group"), models())
-    d.start()
-    yield d
-    d.stop()
+    with Daemon(tmp_path_factory.mktemp("group"), models()) as d:
+        yield d
 
 
 @pytest.fixture(scope="module")
 def client(group):
-    return OpenAI(base_url=f"{group.url}/v1", api_key="unused", max_retries=0, timeout=300)
+    return group.openai()
 
 
 def complete(c: OpenAI, model: str, prompt, **kw):

@@ -45,18 +45,16 @@ PROMPTS = [repeat(n, a) for n, a in [("fetch_all", "retries"), ("load_pages", "t
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
     engine = {"max_batch_size": 8}
-    d = Daemon(tmp_path_factory.mktemp("spec"), [
+    with Daemon(tmp_path_factory.mktemp("spec"), [
         smol("spec", engine={**engine, "speculative": SPEC}, sampling={"temperature": 0.0, "max_tokens": 48}),
         smol("plain", engine=engine, sampling={"temperature": 0.0, "max_tokens": 48}),
-    ])
-    d.start()
-    yield d
-    d.stop()
+    ]) as d:
+        yield d
 
 
 @pytest.fixture(scope="module")
 def client(daemon):
-    return OpenAI(base_url=f"{daemon.url}/v1", api_key="unused", max_retries=0, timeout=600)
+    return daemon.openai(timeout=600)
 
 
 def chat(c: OpenAI, model: str, messages: list[dict], **kw):
