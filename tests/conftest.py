@@ -125,6 +125,16 @@ class Daemon:
             return self.proc.wait()
 
 
+def wait_until(pred, timeout: float, what):
+    """pred()'s first truthy value, polled; `what` (or what() for a late detail) names the wait."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (got := pred()):
+            return got
+        time.sleep(0.05)
+    raise AssertionError(f"not within {timeout}s: {what() if callable(what) else what}")
+
+
 def smol(name: str, **over) -> dict:
     m = {"name": name, "source": "embedded:smollm2"}
     m.update(over)

@@ -78,15 +78,13 @@ def agent_daemon(tmp, agent_engine: dict | None = None, **daemon_kw) -> Daemon:
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
-    d = agent_daemon(tmp_path_factory.mktemp("agents"))
-    d.start()
-    yield d
-    d.stop()
+    with agent_daemon(tmp_path_factory.mktemp("agents")) as d:
+        yield d
 
 
 @pytest.fixture(scope="module")
 def client(daemon):
-    return openai.OpenAI(base_url=f"{daemon.url}/v1", api_key="unused", max_retries=0, timeout=600)
+    return daemon.openai(timeout=600)
 
 
 def stream(client, **kw):

@@ -35,10 +35,8 @@ def models() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
-    d = Daemon(tmp_path_factory.mktemp("console"), models())
-    d.start()
-    yield d
-    d.stop()
+    with Daemon(tmp_path_factory.mktemp("console"), models()) as d:
+        yield d
 
 
 @pytest.fixture(scope="module")

@@ -76,9 +76,7 @@ def daemon(tmp_path_factory, gemma):
 
 @pytest.fixture(scope="module")
 def client(daemon):
-    from openai import OpenAI
-
-    return OpenAI(base_url=f"{daemon.url}/v1", api_key="unused", max_retries=0, timeout=600)
+    return daemon.openai(timeout=600)
 
 
 def complete(client, model, prompt, max_tokens=6):

@@ -13,20 +13,11 @@ import openai
 import pytest
 from openai import OpenAI
 
-from conftest import Daemon, smol
+from conftest import Daemon, smol, wait_until
 
 HI = [{"role": "user", "content": "Hi"}]
 STORY = [{"role": "user", "content": "Write a long story about the sea."}]
 KEY, ENV_KEY = "sk-literal-test-key", "sk-from-the-environment"
-
-
-def wait_until(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if (got := pred()):
-            return got
-        time.sleep(0.1)
-    raise AssertionError(f"not within {timeout}s: {what() if callable(what) else what}")
 
 
 @pytest.fixture(scope="module")

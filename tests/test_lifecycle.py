@@ -16,13 +16,13 @@ import pytest
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import Daemon, smol
+from conftest import Daemon, smol, wait_until
 
 HI = [{"role": "user", "content": "Hi"}]
 
 
 def client_for(d: Daemon) -> OpenAI:
-    return OpenAI(base_url=f"{d.url}/v1", api_key="x", max_retries=0, timeout=300)
+    return d.openai()
 
 
 def ask(c: OpenAI, model: str):
@@ -206,15 +206,6 @@ from daemon.metrics import STATES                           # noqa: E402
 from daemon.watch import watch_config                      # noqa: E402
 
 CONFIG = "models: [{name: m, source: embedded:smollm2, preload: false}]\n"
-
-
-def wait_until(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if (got := pred()):
-            return got
-        time.sleep(0.05)
-    raise AssertionError(f"not within {timeout}s: {what}")
 
 
 def internal_errors(sup, component: str) -> float:

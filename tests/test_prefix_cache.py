@@ -34,14 +34,12 @@ def models(**cached_over):
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
-    d = Daemon(tmp_path_factory.mktemp("prefix"), models())
-    d.start()
-    yield d
-    d.stop()
+    with Daemon(tmp_path_factory.mktemp("prefix"), models()) as d:
+        yield d
 
 
 def client_for(d: Daemon) -> OpenAI:
-    return OpenAI(base_url=f"{d.url}/v1", api_key="unused", max_retries=0, timeout=300)
+    return d.openai()
 
 
 def chat(c: OpenAI, model: str, messages: list[dict], max_tokens: int = 24):

@@ -13,23 +13,13 @@ import pytest
 import yaml
 from openai import OpenAI
 
-from conftest import Daemon, smol
+from conftest import Daemon, smol, wait_until
 
 A = smol("a", sampling={"temperature": 0.0, "max_tokens": 4})
 
 
 def models_ids(d: Daemon) -> set[str]:
     return {m["id"] for m in httpx.get(f"{d.url}/v1/models", timeout=10).json()["data"]}
-
-
-def wait_until(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(0.05)
-    raise AssertionError(f"not within {timeout}s: {what}")
 
 
 def save_atomically(path, text: str) -> None:

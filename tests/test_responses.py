@@ -25,15 +25,13 @@ def agent_input(path="main.py") -> list[dict]:
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
-    d = agent_daemon(tmp_path_factory.mktemp("responses"), server={"responses_store": 4})
-    d.start()
-    yield d
-    d.stop()
+    with agent_daemon(tmp_path_factory.mktemp("responses"), server={"responses_store": 4}) as d:
+        yield d
 
 
 @pytest.fixture(scope="module")
 def client(daemon):
-    return openai.OpenAI(base_url=f"{daemon.url}/v1", api_key="unused", max_retries=0, timeout=600)
+    return daemon.openai(timeout=600)
 
 
 def test_text_response(client):

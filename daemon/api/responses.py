@@ -23,7 +23,7 @@ from .. import events as ev_
 from . import requests as rq
 from .errors import APIError
 from .openai import sse_response
-from .schemas import STRICT, Count, tagged
+from .schemas import STRICT, Count, FunctionDef, tagged
 
 bp = Blueprint("responses", __name__)
 
@@ -87,13 +87,9 @@ Item = Annotated[Union[InputMessage, FunctionCallItem, FunctionOutputItem, Reaso
      "reasoning": ReasoningItem}, "input items", default="message")]
 
 
-class FunctionTool(BaseModel):
-    model_config = STRICT
+class FunctionTool(FunctionDef):
+    """Chat's function definition, flattened into the tool as the Responses API has it."""
     type: Literal["function"]
-    name: str = Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
-    description: Optional[str] = None
-    parameters: Optional[dict[str, Any]] = None
-    strict: Optional[bool] = None
 
 
 class NamedFunction(BaseModel):

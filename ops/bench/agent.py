@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from agent_session import TOOLS, USER_2, fallback_render, session  # noqa: E402
 from common import (InProc, load_now, median, mlx_lm_server, mlxd, model_dir, publish, serve_inproc,  # noqa: E402
-                    stream_chat, vllm_mlx_server, wait_quiet)
+                    save_ttft_plot, stream_chat, ttft_axes, vllm_mlx_server, wait_quiet)
 from prefix import MLXD_CFG, cache_stats, fmt, log_digest, ratio, settle, warm_up  # noqa: E402
 
 SERVERS = ("mlxd", "mlx_lm.server", "vllm-mlx")
@@ -405,17 +405,11 @@ def json_lines(d: dict | None) -> list[str]:
 
 
 def plot(res: dict, path: Path) -> None:
-    try:
-        import matplotlib
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)", flush=True)
+    fig, ax = ttft_axes("Scripted coding-agent session, SmolLM2-135M f32, CPU + OpenBLAS")
+    if fig is None:
         return
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     nan = float("nan")
     x = list(range(1, len(res["requests"]) + 1))
-    fig, ax = plt.subplots(figsize=(8, 5))
     for name, style in zip(res["servers"], ("o-", "s-", "^-")):
         line, = ax.plot(x, [s.get("ttft") or nan for s in res["a"][name]], style, label=name)
         if (new := res["b"]["servers"].get(name)) and new.get("ttft"):
@@ -424,15 +418,7 @@ def plot(res: dict, path: Path) -> None:
         if f := res["floor"].get(name):
             ax.plot(x[:len(f)], [p["ttft"] if p else nan for p in f], "--", color=line.get_color(), alpha=0.6,
                     label=f"floor on {name}'s prompts")
-    ax.set_yscale("log")
-    ax.set_xticks(x)
-    ax.set_xlabel("request (each adds a tool call and its result)")
-    ax.set_ylabel("time to first token (s, log)")
-    ax.set_title("Scripted coding-agent session, SmolLM2-135M f32, CPU + OpenBLAS")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_ttft_plot(fig, ax, x, "request (each adds a tool call and its result)", path)
 
 
 # -- the run --------------------------------------------------------------------------------

@@ -240,6 +240,32 @@ def stream_chat(server: Server, messages: list[dict], max_tokens: int, timeout: 
     }
 
 
+def ttft_axes(title: str):
+    """A figure for TTFT per step (log scale), or (None, None) without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)", flush=True)
+        return None, None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ax.set_title(title)
+    return fig, ax
+
+
+def save_ttft_plot(fig, ax, x: list, xlabel: str, path: Path) -> None:
+    ax.set_yscale("log")
+    ax.set_xticks(x)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("time to first token (s, log)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def median(xs):
     xs = sorted(x for x in xs if x is not None)
     if not xs:

@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[2]))   # this checkout's daemon package, not an installed one
 import common  # noqa: E402
 from common import (InProc, load_now, median, mlx_lm_server, mlxd, model_dir, prepare_cache_dir,  # noqa: E402
-                    publish, run_self, serve_inproc, stream_chat, vllm_mlx_server, wait_quiet)
+                    publish, run_self, save_ttft_plot, serve_inproc, stream_chat, ttft_axes, vllm_mlx_server,
+                    wait_quiet)
 
 TURNS = 10
 CHUNK_TOKENS = 450
@@ -366,13 +367,11 @@ def swap_report(res: dict) -> list[str]:
 
 
 def plot(res: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    fig, ax = ttft_axes("Multi-turn coding chat, SmolLM2-135M f32, CPU + OpenBLAS")
+    if fig is None:
+        return
     turns = list(range(1, TURNS + 1))
     nan = float("nan")
-    fig, ax = plt.subplots(figsize=(8, 5))
     for name, style in zip(SERVERS, ("o-", "s-", "^-")):
         line, = ax.plot(turns, [t["ttft"] or nan for t in res["a"][name]], style, label=name)
         ax.plot([TURNS], [res["b"][name]["ttft"] or nan], style[0], mfc="none", ms=12, color=line.get_color(),
@@ -384,15 +383,7 @@ def plot(res: dict, path: Path) -> None:
                                     for t, f in zip(swapped[1:], res["floor"][1:])], "--", color="tab:purple",
             alpha=0.5, label="(c) target: its worker start + 1.2 x floor")
     ax.plot(turns, [t["ttft"] for t in res["floor"]], "k--", label="floor (raw mlx-lm, new tokens only)")
-    ax.set_yscale("log")
-    ax.set_xticks(turns)
-    ax.set_xlabel("turn (context grows ~500 tokens per turn)")
-    ax.set_ylabel("time to first token (s, log)")
-    ax.set_title("Multi-turn coding chat, SmolLM2-135M f32, CPU + OpenBLAS")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_ttft_plot(fig, ax, turns, "turn (context grows ~500 tokens per turn)", path)
 
 
 # -- (e) Gemma 3: rotating sliding-window caches --------------------------------------------
