@@ -74,6 +74,7 @@ class WorkerProcess:
         self.last_frame = time.monotonic()     # any frame is a sign of life (stats come every 2 s)
         self.ranks: list[tuple[int, str, asyncio.subprocess.Process]] = []   # a group's ranks 1..n-1
         self._files: list[Path] = []          # the group's hostfile (or jaccl's device list)
+        self._watchers: list[asyncio.Task] = []
         self._stopping = False
         self.stop_timeout = 0.0
 
@@ -151,7 +152,9 @@ class WorkerProcess:
                     *ranks.remote_command(host, r, plan, sys.executable, str(ROOT), args),
                     stdin=asyncio.subprocess.DEVNULL, start_new_session=True)
             self.ranks.append((r, host, proc))
-            asyncio.create_task(self._watch_rank(r, host, proc), name=f"rank-{r}-{self.cfg.name}")
+            # held here: the loop keeps only a weak reference to a task
+            watch = asyncio.create_task(self._watch_rank(r, host, proc), name=f"rank-{r}-{self.cfg.name}")
+            self._watchers.append(watch)
         log.info("model %s: started ranks 1..%d of its group (%s)", self.cfg.name, len(dist.hosts) - 1,
                  ", ".join(f"{r}: {h} pid {p.pid}" for r, h, p in self.ranks))
         return {**env, **plan.env(0, paths)}, ["--doorbell", plan.doorbell]
@@ -162,9 +165,12 @@ class WorkerProcess:
         code = await proc.wait()
         if self.exited.done() or self._stopping or self.proc is None or self.proc.returncode is not None:
             return
-        why = f"the worker for model {self.cfg.name!r} lost rank {r} of its group ({host}), which {_describe_exit(code)}"
+        why = self._lost(r, host, code)
         log.error("%s; restarting the group", why)
         await self.kill(why)
+
+    def _lost(self, r: int, host: str, code: int) -> str:
+        return f"the worker for model {self.cfg.name!r} lost rank {r} of its group ({host}), which {_describe_exit(code)}"
 
     async def _blame_rank(self, wait: float = 1.0) -> None:
         """Rank 0 saw the group break before we saw why: a rank killed by a signal is the cause
@@ -173,8 +179,7 @@ class WorkerProcess:
                            return_when=asyncio.FIRST_COMPLETED)
         for r, host, proc in self.ranks:
             if proc.returncode is not None and proc.returncode < 0:
-                self.exit_reason = (f"the worker for model {self.cfg.name!r} lost rank {r} of its group ({host}), "
-                                    f"which {_describe_exit(proc.returncode)}")
+                self.exit_reason = self._lost(r, host, proc.returncode)
                 return
 
     async def _kill_ranks(self, grace: float = 0.0) -> None:
