@@ -309,6 +309,14 @@ class WorkerProcess:
             log.warning("worker %s (pid %s) did not stop in %.0fs; killing it", self.cfg.name, self.pid, timeout)
             await self.kill()
 
+    def kill_now(self) -> None:
+        """SIGKILL from synchronous code (a second stop signal); the reader task notices the exit."""
+        if self.proc is not None and self.proc.returncode is None:
+            try:
+                self.proc.kill()
+            except ProcessLookupError:
+                pass
+
     async def kill(self, reason: str = "") -> None:
         if reason:
             self.exit_reason = reason

@@ -19,7 +19,8 @@ from typing import AsyncIterator, Callable, Optional
 
 from ..config import ModelConfig, Server
 from ..metrics import Metrics, worker_counter_values
-from ..process import WorkerGone, WorkerProcess
+from ..process import WorkerGone
+from .port import Spawn, Worker, spawn_process
 
 log = logging.getLogger("mlxd.lifecycle")
 
@@ -52,8 +53,10 @@ class InvalidTransition(RuntimeError):
 
 
 class ModelHandle:
-    def __init__(self, cfg: ModelConfig, server: Callable[[], Server], metrics: Metrics):
+    def __init__(self, cfg: ModelConfig, server: Callable[[], Server], metrics: Metrics,
+                 spawn: Spawn = spawn_process):
         self.cfg = cfg
+        self._spawn = spawn                 # the worker seam (port.py): a process, or a test's double
         self._server = server               # the live settings: a reload applies to existing handles too
         self.metrics = metrics
         metrics.model_added(cfg.name)
@@ -63,7 +66,7 @@ class ModelHandle:
         self._changed = asyncio.Event()     # set (and replaced) at every transition
         self._stop_wanted = asyncio.Event()
         self._task: Optional[asyncio.Task] = None
-        self.worker: Optional[WorkerProcess] = None
+        self.worker: Optional[Worker] = None
         self.retired = False                # removed or replaced: never loads again
         self.parked = False                 # stopped by the daemon (idle, budget); loads at the next request
         self.restarts = 0
@@ -177,7 +180,7 @@ class ModelHandle:
             if self.state == "restarting":
                 self._transition("loading")
             self.starts += 1
-            worker = WorkerProcess(self.cfg, self.server.resolved_cache_dir, self.server)
+            worker = self._spawn(self.cfg, self.server.resolved_cache_dir, self.server)
             self.worker = worker
             spawned = time.monotonic()
             starting = asyncio.ensure_future(worker.start(self.server.worker_start_timeout))
@@ -267,7 +270,7 @@ class ModelHandle:
                 await asyncio.sleep(0.05)
         await self.stop()
 
-    async def _poll_stats(self, worker: WorkerProcess) -> None:
+    async def _poll_stats(self, worker: Worker) -> None:
         """Keep a fresh stats snapshot for /metrics and /v1/status, and kill a worker that hangs.
 
         Nothing unexpected may end this loop: hang detection lives in it.
@@ -313,7 +316,7 @@ class ModelHandle:
 
     # -- requests ---------------------------------------------------------------------
 
-    async def wait_ready(self, timeout: float) -> WorkerProcess:
+    async def wait_ready(self, timeout: float) -> Worker:
         """The ready worker, loading it on demand; fails at once when it cannot come."""
         deadline = time.monotonic() + timeout
         while self.state != "ready":

@@ -16,6 +16,8 @@ from ..config import Config, ConfigError, ModelConfig, Server, load_config
 from ..metrics import Metrics
 from .budget import MemoryBudget
 from .handle import ModelHandle
+from .plan import KIND, Add, CancelPending, Remove, Replace, ReplaceNow, Retarget, Update, plan
+from .port import Spawn, spawn_process
 
 log = logging.getLogger("mlxd.supervisor")
 
@@ -35,8 +37,10 @@ class Supervisor:
     the old one drains. Aliases, sampling defaults and server settings apply live.
     """
 
-    def __init__(self, config: Config, json_logs: bool = False, config_path: Optional[str] = None):
+    def __init__(self, config: Config, json_logs: bool = False, config_path: Optional[str] = None,
+                 spawn: Spawn = spawn_process):
         self.config = config
+        self.spawn_worker = spawn                     # the worker seam (port.py)
         self.metrics = Metrics(self, json_logs=json_logs)
         self.budget = MemoryBudget(self)
         self.handles: dict[str, ModelHandle] = {}
@@ -72,7 +76,7 @@ class Supervisor:
             self.metrics.internal_error("supervisor")
 
     def _new_handle(self, m: ModelConfig, load: bool = False) -> ModelHandle:
-        h = ModelHandle(m, lambda: self.config.server, self.metrics)
+        h = ModelHandle(m, lambda: self.config.server, self.metrics, self.spawn_worker)
         h.on_demand = self.ensure_loaded
         h.on_ready = lambda h: self.spawn(self._fit(h))
         if m.preload or load:
@@ -104,36 +108,10 @@ class Supervisor:
             self.config = new
             if self.generation:
                 self._log_server_changes(old_server, new.server)
-            wanted = {m.name: m for m in new.models}
-            for name in [n for n in self.handles if n not in wanted]:
-                h = self.handles.pop(name)
-                self._cancel_pending(name)
-                self.spawn(self._retire(h, new.server.drain_timeout))
-                changes["removed"].append(name)
-            for name, m in wanted.items():
-                h = self.handles.get(name)
-                if h is None:
-                    self.handles[name] = self._new_handle(m)
-                    changes["added"].append(name)
-                elif (h.cfg.worker_key() != m.worker_key() or h.state == "failed") and not h.running:
-                    h.retire()                                   # not loaded: nothing to switch over
-                    self.handles[name] = self._new_handle(m)
-                    self.spawn(h.stop())
-                    changes["replaced"].append(name)
-                elif h.cfg.worker_key() != m.worker_key() or h.state == "failed":
-                    pending = self.pending.get(name)
-                    if pending is not None and pending.cfg.worker_key() == m.worker_key():
-                        pending.cfg = m
-                    else:
-                        self._cancel_pending(name)
-                        self.pending[name] = self._new_handle(m, load=True)
-                        self.spawn(self._switch_when_ready(name, self.pending[name]))
-                    changes["replaced"].append(name)
-                elif h.cfg != m:
-                    h.cfg = m
-                    changes["updated"].append(name)
-                else:
-                    changes["unchanged"].append(name)
+            for action in plan(new, self.handles, self.pending):
+                self._do(action, new)
+                if (kind := KIND.get(type(action))) is not None:
+                    changes[kind].append(action.name if hasattr(action, "name") else action.cfg.name)
             self._route()
             self.generation += 1
             self.loaded_at = time.time()
@@ -145,6 +123,29 @@ class Supervisor:
             log.info("config generation %d applied: %s", self.generation,
                      ", ".join(f"{k} {v}" for k, v in changes.items() if v and k != "unchanged") or "no changes")
             return changes
+
+    def _do(self, a, new: Config) -> None:
+        """Carry out one action of the plan (plan.py); nothing here awaits."""
+        if isinstance(a, Remove):
+            h = self.handles.pop(a.name)
+            self.spawn(self._retire(h, new.server.drain_timeout))
+        elif isinstance(a, Add):
+            self.handles[a.cfg.name] = self._new_handle(a.cfg)
+        elif isinstance(a, ReplaceNow):
+            h = self.handles[a.cfg.name]
+            h.retire()                                   # not loaded: nothing to switch over
+            self.handles[a.cfg.name] = self._new_handle(a.cfg)
+            self.spawn(h.stop())
+        elif isinstance(a, CancelPending):
+            self._cancel_pending(a.name)
+        elif isinstance(a, Replace):
+            name = a.cfg.name
+            self.pending[name] = self._new_handle(a.cfg, load=True)
+            self.spawn(self._switch_when_ready(name, self.pending[name]))
+        elif isinstance(a, Retarget):
+            self.pending[a.cfg.name].cfg = a.cfg
+        elif isinstance(a, Update):
+            self.handles[a.cfg.name].cfg = a.cfg
 
     def _log_server_changes(self, old: Server, new: Server) -> None:
         changed = server_changes(old, new)
@@ -237,8 +238,8 @@ class Supervisor:
 
     def kill_workers(self) -> None:
         for h in self.all_handles():
-            if h.worker is not None and h.worker.proc is not None and h.worker.proc.returncode is None:
-                h.worker.proc.kill()
+            if h.worker is not None:
+                h.worker.kill_now()
 
     async def stop(self) -> None:
         for t in list(self._tasks):

@@ -1,0 +1,71 @@
+"""Reload, load, park and crash races on the real Supervisor and ModelHandle, with worker
+doubles (tests/fake_worker.py) behind the lifecycle's worker seam: milliseconds each."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from daemon.config import parse_config
+from daemon.lifecycle import handle as handle_mod
+from daemon.lifecycle.supervisor import Supervisor
+from fake_worker import Farm, until
+
+
+def config(batch: int, preload: bool = True):
+    return parse_config("models: [{name: m, source: embedded:smollm2, preload: %s, "
+                        "engine: {max_batch_size: %d}}]\n" % ("true" if preload else "false", batch))
+
+
+async def served(sup) -> dict:
+    """The `done` event of one request to model m: which worker answered, with what settings."""
+    async for ev in sup.get("m").generate({"messages": []}):
+        if ev["op"] == "done":
+            return ev
+    raise AssertionError("no done event")
+
+
+def run(main):
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_an_edit_switches_routing_once_the_replacement_is_ready_and_drains_the_old():
+    async def main():
+        farm = Farm()
+        sup = Supervisor(config(8), spawn=farm.spawn)
+        await sup.start()
+        await until(lambda: len(farm.workers) == 1)
+        farm.workers[0].ready()
+        await until(lambda: sup.get("m").state == "ready")
+        await sup.apply(config(4))
+        await until(lambda: len(farm.workers) == 2)
+        assert (await served(sup))["max_batch_size"] == 8          # the old one serves while the new loads
+        farm.workers[1].ready()
+        await until(lambda: not sup.pending and farm.workers[0].exited.done())
+        ev = await served(sup)
+        assert ev["max_batch_size"] == 4 and ev["served_by"] == farm.workers[1].pid
+        assert farm.workers[0].stopped_cleanly
+        await sup.stop()
+    run(main)
+
+
+def test_a_replacement_that_fails_to_load_leaves_the_old_one_serving():
+    async def main():
+        farm = Farm()
+        sup = Supervisor(config(8), spawn=farm.spawn)
+        await sup.start()
+        await until(lambda: len(farm.workers) == 1)
+        farm.workers[0].ready()
+        await until(lambda: sup.get("m").state == "ready")
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(handle_mod, "BACKOFF", (0.0,))
+            await sup.apply(config(4))
+            for i in range(1, 1 + handle_mod.MAX_QUICK_CRASHES):
+                await until(lambda: len(farm.workers) > i)
+                farm.workers[i].fail_load()
+            await until(lambda: not sup.pending)
+        assert "new settings failed to load" in sup.last_error
+        assert (await served(sup))["served_by"] == farm.workers[0].pid
+        await sup.stop()
+    run(main)
