@@ -73,3 +73,36 @@ def test_a_third_setting_cancels_the_replacement_and_loads_another():
 def test_a_removed_model_loses_its_replacement_too():
     assert plan(config(n=8), {"m": H(entry(8))}, {"m": H(entry(4), "loading")})[:2] == [CancelPending("m"),
                                                                                         Remove("m")]
+
+
+# -- defect 1: a replacement nobody wants any more is cancelled ---------------------------
+
+@pytest.mark.parametrize("state", ["ready", "loading", "restarting"])
+def test_a_revert_before_the_replacement_is_ready_cancels_it(state):
+    new = config(m=8)
+    assert plan(new, {"m": H(entry(8), state)}, {"m": H(entry(4), "loading")}) == [CancelPending("m"), Keep("m")]
+
+
+def test_a_revert_that_also_changes_a_live_setting_cancels_and_updates():
+    new = config(m=(8, "x"))
+    assert plan(new, {"m": H(entry(8))}, {"m": H(entry(4), "loading")}) == [CancelPending("m"),
+                                                                             Update(new.models[0])]
+
+
+@pytest.mark.parametrize("state", ["stopped", "stopping"])
+def test_an_edit_while_parked_cancels_the_replacement_loading_for_the_earlier_edit(state):
+    new = config(m=2)
+    assert plan(new, {"m": H(entry(8), state)}, {"m": H(entry(4), "loading")}) == [CancelPending("m"),
+                                                                                    ReplaceNow(new.models[0])]
+
+
+def test_a_revert_while_parked_cancels_the_replacement():
+    new = config(m=8)
+    assert plan(new, {"m": H(entry(8), "stopped")}, {"m": H(entry(4), "loading")}) == [CancelPending("m"),
+                                                                                        Keep("m")]
+
+
+def test_an_edit_after_the_model_failed_cancels_the_replacement():
+    new = config(m=2)
+    assert plan(new, {"m": H(entry(8), "failed")}, {"m": H(entry(4), "loading")}) == [CancelPending("m"),
+                                                                                       ReplaceNow(new.models[0])]

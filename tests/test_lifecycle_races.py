@@ -69,3 +69,99 @@ def test_a_replacement_that_fails_to_load_leaves_the_old_one_serving():
         assert (await served(sup))["served_by"] == farm.workers[0].pid
         await sup.stop()
     run(main)
+
+
+# -- defect 1: the daemon never ends up serving settings the config reverted away from ------
+
+async def started(farm, sup, batch: int = 8):
+    await sup.start()
+    await until(lambda: len(farm.workers) == 1)
+    farm.workers[0].ready()
+    await until(lambda: sup.get("m").state == "ready")
+
+
+def test_a_revert_before_the_replacement_is_ready_keeps_the_old_worker():
+    """Reproduced on a real daemon: max_batch_size 8 -> 4 and back 1.5 s later served the 4 worker."""
+    async def main():
+        farm = Farm()
+        sup = Supervisor(config(8), spawn=farm.spawn)
+        await started(farm, sup)
+        await sup.apply(config(4))
+        await until(lambda: len(farm.workers) == 2)
+        changes = await sup.apply(config(8))
+        assert changes["unchanged"] == ["m"]
+        farm.workers[1].ready()               # too late: it must not take over
+        await until(lambda: farm.workers[1].exited.done())
+        assert not sup.pending
+        ev = await served(sup)
+        assert ev["served_by"] == farm.workers[0].pid and ev["max_batch_size"] == 8
+        await sup.stop()
+    run(main)
+
+
+def test_an_edit_while_parked_is_not_overtaken_by_the_earlier_edits_replacement():
+    async def main():
+        farm = Farm()
+        sup = Supervisor(config(8), spawn=farm.spawn)
+        await started(farm, sup)
+        await sup.apply(config(4))
+        await until(lambda: len(farm.workers) == 2)
+        await sup.get("m").unload(0)          # parked (idle TTL, the budget or the console)
+        await sup.apply(config(2))
+        await until(lambda: len(farm.workers) == 3)
+        farm.workers[2].ready()
+        farm.workers[1].ready()
+        await until(lambda: farm.workers[1].exited.done())
+        assert not sup.pending
+        assert (await served(sup))["max_batch_size"] == 2
+        await sup.stop()
+    run(main)
+
+
+def test_a_revert_while_parked_cancels_the_replacement():
+    async def main():
+        farm = Farm(auto_ready=False)
+        sup = Supervisor(config(8), spawn=farm.spawn)
+        await started(farm, sup)
+        await sup.apply(config(4))
+        await until(lambda: len(farm.workers) == 2)
+        await sup.get("m").unload(0)
+        await sup.apply(config(8))
+        farm.workers[1].ready()
+        await until(lambda: farm.workers[1].exited.done())
+        assert not sup.pending
+        farm.auto_ready = True                # the parked model loads at its next request
+        assert (await served(sup))["max_batch_size"] == 8
+        await sup.stop()
+    run(main)
+
+
+def test_an_edit_after_the_model_failed_is_not_overtaken_by_the_earlier_edits_replacement(monkeypatch):
+    monkeypatch.setattr(handle_mod, "BACKOFF", (0.0,))
+
+    async def main():
+        farm = Farm()
+        sup = Supervisor(config(8), spawn=farm.spawn)
+        await started(farm, sup)
+        h = sup.get("m")
+        await sup.apply(config(4))
+        await until(lambda: len(farm.workers) == 2)
+        replacement = farm.workers[1]
+        crashes = 0
+        while h.state != "failed":            # the old model crashes until it is marked failed
+            live = [w for w in farm.alive() if w is not replacement]
+            if live and h.state == "ready":
+                live[0].crash()
+                crashes += 1
+            elif live and h.state == "loading":
+                live[0].ready()
+            await asyncio.sleep(0.001)
+        await sup.apply(config(2))
+        await until(lambda: sup.get("m") is not h and sup.get("m").state == "loading")
+        farm.alive()[-1].ready()
+        replacement.ready()
+        await until(lambda: replacement.exited.done())
+        assert not sup.pending
+        assert (await served(sup))["max_batch_size"] == 2
+        await sup.stop()
+    run(main)

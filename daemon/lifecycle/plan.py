@@ -93,15 +93,16 @@ def plan(new: Config, handles: Mapping[str, View], pending: Mapping[str, View]) 
             continue
         changed = h.cfg.worker_key() != m.worker_key() or h.state == "failed"
         p = pending.get(name)
+        if p is not None and not (changed and h.running and p.cfg.worker_key() == m.worker_key()):
+            # A replacement loads only to take over a running worker with the settings wanted
+            # now: reverted, superseded, or the old handle parked or failed, it would switch in
+            # settings the config no longer names (it used to, silently).
+            actions.append(CancelPending(name))
+            p = None
         if changed and not h.running:
             actions.append(ReplaceNow(m))
         elif changed:
-            if p is not None and p.cfg.worker_key() == m.worker_key():
-                actions.append(Retarget(m))
-            else:
-                if p is not None:
-                    actions.append(CancelPending(name))
-                actions.append(Replace(m))
+            actions.append(Retarget(m) if p is not None else Replace(m))
         elif h.cfg != m:
             actions.append(Update(m))
         else:
