@@ -12,7 +12,7 @@ import itertools
 import time
 from typing import Optional
 
-from daemon.process import WorkerGone
+from daemon.process import RequestTimeout, WorkerGone
 
 _pids = itertools.count(1000)
 
@@ -29,6 +29,7 @@ class FakeWorker:
         self.requests: list[asyncio.Queue] = []
         self.calls: list[str] = []
         self.stopped_cleanly = False
+        self.silent = False
         self._pid = next(_pids)
         if farm.auto_ready:
             self.loaded.set_result(True)
@@ -48,6 +49,11 @@ class FakeWorker:
 
     def fail_load(self, message: str = "cannot load") -> None:
         self.loaded.done() or self.loaded.set_result(message)
+
+    def hang(self) -> None:
+        """Silent from now on: stats calls time out and no frame comes."""
+        self.silent = True
+        self.last_frame -= 10_000
 
     def crash(self, reason: str = "was killed by SIGSEGV") -> None:
         self._exit(-11, f"the worker for model {self.cfg.name!r} {reason}")
@@ -83,6 +89,9 @@ class FakeWorker:
         if self.exited.done():
             raise WorkerGone(self.exit_reason or "gone")
         self.calls.append(op)
+        if self.silent:
+            await asyncio.sleep(timeout)
+            raise asyncio.TimeoutError
         self.last_frame = time.monotonic()
         if op == "stats":
             return {"op": "stats", "running": len(self.requests), "waiting": 0, "memory_bytes": 1}
@@ -94,10 +103,13 @@ class FakeWorker:
 
     async def generate(self, payload: dict, timeout: Optional[float] = None):
         """`started` at once; `done` when the test puts "done" in `self.requests[i]` (or at once
-        with farm.answer_at_once), saying which worker served: its pid and max_batch_size."""
+        with farm.answer_at_once), saying which worker served: its pid and max_batch_size.
+        Past `timeout`, RequestTimeout, as WorkerProcess raises it."""
         if self.exited.done():
             raise WorkerGone(self.exit_reason or "gone")
         q: asyncio.Queue = asyncio.Queue()
+        if timeout:
+            asyncio.get_running_loop().call_later(timeout, q.put_nowait, RequestTimeout(timeout))
         self.requests.append(q)
         try:
             yield {"op": "started", "id": "r", "prompt_tokens": 1, "cached_tokens": 0, "max_tokens": 1}
@@ -107,6 +119,8 @@ class FakeWorker:
                 if not ended.done():
                     ended.cancel()
                     raise WorkerGone(self.exit_reason or "gone")
+                if isinstance(ended.result(), Exception):
+                    raise ended.result()
             yield {"op": "done", "id": "r", "finish_reason": "stop",
                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "cached_tokens": 0},
                    "timings": {"ttft": 0.0, "total": 0.0, "queue": 0.0, "prefill": 0.0}, "served_by": self._pid,

@@ -12,6 +12,8 @@ from daemon.lifecycle import handle as handle_mod
 from daemon.lifecycle.supervisor import Supervisor
 from fake_worker import Farm, until
 
+CONFIG = "models: [{name: m, source: embedded:smollm2, preload: true}]\n"
+
 
 def config(batch: int, preload: bool = True):
     return parse_config("models: [{name: m, source: embedded:smollm2, preload: %s, "
@@ -163,5 +165,84 @@ def test_an_edit_after_the_model_failed_is_not_overtaken_by_the_earlier_edits_re
         await until(lambda: replacement.exited.done())
         assert not sup.pending
         assert (await served(sup))["max_batch_size"] == 2
+        await sup.stop()
+    run(main)
+
+
+# -- defect 11: one owner of the handle's state and its worker ---------------------------
+
+def test_a_hung_worker_is_killed_by_the_owner_task_and_restarted(monkeypatch):
+    monkeypatch.setattr(handle_mod, "STATS_INTERVAL", 0.01)
+    monkeypatch.setattr(handle_mod, "BACKOFF", (0.0,))
+
+    async def main():
+        farm = Farm(auto_ready=True)
+        sup = Supervisor(parse_config("server: {worker_hang_timeout: 1}\n" + CONFIG), spawn=farm.spawn)
+        await sup.start()
+        await until(lambda: sup.get("m").state == "ready")
+        farm.workers[0].hang()
+        await until(lambda: len(farm.workers) == 2 and sup.get("m").state == "ready")
+        assert "hung" in farm.workers[0].exit_reason and "hung" in sup.get("m").last_error
+        await sup.stop()
+    run(main)
+
+
+def test_kill_workers_goes_through_each_handle_to_whatever_worker_it_has():
+    async def main():
+        farm = Farm(auto_ready=True)
+        sup = Supervisor(config(8), spawn=farm.spawn)
+        await sup.start()
+        await until(lambda: sup.get("m").state == "ready")
+        sup.kill_workers()                    # the second stop signal: synchronous, before os._exit
+        assert farm.workers[0].exited.done()
+        await sup.stop()
+    run(main)
+
+
+def test_a_bug_in_the_lifecycle_ends_in_failed_through_the_transition_table():
+    def broken_spawn(cfg, cache_dir, server):
+        raise RuntimeError("a bug")
+
+    async def main():
+        sup = Supervisor(config(8), spawn=broken_spawn)
+        await sup.start()
+        h = sup.handles["m"]
+        assert await asyncio.wait_for(h.settled(), 5) == "failed"
+        assert "a bug" in h.last_error
+        assert not await h._state_change(0.01)    # no stale "changed" signal left behind
+        await sup.stop()
+    run(main)
+
+
+def test_cache_and_count_calls_reach_the_worker_only_through_a_ready_handle():
+    async def main():
+        farm = Farm()
+        sup = Supervisor(config(8, preload=False), spawn=farm.spawn)
+        await sup.start()
+        h = sup.get("m")
+        with pytest.raises(handle_mod.ModelUnavailable, match="not ready"):
+            await h.call("stats")
+        farm.auto_ready = True
+        assert (await h.call("count_tokens", load=True, messages=[]))["tokens"] == 3
+        assert "count_tokens" in farm.workers[0].calls
+        await sup.stop()
+    run(main)
+
+
+# -- defect 10: a request timeout is a timeout, not a cancellation --------------------------
+
+def test_a_request_timeout_is_counted_as_a_timeout():
+    async def main():
+        farm = Farm(auto_ready=True, answer_at_once=False)
+        sup = Supervisor(config(8), spawn=farm.spawn)
+        await sup.start()
+        await until(lambda: sup.get("m").state == "ready")
+        from daemon.process import RequestTimeout
+        with pytest.raises(RequestTimeout):
+            async for _ in sup.get("m").generate({"messages": []}, timeout=0.05):
+                pass
+        value = lambda reason: sup.metrics.registry.get_sample_value(
+            "mlxd_request_errors_total", {"model": "m", "reason": reason})
+        assert value("timeout") == 1 and not value("cancelled")
         await sup.stop()
     run(main)

@@ -6,6 +6,7 @@ import asyncio
 
 from quart import Blueprint, current_app, jsonify, request
 
+from ..lifecycle.handle import ModelUnavailable
 from ..process import WorkerGone
 from .errors import APIError, model_not_found
 
@@ -13,10 +14,10 @@ bp = Blueprint("cache", __name__)
 
 
 async def _ask(handle, op: str) -> dict:
-    if handle.state != "ready" or handle.worker is None:
-        return {"state": handle.state}
     try:
-        return await handle.worker.call(op, timeout=30)
+        return await handle.call(op, timeout=30)
+    except ModelUnavailable:
+        return {"state": handle.state}
     except (WorkerGone, asyncio.TimeoutError) as e:
         return {"state": handle.state, "error": str(e) or "timeout"}
 

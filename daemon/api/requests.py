@@ -191,8 +191,7 @@ async def heartbeat(events: AsyncIterator[ev_.Event], every: float) -> AsyncIter
 async def count_tokens(handle, payload: dict) -> int:
     """The prompt's length in tokens as the worker would render it, without generating."""
     try:
-        worker = await handle.wait_ready(supervisor().config.server.worker_start_timeout)
-        reply = await worker.call("count_tokens", timeout=60, **payload)
+        reply = await handle.call("count_tokens", timeout=60, load=True, **payload)
     except WorkerGone as e:
         raise APIError(503, str(e), type_="server_error", code="worker_unavailable") from None
     except ModelUnavailable as e:

@@ -5,9 +5,15 @@
     ready ──drain──▶ draining (in-flight requests finish) ──▶ stopping
     loading, ready, restarting ──stop──▶ stopping ──worker gone──▶ stopped
 
-Only the owner task (`_run`) touches the worker process; `stop()` asks it to end and waits
-for it, so there is never a second run loop. A request that finds the handle stopping waits
-for `stopped` and loads it again through the supervisor's single-flight loader.
+    any state ──a bug in the lifecycle itself──▶ failed
+
+Only the owner task (`_run`) starts, stops or kills the worker and changes the state (through
+`_transition`); everyone else asks the handle: `generate` and `call` reach a ready worker,
+`request_stop()` / `stop()` ask the owner to end and wait for it (so there is never a second
+run loop), the stats poller reports a hang to the owner rather than killing. The one
+exception is `kill_now()`, for a second stop signal when the daemon exits at once. A
+request that finds the handle stopping waits for `stopped` and loads it again through the
+supervisor's single-flight loader.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from typing import AsyncIterator, Callable, Optional
 
 from ..config import ModelConfig, Server
 from ..metrics import Metrics, worker_counter_values
-from ..process import WorkerGone
+from ..process import RequestTimeout, WorkerGone
 from .port import Spawn, Worker, spawn_process
 
 log = logging.getLogger("mlxd.lifecycle")
@@ -66,7 +72,7 @@ class ModelHandle:
         self._changed = asyncio.Event()     # set (and replaced) at every transition
         self._stop_wanted = asyncio.Event()
         self._task: Optional[asyncio.Task] = None
-        self.worker: Optional[Worker] = None
+        self._worker: Optional[Worker] = None      # only the owner task assigns, stops or kills it
         self.retired = False                # removed or replaced: never loads again
         self.parked = False                 # stopped by the daemon (idle, budget); loads at the next request
         self.restarts = 0
@@ -105,10 +111,26 @@ class ModelHandle:
 
     @property
     def busy(self) -> bool:
-        return bool(self.requests or (self.worker and self.worker.in_flight))
+        return bool(self.requests or self.in_flight)
 
-    def _transition(self, to: str) -> None:
-        if to not in TRANSITIONS[self.state]:
+    @property
+    def in_flight(self) -> int:
+        """Requests its worker is serving now."""
+        return self._worker.in_flight if self._worker is not None else 0
+
+    @property
+    def pid(self) -> Optional[int]:
+        """The ready worker's process id."""
+        return self._worker.pid if self._worker is not None and self.state == "ready" else None
+
+    @property
+    def worker_info(self) -> dict:
+        """What the last worker said when it became ready (device, dtype, BLAS, ...)."""
+        return {k: v for k, v in (self._worker.info if self._worker else {}).items() if k != "op"}
+
+    def _transition(self, to: str, broken: bool = False) -> None:
+        """The only writer of `state`; `broken`: a bug in the lifecycle, failed from anywhere."""
+        if to not in TRANSITIONS[self.state] and not (broken and to == "failed"):
             raise InvalidTransition(f"model {self.name!r}: {self.state} -> {to} is not allowed")
         log.debug("model %s: %s -> %s", self.name, self.state, to)
         self.state = to
@@ -160,16 +182,15 @@ class ModelHandle:
             log.exception("model %s: lifecycle task failed", self.name)
             self.metrics.internal_error("handle")
             self.last_error = f"internal error: {e!r}"
-            if self.worker is not None:
-                await self.worker.kill()
-            self.state = "failed"
-            self._changed.set()
+            if self._worker is not None:
+                await self._worker.kill()
+            self._transition("failed", broken=True)
 
-    async def _until(self, fut) -> bool:
-        """Wait for `fut` or a stop request; False if the stop came first."""
+    async def _until(self, *futs) -> bool:
+        """Wait for any of `futs` or a stop request; False if the stop came first."""
         stop = asyncio.ensure_future(self._stop_wanted.wait())
         try:
-            await asyncio.wait([fut, stop], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([*futs, stop], return_when=asyncio.FIRST_COMPLETED)
         finally:
             stop.cancel()
         return not self._stop_wanted.is_set()
@@ -181,7 +202,7 @@ class ModelHandle:
                 self._transition("loading")
             self.starts += 1
             worker = self._spawn(self.cfg, self.server.resolved_cache_dir, self.server)
-            self.worker = worker
+            self._worker = worker
             spawned = time.monotonic()
             starting = asyncio.ensure_future(worker.start(self.server.worker_start_timeout))
             if not await self._until(starting):     # stopped while loading: nothing to flush yet
@@ -207,8 +228,11 @@ class ModelHandle:
                 if self.on_ready is not None:
                     self.on_ready(self)
                 poller = asyncio.create_task(self._poll_stats(worker), name=f"stats-{self.name}")
-                exited = await self._until(worker.exited)
+                exited = await self._until(worker.exited, poller)
                 poller.cancel()
+                if exited and not worker.exited.done() and not poller.cancelled() \
+                        and (hung := poller.result()):
+                    await worker.kill(hung)         # the poller saw a hang: the owner kills
                 if not exited:                      # asked to stop: let the worker flush its cache
                     await worker.stop(self.server.worker_stop_timeout)
                     self._fold_counters()
@@ -266,12 +290,13 @@ class ModelHandle:
         if self.state == "ready":
             self._transition("draining")
             deadline = time.monotonic() + timeout
-            while self.worker is not None and self.worker.in_flight and time.monotonic() < deadline:
+            while self.in_flight and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
         await self.stop()
 
-    async def _poll_stats(self, worker: Worker) -> None:
-        """Keep a fresh stats snapshot for /metrics and /v1/status, and kill a worker that hangs.
+    async def _poll_stats(self, worker: Worker) -> Optional[str]:
+        """Keep a fresh stats snapshot for /metrics and /v1/status; returns why the worker is
+        hung when it is (the owner task kills it), None when it exited.
 
         Nothing unexpected may end this loop: hang detection lives in it.
         """
@@ -291,10 +316,9 @@ class ModelHandle:
             if silent > self.server.worker_hang_timeout and not worker.exited.done():
                 log.error("worker for model %s (pid %s) made no progress for %.0fs: killing it",
                           self.name, worker.pid, silent)
-                await worker.kill(f"the worker for model {self.name!r} hung (no progress for {silent:.0f}s) "
-                                  f"and was restarted")
-                return
+                return f"the worker for model {self.name!r} hung (no progress for {silent:.0f}s) and was restarted"
             await asyncio.sleep(STATS_INTERVAL)
+        return None
 
     def _fold_counters(self) -> None:
         """A dead worker's counters join the base, so the exposed totals never go back."""
@@ -335,7 +359,23 @@ class ModelHandle:
             # loading, restarting, stopping (then load again), draining (then retired)
             if not await self._state_change(deadline - time.monotonic()):
                 raise ModelUnavailable(f"model {self.name!r} is not ready ({self.state})")
-        return self.worker
+        return self._worker
+
+    async def call(self, op: str, timeout: float = 30.0, load: bool = False, **fields) -> dict:
+        """One request/reply operation on the ready worker (stats, cache_clear, count_tokens).
+        With `load`, a stopped model loads first; else ModelUnavailable unless it is ready."""
+        if load:
+            worker = await self.wait_ready(self.server.worker_start_timeout)
+        elif self.state != "ready" or self._worker is None:
+            raise ModelUnavailable(f"model {self.name!r} is not ready ({self.state})")
+        else:
+            worker = self._worker
+        return await worker.call(op, timeout=timeout, **fields)
+
+    def kill_now(self) -> None:
+        """SIGKILL the worker without waiting: only for a second stop signal, as mlxd exits."""
+        if self._worker is not None:
+            self._worker.kill_now()
 
     async def generate(self, payload: dict, timeout: Optional[float] = None) -> AsyncIterator[dict]:
         limit = self.cfg.engine.max_batch_size + self.cfg.engine.max_waiting
@@ -362,6 +402,10 @@ class ModelHandle:
             finished = True
             self.metrics.request_failed(self.name, "worker_died")
             raise
+        except RequestTimeout:
+            finished = True
+            self.metrics.request_failed(self.name, "timeout")
+            raise
         except ModelUnavailable:
             finished = True
             self.metrics.request_failed(self.name, "model_unavailable")
@@ -373,7 +417,7 @@ class ModelHandle:
                 self.metrics.request_failed(self.name, "cancelled")
 
     def status(self) -> dict:
-        w, totals = self.worker, self.counters()
+        w, totals = self._worker, self.counters()
         return {
             "name": self.name, "aliases": list(self.cfg.aliases), "state": self.state,
             "pid": w.pid if w and self.state == "ready" else None,
@@ -386,7 +430,7 @@ class ModelHandle:
             "speculative": _spec_summary(self.spec_counters()),
             "workers_started": self.starts, "start_seconds": self.start_seconds, "preload": self.cfg.preload, "pinned": self.pinned,
             "last_used": self.last_used,
-            "worker": {k: v for k, v in (w.info if w else {}).items() if k != "op"},
+            "worker": self.worker_info,
             **({"ranks": self.stats["ranks"]} if self.stats.get("ranks") else {}),
         }
 

@@ -231,15 +231,14 @@ class Supervisor:
                 "last_error": self.last_error}
 
     def in_flight(self) -> int:
-        return sum(h.worker.in_flight for h in self.all_handles() if h.worker is not None)
+        return sum(h.in_flight for h in self.all_handles())
 
     def all_handles(self) -> list[ModelHandle]:
         return [*self.handles.values(), *self.pending.values()]
 
     def kill_workers(self) -> None:
         for h in self.all_handles():
-            if h.worker is not None:
-                h.worker.kill_now()
+            h.kill_now()
 
     async def stop(self) -> None:
         for t in list(self._tasks):

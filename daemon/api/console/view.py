@@ -26,17 +26,16 @@ def _cache(h) -> dict | None:
 
 
 def model(h, recent, pending: bool = False) -> dict:
-    w = h.worker
-    info = w.info if w is not None else {}
+    info = h.worker_info
     ready = h.state == "ready"
     return {
         "name": h.name, "aliases": list(h.cfg.aliases), "state": h.state, "pending": pending,
         "error": h.last_error or None, "source": h.cfg.source,
         "device": info.get("device"), "dtype": info.get("dtype"), "blas": info.get("blas"),
-        "pid": w.pid if w is not None and ready else None,
+        "pid": h.pid,
         "memory_bytes": h.stats.get("memory_bytes", 0) if ready else 0,
         "started": h.started_wall if ready else None, "restarts": h.restarts,
-        "in_flight": w.in_flight if w is not None else 0,
+        "in_flight": h.in_flight,
         "running": h.stats.get("running", 0) if ready else 0,
         "waiting": h.stats.get("waiting", 0) if ready else 0,
         "tokens_per_s": recent.tokens_per_s(h.name),
