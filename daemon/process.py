@@ -77,6 +77,7 @@ class WorkerProcess:
         self._watchers: list[asyncio.Task] = []
         self._stopping = False
         self.stop_timeout = 0.0
+        self._reader: Optional[asyncio.Task] = None
 
     @property
     def pid(self) -> Optional[int]:
@@ -103,13 +104,19 @@ class WorkerProcess:
                 *self._cache_args(), *extra,
                 pass_fds=(child.fileno(),), env=env, stdin=asyncio.subprocess.DEVNULL,
                 start_new_session=True)
-        except BaseException:
+        except BaseException as e:
+            parent.close()                  # else every failed spawn leaks our end of the socket
             await self._kill_ranks()
+            if isinstance(e, OSError):
+                raise WorkerGone(f"model {self.cfg.name!r} cannot start its worker: {e}") from None
             raise
         finally:
             child.close()
         reader, self._writer = await asyncio.open_unix_connection(sock=parent)
-        asyncio.create_task(self._read(reader), name=f"worker-reader-{self.cfg.name}")
+        # Held (the loop keeps only a weak reference) and watched: if it ends before the
+        # worker's exit was handled, nothing reads the worker any more, so the worker goes.
+        self._reader = asyncio.create_task(self._read(reader), name=f"worker-reader-{self.cfg.name}")
+        self._reader.add_done_callback(self._reader_done)
         try:
             self.info = await asyncio.wait_for(asyncio.shield(self._ready), timeout)
         except asyncio.TimeoutError:
@@ -205,6 +212,16 @@ class WorkerProcess:
                       self.cfg.name, self.pid, e)
             await self.kill(f"the worker for model {self.cfg.name!r} was killed after a protocol error: {e}")
         await self._exited()
+
+    def _reader_done(self, task: asyncio.Task) -> None:
+        if self.exited.done():
+            return
+        why = "was cancelled" if task.cancelled() else f"failed: {task.exception()!r}"
+        log.error("the reader of the worker for model %s (pid %s) %s; killing the worker", self.cfg.name,
+                  self.pid, why)
+        self.exit_reason = f"the worker for model {self.cfg.name!r} was killed: its reader task {why}"
+        self.kill_now()
+        self._watchers.append(asyncio.ensure_future(self._exited()))
 
     async def _dispatch(self, reader: asyncio.StreamReader) -> None:
         while (msg := await read_frame(reader)) is not None:
