@@ -19,12 +19,13 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .config import ConfigError, load_config
+from .config import ConfigError, Server, load_config
 
 LABEL = "com.mlxd.daemon"
 UNIT = "mlxd.service"
 THROTTLE = 10       # seconds between restarts after a crash
-STOP_TIMEOUT = 45   # workers get 30s to stop, hypercorn 5s to drain; then SIGKILL
+SERVER_GRACE = 5     # hypercorn's graceful_timeout (server.py)
+STOP_MARGIN = 10     # process start-up, the last log lines, a loaded machine
 PASS_ENV = ("HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "XDG_CACHE_HOME")
 DEFAULT_PATH = "/opt/homebrew/bin:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
 
@@ -121,7 +122,15 @@ def environment(env: dict) -> dict:
     return out
 
 
-def launchd_plist(argv: list[str], env: dict, workdir: Path, logs: Path) -> dict:
+def stop_timeout(server: Server) -> int:
+    """Seconds the service manager waits after SIGTERM before SIGKILL: all of mlxd's own
+    shutdown (in-flight requests get `shutdown_timeout`, then each worker `worker_stop_timeout`
+    to flush its prefix cache, then the HTTP server's grace) and a margin. Shorter, and
+    launchd/systemd would kill a busy daemon mid-flush and lose the cache writes."""
+    return int(server.shutdown_timeout + server.worker_stop_timeout + SERVER_GRACE + STOP_MARGIN + 0.999)
+
+
+def launchd_plist(argv: list[str], env: dict, workdir: Path, logs: Path, stop: int | None = None) -> dict:
     return {
         "Label": LABEL,
         "ProgramArguments": argv,
@@ -130,7 +139,7 @@ def launchd_plist(argv: list[str], env: dict, workdir: Path, logs: Path) -> dict
         "RunAtLoad": True,
         "KeepAlive": {"SuccessfulExit": False},  # restart after a crash, not after a clean stop
         "ThrottleInterval": THROTTLE,
-        "ExitTimeOut": STOP_TIMEOUT,
+        "ExitTimeOut": stop_timeout(Server()) if stop is None else stop,
         "ProcessType": "Interactive",  # no background throttling of GPU work
         "StandardOutPath": str(logs / "mlxd.out.log"),
         "StandardErrorPath": str(logs / "mlxd.err.log"),
@@ -145,7 +154,8 @@ def _sd_word(s: str, exec_line: bool = False) -> str:
     return f'"{s}"' if not s or re.search(r"[\s;'\"\\]", s) else s
 
 
-def systemd_unit(argv: list[str], env: dict, workdir: Path) -> str:
+def systemd_unit(argv: list[str], env: dict, workdir: Path, stop: int | None = None) -> str:
+    stop = stop_timeout(Server()) if stop is None else stop
     environment = " ".join(_sd_word(f"{k}={v}") for k, v in env.items())
     return f"""\
 [Unit]
@@ -159,7 +169,7 @@ Environment={environment}
 Restart=on-failure
 RestartSec={THROTTLE}
 KillSignal=SIGTERM
-TimeoutStopSec={STOP_TIMEOUT}
+TimeoutStopSec={stop}
 
 [Install]
 WantedBy=default.target
@@ -217,9 +227,9 @@ class Launchd:
     def _bootout(self):
         return self._launchctl(["bootout", self.target], ["unload", str(self.path)])
 
-    def install(self, argv, env, workdir):
+    def install(self, argv, env, workdir, stop: int | None = None):
         self.r.mkdir(self.log_dir)  # launchd creates log files but not their directory
-        plist = launchd_plist(argv, env, workdir, self.log_dir)
+        plist = launchd_plist(argv, env, workdir, self.log_dir, stop)
         self.r.write(self.path, plistlib.dumps(plist).decode())
         self._bootout()  # a reinstall replaces the running definition; fails harmlessly if none
         for _ in range(3):  # bootstrap right after bootout can race with the teardown
@@ -272,8 +282,8 @@ class Systemd:
     def _systemctl(self, *args, capture=True):
         return self.r.run(["systemctl", "--user", *args], capture=capture)
 
-    def install(self, argv, env, workdir):
-        self.r.write(self.path, systemd_unit(argv, env, workdir))
+    def install(self, argv, env, workdir, stop: int | None = None):
+        self.r.write(self.path, systemd_unit(argv, env, workdir, stop))
         _must(self._systemctl("daemon-reload"))
         _must(self._systemctl("enable", UNIT))
         _must(self._systemctl("restart", UNIT))  # starts it, or applies a changed unit
@@ -315,8 +325,8 @@ def cmd_service(args, r: Runner | None = None) -> int:
     try:
         m = manager(r)
         if args.action == "install":
-            load_config(config)  # a service that cannot read its config would only crash-loop
-            m.install(program(config), environment(r.env), config.parent)
+            server = load_config(config).server  # a service that cannot read its config would only crash-loop
+            m.install(program(config), environment(r.env), config.parent, stop_timeout(server))
         elif args.action == "status":
             loaded = m.status()
             healthy = _health(r, config)  # checked even when not loaded: it may run by hand

@@ -259,3 +259,21 @@ def test_cli_dry_run_prints_a_valid_unit(tmp_path):
         v = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "mlxd.service")],
                            capture_output=True, text=True)
         assert v.returncode == 0 and "mlxd.service" not in v.stderr, v.stderr
+
+
+@pytest.mark.parametrize("platform", ["darwin", "linux"])
+def test_the_stop_timeout_covers_mlxds_own_shutdown_as_configured(home, config, platform):
+    """launchd's ExitTimeOut / systemd's TimeoutStopSec outlast the drain, every worker's cache
+    flush and the server's grace, so a busy daemon is never killed mid-flush."""
+    config.write_text(config.read_text().replace("server:", "server:\n  shutdown_timeout: 100\n"
+                                                 "  worker_stop_timeout: 200", 1))
+    server = service.load_config(config).server
+    assert (server.shutdown_timeout, server.worker_stop_timeout) == (100, 200)
+    r = Recorder(home, platform)
+    assert mlxd(r, "install", "--config", str(config)) == 0
+    if platform == "darwin":
+        stop = plistlib.loads((home / "Library/LaunchAgents/com.mlxd.daemon.plist").read_bytes())["ExitTimeOut"]
+    else:
+        unit = (home / ".config/systemd/user/mlxd.service").read_text()
+        stop = int(unit.split("TimeoutStopSec=")[1].split()[0])
+    assert stop >= 100 + 200 + service.SERVER_GRACE
