@@ -16,7 +16,11 @@ from typing import AsyncIterator, Optional
 
 from .process import RequestTimeout, WorkerGone
 
-RATE_WINDOW = 5.0      # seconds of deltas behind a model's "tokens/s now"
+RATE_WINDOW = 5.0      # seconds of output behind a model's "tokens/s now"
+# The worker sends no per-token event: a token that produced output yields one of these (a
+# token held back, e.g. inside a stop string or a marker, yields none until it is released),
+# so counting them is a close lower bound; a `logprob` event is exact (one per token) when asked.
+OUTPUT = ("text", "reasoning", "tool_args")
 
 
 @dataclass
@@ -27,7 +31,7 @@ class Record:
     time: float                       # wall clock at submit
     prompt_tokens: Optional[int] = None
     cached_tokens: Optional[int] = None
-    generated: int = 0                # tokens so far (one per delta while in flight)
+    generated: int = 0                # tokens so far (output events while in flight; exact once done)
     progress: Optional[list] = None   # [done, total] prompt tokens while prefilling
     ttft: Optional[float] = None
     tokens_per_s: Optional[float] = None
@@ -57,6 +61,7 @@ class RecentRequests:
         rec = Record(id=next(self._ids), model=model, surface=surface_of(payload), time=time.time())
         self.live[rec.id] = rec
         deltas = self._deltas.setdefault(model, deque())
+        exact = False                     # logprob events seen: one per token, count those
         try:
             async with contextlib.aclosing(events):
                 async for ev in events:
@@ -65,7 +70,9 @@ class RecentRequests:
                         rec.prompt_tokens, rec.cached_tokens = ev["prompt_tokens"], ev["cached_tokens"]
                     elif op == "progress":
                         rec.progress = [ev["done"], ev["total"]]
-                    elif op == "delta":
+                    elif op == "logprob" or (op in OUTPUT and not exact):
+                        if op == "logprob" and not exact:
+                            exact, rec.generated = True, 0
                         rec.progress = None
                         rec.generated += 1
                         now = time.monotonic()

@@ -29,3 +29,38 @@ def test_recent_requests_ring_keeps_the_last_ones_and_their_outcome():
         "id": 0, "time": 0, "model": "m", "surface": "chat.completions", "prompt_tokens": 10, "cached_tokens": 4,
         "generated": 5, "progress": None, "ttft": 0.5, "tokens_per_s": 4.0, "finish_reason": "stop",
         "status": "ok", "error": None}
+
+
+def test_live_generated_and_tokens_per_s_follow_the_real_worker_stream(tmp_path):
+    """On the events a real worker sends (not a scripted stream): before, the ring waited
+    for a `delta` event no worker sends, so both stayed 0."""
+    import time as time_
+
+    from conftest import MODELS_CACHE
+    from daemon.config import parse_config
+    from daemon.lifecycle.supervisor import Supervisor
+
+    (tmp_path / "models").symlink_to(MODELS_CACHE)
+    cfg = parse_config(f"server: {{cache_dir: {tmp_path}}}\n"
+                       "models: [{name: m, source: embedded:smollm2, prefix_cache: {enabled: false}}]\n")
+
+    async def main():
+        sup = Supervisor(cfg)
+        await sup.start()
+        try:
+            h = sup.get("m")
+            assert await asyncio.wait_for(h.settled(), 600) == "ready"
+            payload = {"messages": [{"role": "user", "content": "Count from 1 to 30, one number a line."}],
+                       "max_tokens": 24, "temperature": 0.0, "top_p": 1.0, "seed": None, "stop": []}
+            live, ops = [], set()
+            async for ev in h.generate(payload):
+                ops.add(ev["op"])
+                live += [r["generated"] for r in sup.metrics.recent.records() if r["status"] == "running"]
+            rate = sup.metrics.recent.tokens_per_s("m")
+            return live, ops, rate, sup.metrics.recent.records()[0]
+        finally:
+            await sup.stop()
+    live, ops, rate, final = asyncio.run(main())
+    assert "delta" not in ops and "text" in ops                  # what the worker really sends
+    assert final["generated"] > 0 and max(live) > 0 and live == sorted(live)
+    assert 0 < rate and final["status"] == "ok"
