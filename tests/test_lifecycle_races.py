@@ -246,3 +246,32 @@ def test_a_request_timeout_is_counted_as_a_timeout():
         assert value("timeout") == 1 and not value("cancelled")
         await sup.stop()
     run(main)
+
+
+# -- count_tokens is admitted like a generation ------------------------------------------
+
+def test_count_tokens_is_behind_the_rate_limit_and_the_models_request_slots():
+    from daemon.api.app import create_app
+
+    async def main():
+        farm = Farm(auto_ready=True, answer_at_once=False)
+        sup = Supervisor(parse_config("server: {rate_limit: {requests_per_minute: 2}}\n"
+                                      "models: [{name: m, source: embedded:smollm2, "
+                                      "engine: {max_batch_size: 1, max_waiting: 0}}]\n"), spawn=farm.spawn)
+        await sup.start()
+        await until(lambda: sup.get("m").state == "ready")
+        client = create_app(sup).test_client()
+        body = {"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+        busy = sup.get("m").generate({"messages": []})
+        await anext(busy)                                  # the one slot is taken
+        r = await client.post("/v1/messages/count_tokens", json=body)
+        assert r.status_code == 529 and (await r.get_json())["error"]["type"] == "overloaded_error"   # Anthropic's "full"
+        farm.workers[0].requests[0].put_nowait("done")
+        async for _ in busy:
+            pass
+        r = await client.post("/v1/messages/count_tokens", json=body)
+        assert r.status_code == 200 and (await r.get_json())["input_tokens"] == 3
+        r = await client.post("/v1/messages/count_tokens", json=body)   # the third in a minute
+        assert r.status_code == 429 and "Rate limit" in (await r.get_json())["error"]["message"]
+        await sup.stop()
+    run(main)

@@ -189,9 +189,15 @@ async def heartbeat(events: AsyncIterator[ev_.Event], every: float) -> AsyncIter
 
 
 async def count_tokens(handle, payload: dict) -> int:
-    """The prompt's length in tokens as the worker would render it, without generating."""
+    """The prompt's length in tokens as the worker would render it, without generating.
+    Admitted like a generation (the key's rate limit, the model's request slots), since the
+    worker renders and tokenizes it the same way; its tokens are charged to the key."""
+    key = _admit()
     try:
-        reply = await handle.call("count_tokens", timeout=60, load=True, **payload)
+        reply = await handle.call("count_tokens", timeout=60, load=True, admit=True, **payload)
+    except ModelAtCapacity as e:
+        raise APIError(429, str(e), type_="rate_limit_error", code="model_at_capacity",
+                       headers={"Retry-After": "1"}) from None
     except WorkerGone as e:
         raise APIError(503, str(e), type_="server_error", code="worker_unavailable") from None
     except ModelUnavailable as e:
@@ -201,4 +207,5 @@ async def count_tokens(handle, payload: dict) -> int:
     if "error" in reply:
         err = reply["error"]
         raise APIError(400, err["message"], code=err.get("code"), param=err.get("param"))
+    current_app.config["LIMITER"].charge(key, reply["tokens"])
     return reply["tokens"]

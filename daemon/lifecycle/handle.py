@@ -361,16 +361,35 @@ class ModelHandle:
                 raise ModelUnavailable(f"model {self.name!r} is not ready ({self.state})")
         return self._worker
 
-    async def call(self, op: str, timeout: float = 30.0, load: bool = False, **fields) -> dict:
+    async def call(self, op: str, timeout: float = 30.0, load: bool = False, admit: bool = False,
+                   **fields) -> dict:
         """One request/reply operation on the ready worker (stats, cache_clear, count_tokens).
-        With `load`, a stopped model loads first; else ModelUnavailable unless it is ready."""
-        if load:
-            worker = await self.wait_ready(self.server.worker_start_timeout)
-        elif self.state != "ready" or self._worker is None:
-            raise ModelUnavailable(f"model {self.name!r} is not ready ({self.state})")
-        else:
-            worker = self._worker
-        return await worker.call(op, timeout=timeout, **fields)
+        With `load`, a stopped model loads first; else ModelUnavailable unless it is ready.
+        With `admit`, it takes a request slot like `generate` (429 past the same limit): a
+        count_tokens renders and tokenizes on the worker as a generation does."""
+        if admit:
+            self._take_slot()
+        try:
+            if load:
+                worker = await self.wait_ready(self.server.worker_start_timeout)
+            elif self.state != "ready" or self._worker is None:
+                raise ModelUnavailable(f"model {self.name!r} is not ready ({self.state})")
+            else:
+                worker = self._worker
+            return await worker.call(op, timeout=timeout, **fields)
+        finally:
+            if admit:
+                self.requests -= 1
+                self.last_used = time.time()
+
+    def _take_slot(self) -> None:
+        """Admission: checked and counted in one step (no await between)."""
+        limit = self.cfg.engine.max_batch_size + self.cfg.engine.max_waiting
+        if self.requests >= limit:
+            self.metrics.request_failed(self.name, "at_capacity")
+            raise ModelAtCapacity(f"Model '{self.name}' is at capacity ({self.requests} requests running or "
+                                  f"queued, limit {limit}); retry shortly.")
+        self.requests += 1
 
     def kill_now(self) -> None:
         """SIGKILL the worker without waiting: only for a second stop signal, as mlxd exits."""
@@ -378,12 +397,7 @@ class ModelHandle:
             self._worker.kill_now()
 
     async def generate(self, payload: dict, timeout: Optional[float] = None) -> AsyncIterator[dict]:
-        limit = self.cfg.engine.max_batch_size + self.cfg.engine.max_waiting
-        if self.requests >= limit:     # checked and counted in one step: no await between
-            self.metrics.request_failed(self.name, "at_capacity")
-            raise ModelAtCapacity(f"Model '{self.name}' is at capacity ({self.requests} requests running or "
-                                  f"queued, limit {limit}); retry shortly.")
-        self.requests += 1
+        self._take_slot()
         finished = False
         try:
             worker = await self.wait_ready(self.server.worker_start_timeout)
