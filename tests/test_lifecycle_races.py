@@ -28,18 +28,24 @@ async def served(sup) -> dict:
     raise AssertionError("no done event")
 
 
+async def serving(cfg):
+    """A started supervisor whose one model is ready on its first fake worker."""
+    farm = Farm()
+    sup = Supervisor(cfg, spawn=farm.spawn)
+    await sup.start()
+    await until(lambda: len(farm.workers) == 1)
+    farm.workers[0].ready()
+    await until(lambda: sup.get("m").state == "ready")
+    return farm, sup
+
+
 def run(main):
     asyncio.run(asyncio.wait_for(main(), 30))
 
 
 def test_an_edit_switches_routing_once_the_replacement_is_ready_and_drains_the_old():
     async def main():
-        farm = Farm()
-        sup = Supervisor(config(8), spawn=farm.spawn)
-        await sup.start()
-        await until(lambda: len(farm.workers) == 1)
-        farm.workers[0].ready()
-        await until(lambda: sup.get("m").state == "ready")
+        farm, sup = await serving(config(8))
         await sup.apply(config(4))
         await until(lambda: len(farm.workers) == 2)
         assert (await served(sup))["max_batch_size"] == 8          # the old one serves while the new loads
@@ -54,12 +60,7 @@ def test_an_edit_switches_routing_once_the_replacement_is_ready_and_drains_the_o
 
 def test_a_replacement_that_fails_to_load_leaves_the_old_one_serving():
     async def main():
-        farm = Farm()
-        sup = Supervisor(config(8), spawn=farm.spawn)
-        await sup.start()
-        await until(lambda: len(farm.workers) == 1)
-        farm.workers[0].ready()
-        await until(lambda: sup.get("m").state == "ready")
+        farm, sup = await serving(config(8))
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(handle_mod, "BACKOFF", (0.0,))
             await sup.apply(config(4))
