@@ -216,14 +216,20 @@ def test_origins_and_preflights(daemon, site):
 
 def test_json_routes_require_json_in_their_shape(daemon):
     body = json.dumps({"model": "smol", "max_tokens": 8, "messages": KEY_PROMPT})
-    for ctype in ("text/plain", "application/x-www-form-urlencoded", None):
-        headers = {"Content-Type": ctype} if ctype else {}
+    own = {"Origin": daemon.url}          # the console's own page: a browser, so the type must be JSON
+    for headers in ({"Content-Type": "text/plain"}, {"Content-Type": "multipart/form-data; boundary=x"},
+                    {"Content-Type": "text/plain", **own}, {"Content-Type": "application/x-www-form-urlencoded", **own},
+                    own, {"Sec-Fetch-Site": "same-origin"}):
         r = httpx.post(daemon.url + "/v1/chat/completions", content=body, headers=headers, timeout=10)
-        assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type", (ctype, r.text)
+        assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type", (headers, r.text)
         r = httpx.post(daemon.url + "/v1/messages", content=body, headers=headers, timeout=10)
-        assert r.status_code == 415 and r.json()["type"] == "error", (ctype, r.text)
+        assert r.status_code == 415 and r.json()["type"] == "error", (headers, r.text)
     r = httpx.post(daemon.url + "/v1/models/smol/pin", content="{}", headers={"Content-Type": "text/plain"}, timeout=10)
     assert r.status_code == 415 and daemon.model_status("smol")["pinned"] is False
+    # curl -d '{...}' (form-urlencoded, no Origin) is a script, not a page: read as JSON.
+    r = httpx.post(daemon.url + "/v1/messages", content=body,
+                   headers={"Content-Type": "application/x-www-form-urlencoded"}, timeout=300)
+    assert r.status_code == 200, r.text
 
 
 def test_official_sdks_still_work(daemon):

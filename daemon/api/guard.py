@@ -10,7 +10,12 @@ answers. So, before any route runs (auth included):
   `server.allowed_origins` is refused; CORS headers and preflight answers go to allowed
   origins only;
 - a route that takes a JSON body requires `Content-Type: application/json` (415): no
-  simple request, which is all a page can send without a preflight, reaches it;
+  simple request, which is all a page can send without a preflight, reaches it. A client
+  that is not a browser (neither `Origin` nor `Sec-Fetch-Site`: browsers send one or both
+  on every request that can cross sites) may also leave the type out or send curl `-d`'s
+  `application/x-www-form-urlencoded`: the body is read as JSON. That opens nothing to
+  pages: a browser percent-encodes a form of that type, which never parses as JSON, and
+  the other types a page can send unpreflighted (text/plain, multipart) are always 415;
 - an action route (load/unload/pin/unpin, reload, clearing a cache) also refuses a request
   a browser marks cross-site (`Sec-Fetch-Site`), even with an empty body.
 
@@ -45,6 +50,16 @@ def kind(method: str, path: str) -> str:
     if any(p.match(path) for p in _ACTIONS) or (method == "DELETE" and path in _ACTION_DELETES):
         return "action"
     return "json"
+
+
+# What non-browser clients send when their user names no type: nothing (httpx `content=`,
+# urllib) or curl -d's default. Read as JSON from those clients only.
+_UNLABELLED = ("", "application/x-www-form-urlencoded")
+
+
+def body_type_ok(mimetype: str, browser: bool) -> bool:
+    """Whether a JSON route may read this body as JSON (see the module's docstring)."""
+    return mimetype == "application/json" or (not browser and mimetype in _UNLABELLED)
 
 
 def is_loopback(host: str) -> bool:
@@ -130,10 +145,11 @@ class Guard:
         if k != "read" and site in ("cross-site", "same-site") and not trusted:
             return self.refuse(403, "Cross-site requests are not allowed; add the page's origin to "
                                     "server.allowed_origins.", "origin_not_allowed")
-        if k == "json" and request.mimetype != "application/json":
+        browser = origin is not None or bool(site)
+        if k == "json" and not body_type_ok(request.mimetype, browser):
             return self.refuse(415, f"Content-Type must be application/json, got {request.mimetype or 'none'!r}.",
                                "unsupported_media_type")
-        if k == "action" and request.mimetype not in ("", "application/json"):
+        if k == "action" and not (request.mimetype == "" or body_type_ok(request.mimetype, browser)):
             return self.refuse(415, f"This action takes no body or a JSON one, got {request.mimetype!r}.",
                                "unsupported_media_type")
         return None
