@@ -109,7 +109,9 @@ class Engine(_Strict):
     max_batch_size: int = Field(8, ge=1, le=256, description="Requests decoded together.")
     prefill_batch_size: int = Field(4, ge=1, le=64, description="Prompts prefilled together.")
     prefill_step_size: int = Field(512, ge=16, description="Tokens per prefill chunk; smaller keeps decode of others smooth.")
-    context_length: Optional[int] = Field(None, ge=16, description="Max prompt + completion tokens; default: the model's.")
+    context_length: Optional[int] = Field(None, ge=16, description=("Max prompt + completion tokens. Default: the longest that max_batch_size requests fit in "
+        "server.memory_budget (or the machine's memory) beside the weights and the prefix cache, at most the model's own; "
+        "logged at start. A value set here is kept whatever it costs."))
     max_waiting: int = Field(64, ge=0, description="Requests queued beyond max_batch_size before new ones get 429.")
     speculative: Optional[Speculative] = Field(None, description="Speculative decoding; null (default): off.")
 

@@ -132,6 +132,8 @@ class WorkerProcess:
         out = ["--cache-orphan-ttl", str(self.server.cache_orphan_ttl)]
         if self.server.cache_disk_budget is not None:
             out += ["--cache-disk-budget", str(self.server.cache_disk_budget)]
+        if self.server.memory_budget is not None:
+            out += ["--memory-budget", str(self.server.memory_budget)]    # the default context length's bound
         return out
 
     async def _start_ranks(self, env: dict) -> tuple[dict, list[str]]:

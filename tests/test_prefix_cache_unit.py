@@ -194,6 +194,43 @@ def test_the_write_queue_is_bounded_in_bytes(model, tmp_path):
     pc.close()
 
 
+def test_an_entry_larger_than_the_disk_budget_is_not_written(model, tmp_path):
+    """It used to evict every other entry to make room, and then itself. KV grows in steps of
+    256 tokens, so the two entries are one step (80 tokens) and two steps (300) long."""
+    short, long = TOKENS, TOKENS + list(range(1000, 1220))
+    caches = [prefill(model, t, make_prompt_cache(model)) for t in (short, long)]
+    one_step, two_steps = (sum(c.nbytes for c in cache) for cache in caches)
+    assert two_steps > one_step * 1.5
+    budget = (one_step + two_steps) // 2 + 65536            # the short entry's file fits, the long one does not
+    pc = new_cache(model, tmp_path, disk_budget=budget)
+    pc.store(short, caches[0])
+    pc.disk.flush()
+    pc.store(long, caches[1])            # extends the short one, which it would supersede if written
+    pc.disk.flush()
+    s = pc.stats()["disk"]
+    assert (s["too_large"], s["entries"], s["evictions"], s["superseded"]) == (1, 1, 0, 0), s
+    assert pc.fetch(long + [5])[1:] == (len(long), "memory")          # still served, from memory
+    pc.close()
+    again = new_cache(model, tmp_path, disk_budget=budget)
+    assert again.fetch(short + [5])[1:] == (len(short), "disk")        # the short one stayed on disk
+    again.close()
+
+
+def test_cache_files_are_private(model, tmp_path):
+    """Prompts are the user's: 0600 files in 0700 directories, also ones an older mlxd left 0755."""
+    root = tmp_path / "prefix"
+    root.mkdir()
+    os.chmod(root, 0o755)                                   # as an older mlxd left it
+    pc = new_cache(model, root)
+    pc.store(TOKENS, prefill(model, TOKENS, make_prompt_cache(model)))
+    pc.disk.flush()
+    files = list(pc.disk.dir.iterdir())
+    assert {p.suffix or p.name for p in files} == {".safetensors", ".json", ".lock"}, files
+    assert all(p.stat().st_mode & 0o777 == 0o600 for p in files), [(p.name, oct(p.stat().st_mode)) for p in files]
+    assert root.stat().st_mode & 0o777 == 0o700 and pc.disk.dir.stat().st_mode & 0o777 == 0o700
+    pc.close()
+
+
 def test_the_namespace_names_the_mlx_and_mlx_lm_versions(model, tmp_path):
     import mlx_lm
     pc = new_cache(model, tmp_path)

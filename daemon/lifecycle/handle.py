@@ -232,8 +232,9 @@ class ModelHandle:
                 self.last_error = str(e)
                 log.error("%s", e)
             else:
-                log.info("model %s ready (pid %s, %s, %s, BLAS %s, loaded in %.1fs)", self.name,
-                         info["pid"], info["device"], info["dtype"], info["blas"], info["load_seconds"])
+                log.info("model %s ready (pid %s, %s, %s, BLAS %s, context %s tokens, loaded in %.1fs)", self.name,
+                         info["pid"], info["device"], info["dtype"], info["blas"], info.get("context_length"),
+                         info["load_seconds"])
                 self.started_at, self.started_wall = time.monotonic(), time.time()
                 self.start_seconds = self.started_at - spawned
                 self.metrics.worker_start.labels(self.name).observe(self.start_seconds)

@@ -38,11 +38,25 @@ def _reader(chan: SyncChannel, inbox: queue.Queue) -> None:
         inbox.put(None)
 
 
-def _context_length(model, cfg: ModelConfig) -> int:
-    if cfg.engine.context_length:
-        return cfg.engine.context_length
+def _context_length(model, cfg: ModelConfig, path: Path, memory_budget: Optional[int]) -> tuple[int, Optional[int]]:
+    """(the context length, KV bytes per token): see context.py; logged with where it comes from."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from . import context
+
+    mcfg = context.text_config(path)
     args = getattr(model, "args", None)
-    return int(getattr(args, "max_position_embeddings", None) or 4096)
+    model_max = mcfg.get("max_position_embeddings") or getattr(args, "max_position_embeddings", None)
+    floats = [v.dtype for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)]
+    kv = context.kv_bytes_per_token(mcfg, floats[0].size if floats else 2)
+    memory = memory_budget or context.machine_memory()
+    cache_memory = cfg.prefix_cache.memory_budget if cfg.prefix_cache.enabled else 0
+    choice = context.choose(explicit=cfg.engine.context_length, model_max=model_max, kv_per_token=kv,
+                            batch=cfg.engine.max_batch_size, memory=memory, weights=mx.get_active_memory(),
+                            cache_memory=cache_memory, budget_named=memory_budget is not None)
+    log.info("model %s: context length %d tokens (%s)", cfg.name, choice.tokens, choice.why)
+    return choice.tokens, kv
 
 
 def tokenizer_config(cfg: ModelConfig) -> dict:
@@ -55,9 +69,11 @@ def tokenizer_config(cfg: ModelConfig) -> dict:
     return out
 
 
-def load(cfg: ModelConfig, cache_dir, *, total_disk_budget=None, orphan_ttl=7 * 86400.0, group=None, bells=None):
+def load(cfg: ModelConfig, cache_dir, *, total_disk_budget=None, orphan_ttl=7 * 86400.0, group=None, bells=None,
+         memory_budget=None):
     """Resolve the source, load weights (this rank's layers only, in a group), build the engine;
-    returns (engine, info). `bells` makes rank 0's engine, `group` without them a follower's."""
+    returns (engine, info). `bells` makes rank 0's engine, `group` without them a follower's.
+    `memory_budget`: server.memory_budget, which bounds the default context length."""
     import mlx.core as mx
     from mlx_lm import load as mlx_load
 
@@ -84,6 +100,7 @@ def load(cfg: ModelConfig, cache_dir, *, total_disk_budget=None, orphan_ttl=7 * 
         # GGUF scales are float16, and MLX's CPU quantized matmul is ~35x slower in float16.
         model.set_dtype(mx.float32)
         log.info("quantized weights on a CPU device: scales and activations in float32")
+    context_length, kv_per_token = _context_length(model, cfg, resolved.path, memory_budget)   # weights only so far
     prefix_cache = None
     if cfg.prefix_cache.enabled:
         prefix_cache = PrefixCache(
@@ -100,14 +117,14 @@ def load(cfg: ModelConfig, cache_dir, *, total_disk_budget=None, orphan_ttl=7 * 
     engine = kind(
         model, tokenizer,
         max_batch_size=cfg.engine.max_batch_size, prefill_batch_size=cfg.engine.prefill_batch_size,
-        prefill_step_size=cfg.engine.prefill_step_size, context_length=_context_length(model, cfg),
+        prefill_step_size=cfg.engine.prefill_step_size, context_length=context_length,
         default_max_tokens=cfg.sampling.max_tokens, prefix_cache=prefix_cache,
         reasoning_parser=cfg.reasoning_parser,
         speculative=cfg.engine.speculative.model_dump() if cfg.engine.speculative else None, **extra)
     info = {
         "pid": os.getpid(), "path": str(resolved.path), "kind": resolved.kind, "dtype": resolved.dtype, "serves": "chat",
         "fingerprint": resolved.fingerprint, "device": device_name(), "blas": loaded_blas(),
-        "context_length": engine.context_length, "load_seconds": round(time.perf_counter() - t0, 3),
+        "context_length": engine.context_length, "kv_bytes_per_token": kv_per_token, "load_seconds": round(time.perf_counter() - t0, 3),
         "mlx_memory_bytes": mx.get_active_memory(),
     }
     if group is not None:
@@ -235,6 +252,7 @@ def main(argv=None) -> int:
     p.add_argument("--cache-dir", required=True)
     p.add_argument("--cache-disk-budget", type=int, help="bytes for every prefix cache under cache-dir together")
     p.add_argument("--cache-orphan-ttl", type=float, default=7 * 86400.0)
+    p.add_argument("--memory-budget", type=int, help="server.memory_budget: bounds the default context length")
     p.add_argument("--rank", type=int, help="a distributed model's rank (MLX_RANK says the same)")
     p.add_argument("--doorbell", help="ip:port rank 0 of a distributed model listens on")
     args = p.parse_args(argv)
@@ -253,7 +271,8 @@ def main(argv=None) -> int:
             bells = Bells(args.doorbell, len(cfg.distributed.hosts) - 1)   # bound before the others connect
             group = mx.distributed.init(backend=cfg.distributed.backend, strict=True)
         engine, info = load(cfg, Path(args.cache_dir), total_disk_budget=args.cache_disk_budget,
-                            orphan_ttl=args.cache_orphan_ttl, group=group, bells=bells)
+                            orphan_ttl=args.cache_orphan_ttl, group=group, bells=bells,
+                            memory_budget=args.memory_budget)
         if bells is not None:
             bells.gather()
     except BaseException as e:
@@ -289,7 +308,7 @@ def follow(cfg: ModelConfig, args) -> int:
     error = None
     try:
         engine, info = load(cfg, Path(args.cache_dir), total_disk_budget=args.cache_disk_budget,
-                            orphan_ttl=args.cache_orphan_ttl, group=group)
+                            orphan_ttl=args.cache_orphan_ttl, group=group, memory_budget=args.memory_budget)
     except Exception as e:
         traceback.print_exc()
         error = f"{type(e).__name__}: {e}"

@@ -19,6 +19,9 @@ Why this shape:
   it is evicted, but the queue still holds its arrays): past the bound an entry is not
   written, and counted. Dropping beats back-pressure here: waiting for the disk would stall
   every decoding stream, while a dropped entry costs only a recomputation, later.
+- An entry larger than the budget (the namespace's or the directory's) is not written, and
+  counted (`too_large`): making room for it would evict every other entry, and it would
+  still not fit. Files are 0600 and directories 0700: prompts are the user's.
 - Two workers can share a namespace (two configured models with the same weights, or a
   replacement worker starting beside the one it replaces), so start-up removes only
   leftovers that no live writer can still finish: temp files of dead processes and files
@@ -103,9 +106,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _private_dir(path: Path) -> None:
+    """Create `path` (and its missing parents) 0700, and make an existing one 0700."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.stat().st_mode & 0o077:
+        os.chmod(path, 0o700)
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
@@ -138,8 +148,8 @@ class DiskTier:
         self.write_buffer = write_buffer
         self.records: dict[str, dict] = {}
         self.lock = threading.Lock()
-        self.counters = {"writes": 0, "write_errors": 0, "dropped_writes": 0, "evictions": 0, "superseded": 0,
-                         "corrupt": 0, "loads": 0}
+        self.counters = {"writes": 0, "write_errors": 0, "dropped_writes": 0, "too_large": 0, "evictions": 0,
+                         "superseded": 0, "corrupt": 0, "loads": 0}
         self.queue: queue.Queue = queue.Queue()
         self.pending: dict[str, _Write] = {}     # queued or being written: readable before they land
         self.queued_bytes = 0
@@ -164,9 +174,10 @@ class DiskTier:
         removed the directory just before we locked it leaves us a lock on a deleted file:
         then start over."""
         for _ in range(5):
-            self.dir.mkdir(parents=True, exist_ok=True)
+            _private_dir(self.root)
+            _private_dir(self.dir)
             lock = self.dir / ".lock"
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
             fcntl.flock(fd, fcntl.LOCK_SH)
             try:
                 same = os.path.samestat(os.fstat(fd), os.stat(lock))
@@ -193,7 +204,7 @@ class DiskTier:
             try:
                 if d == self.dir or d.is_symlink() or not d.is_dir() or now - d.stat().st_mtime <= ttl:
                     continue
-                fd = os.open(d / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+                fd = os.open(d / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
             except OSError:
                 continue            # removed by another sweep meanwhile
             try:
@@ -255,11 +266,15 @@ class DiskTier:
 
     def write(self, key: str, tokens: np.ndarray, cache: list, meta: dict, supersedes: list[str] = ()) -> bool:
         """Queue an entry; the entries it `supersedes` are removed once it is durable. False
-        when it will not be written: the tier is off, or `write_buffer` bytes are queued
-        already (an entry alone in the queue is taken whatever its size)."""
+        when it will not be written: the tier is off, it is larger than a budget, or
+        `write_buffer` bytes are queued already (an entry alone in the queue is taken
+        whatever its size)."""
         if not self.usable:
             return False
         nbytes = sum(c.nbytes for c in cache)
+        if not self._fits(nbytes):
+            self.counters["too_large"] += 1
+            return False
         with self.lock:
             if self.queued_bytes and self.queued_bytes + nbytes > self.write_buffer:
                 self.counters["dropped_writes"] += 1
@@ -269,6 +284,9 @@ class DiskTier:
             self.pending[key] = item
         self.queue.put(item)
         return True
+
+    def _fits(self, nbytes: int) -> bool:
+        return all(b is None or nbytes <= b for b in (self.budget, self.total_budget))
 
     def supersede(self, keys: list[str]) -> None:
         for key in keys:
@@ -309,9 +327,14 @@ class DiskTier:
         if self.stage is not None:
             meta["stage"] = self.stage
         save_prompt_cache(str(tmp), item.cache, metadata=meta)
+        os.chmod(tmp, 0o600)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         size = tmp.stat().st_size
+        if not self._fits(size):                  # the arrays fitted, the file (header, tokens) does not
+            tmp.unlink(missing_ok=True)
+            self.counters["too_large"] += 1
+            return
         crc = _crc32(tmp)
         os.replace(tmp, path)
         record = {"key": key, "n_tokens": int(len(tokens)), "size": size, "crc32": crc,
