@@ -204,15 +204,19 @@ def test_ping_events_while_a_stream_waits(daemon):
     with httpx.stream("POST", f"{daemon.url}/v1/completions", json=hog, timeout=600, headers=headers) as h:
         hog_lines = h.iter_lines()      # kept: a dropped iterator closes the response
         next(line for line in hog_lines if '"text":' in line)     # it decodes
-        with httpx.stream("POST", f"{daemon.url}/v1/messages?beta=true", json=body, timeout=600,
-                          headers=headers) as r:
+        # Pings come every 0.25 s: two minutes without a byte is a hang, not a slow machine.
+        with httpx.stream("POST", f"{daemon.url}/v1/messages?beta=true", json=body, headers=headers,
+                          timeout=httpx.Timeout(600, read=120)) as r:
             assert r.status_code == 200
-            for line in r.iter_lines():
-                if line.startswith("event: "):
-                    seen.append(line[7:])
-                if seen.count("ping") == 3 and held:
-                    h.close()       # the slot is free: the waiting request runs
-                    held = False
+            try:
+                for line in r.iter_lines():
+                    if line.startswith("event: "):
+                        seen.append(line[7:])
+                    if seen.count("ping") == 3 and held:
+                        h.close()       # the slot is free: the waiting request runs
+                        held = False
+            except httpx.ReadTimeout:
+                pytest.fail(f"nothing for 120 s on a stream waiting for the batch slot: {seen}")
     first_block = seen.index("content_block_start")
     assert seen[0] == "message_start" and seen[:first_block].count("ping") >= 3, seen
     assert "content_block_delta" in seen and seen[-1] == "message_stop", seen
