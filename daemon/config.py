@@ -124,6 +124,23 @@ class PrefixCache(_Strict):
         "(counted as dropped_writes), so a slow disk never holds more memory than this."))
 
 
+class Embedding(_Strict):
+    """How an embedding model answers; pooling, normalisation and window come from its directory."""
+
+    truncate: bool = Field(False, description=(
+        "Cut inputs longer than the model's window to fit; false (default): such an input is a 400 naming it. "
+        "Ollama's /api/embed asks per request (its `truncate`, true by default)."))
+    allow_dimensions: bool = Field(False, description=(
+        "Accept `dimensions` (truncate and renormalise) for a model not trained for it (Matryoshka); "
+        "its shorter vectors then lose quality."))
+    batch_tokens: int = Field(8192, ge=16, description=(
+        "Tokens (padded) in one forward pass at most; inputs of all waiting requests are grouped by length."))
+    max_seq_length: Optional[int] = Field(None, ge=2, description="The window in tokens; default: the model's.")
+    pooling: Optional[Literal["mean", "cls", "last"]] = Field(None, description=(
+        "Default: the sentence-transformers directory's, else last token for decoder models and mean for encoders."))
+    normalize: Optional[bool] = Field(None, description="Unit-length vectors; default: the directory's (true without one).")
+
+
 def _ip(v: str) -> str:
     try:
         return str(ipaddress.ip_address(v))
@@ -189,7 +206,7 @@ def _check_template(v: Optional[Path]) -> Optional[Path]:
 
 class ModelConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$", description="The id clients send as `model`.")
-    source: str = Field(description="embedded:smollm2 or embedded:gemma3-270m, a .gguf file, a local MLX directory, a Hugging Face repo id in the local HF cache, ollama:NAME[:TAG] or lmstudio:PUBLISHER/MODEL (`mlxd models` lists them).")
+    source: str = Field(description="embedded:smollm2, embedded:gemma3-270m or embedded:all-minilm-l6-v2 (embeddings), a .gguf file, a local MLX directory, a Hugging Face repo id in the local HF cache, ollama:NAME[:TAG] or lmstudio:PUBLISHER/MODEL (`mlxd models` lists them).")
     aliases: tuple[str, ...] = ()
     dtype: Literal["auto", "float32", "float16", "bfloat16", "quantized"] = Field(
         "auto", description="auto: quantized on Metal, float32 on a CPU device.")
@@ -210,6 +227,10 @@ class ModelConfig(_Strict):
     distributed: Optional[Distributed] = Field(None, description=(
         "Serve this model from a pipeline-parallel group of processes over MLX distributed; "
         "each rank holds only its layers."))
+    kind: Optional[Literal["chat", "embedding"]] = Field(None, description=(
+        "embedding: serve /v1/embeddings (and Ollama's /api/embed) instead of generating. Default: detected "
+        "from the directory (a sentence-transformers model is an embedding model)."))
+    embedding: Embedding = Embedding()
     # The template file's content when this config was read: editing the file in place is a
     # change of the entry (the worker renders with it), like editing the YAML.
     _template_digest: Optional[str] = PrivateAttr(None)
@@ -219,6 +240,8 @@ class ModelConfig(_Strict):
         if self.distributed is not None and self.engine.speculative is not None:
             # Every rank would have to run the same drafts and rollbacks: not broadcast yet.
             raise ValueError("engine.speculative is not supported with distributed yet; remove one of them")
+        if self.distributed is not None and self.kind == "embedding":
+            raise ValueError("an embedding model cannot be distributed; remove one of kind or distributed")
         return self
 
     def model_post_init(self, _context: Any) -> None:
@@ -230,7 +253,7 @@ class ModelConfig(_Strict):
         """What a running worker depends on; a change to anything else applies live."""
         key = self.model_dump(mode="json", include={
             "source", "dtype", "engine", "prefix_cache", "chat_template", "tool_parser", "reasoning_parser",
-            "distributed"})
+            "distributed", "kind", "embedding"})
         del key["engine"]["max_waiting"]       # enforced in the daemon: a change applies live
         key["chat_template_sha256"] = self._template_digest
         return json.dumps(key, sort_keys=True)
@@ -254,6 +277,26 @@ class RateLimit(_Strict):
     tokens_per_minute: Optional[int] = Field(None, ge=1, description="Prompt + generated tokens.")
 
 
+def _origin(v: str) -> str:
+    """`*`, or a web origin as browsers send it: scheme://host[:port], nothing after."""
+    from urllib.parse import urlsplit
+
+    if v == "*":
+        return v
+    parts = urlsplit(v.strip().lower())
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if parts.scheme not in ("http", "https") or not parts.hostname or port == -1 or parts.path not in ("", "/") \
+            or parts.query or parts.fragment or parts.username:
+        raise ValueError(f"{v!r} is not a web origin; expected scheme://host[:port] such as "
+                         "http://localhost:3000, or \"*\"")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    default = {"http": 80, "https": 443}[parts.scheme]
+    return f"{parts.scheme}://{host}" + (f":{port}" if port and port != default else "")
+
+
 class Server(_Strict):
     """Applied live at a reload, except host and port (a restart of mlxd) and cache_dir (new workers)."""
 
@@ -265,6 +308,9 @@ class Server(_Strict):
     shutdown_timeout: float = Field(30.0, ge=0, description="Seconds in-flight requests may take to finish when the daemon stops.")
     memory_budget: Optional[Size] = Field(None, description="Memory all workers may use; least-recently-used idle models are stopped to make room.")
     auth: Auth = Auth()
+    allowed_origins: tuple[Annotated[str, AfterValidator(_origin)], ...] = Field((), description=(
+        "Web origins (scheme://host[:port]) whose pages may call mlxd from a browser and read the answers "
+        "(CORS). Empty (default): only the console's own page. \"*\" lets every web page in (logged as a warning)."))
     rate_limit: RateLimit = RateLimit()
     max_body_bytes: Size = parse_size("8MiB")
     request_timeout: Optional[float] = Field(900.0, gt=0, description="Seconds a request may take in all; null: no limit.")

@@ -69,6 +69,8 @@ def load(cfg: ModelConfig, cache_dir, *, total_disk_budget=None, orphan_ttl=7 * 
 
     t0 = time.perf_counter()
     resolved = resolve_model(cfg.source, dtype=cfg.dtype, cache_dir=cache_dir)
+    if is_embedding(cfg, resolved.path):
+        return load_embedding(cfg, resolved, t0)
     stage, cache_args = None, {}
     if group is not None:
         from ..models.pipeline import load_stage, stage as stage_of
@@ -104,13 +106,35 @@ def load(cfg: ModelConfig, cache_dir, *, total_disk_budget=None, orphan_ttl=7 * 
         reasoning_parser=cfg.reasoning_parser,
         speculative=cfg.engine.speculative.model_dump() if cfg.engine.speculative else None, **extra)
     info = {
-        "pid": os.getpid(), "path": str(resolved.path), "kind": resolved.kind, "dtype": resolved.dtype,
+        "pid": os.getpid(), "path": str(resolved.path), "kind": resolved.kind, "dtype": resolved.dtype, "serves": "chat",
         "fingerprint": resolved.fingerprint, "device": device_name(), "blas": loaded_blas(),
         "context_length": engine.context_length, "load_seconds": round(time.perf_counter() - t0, 3),
         "mlx_memory_bytes": mx.get_active_memory(),
     }
     if group is not None:
         info["group"] = {"rank": group.rank(), "size": group.size(), "stage": stage.tag}
+    return engine, info
+
+
+def is_embedding(cfg: ModelConfig, path: Path) -> bool:
+    from ..embeddings.spec import is_embedding_dir
+    return cfg.kind == "embedding" or (cfg.kind is None and path.is_dir() and is_embedding_dir(path))
+
+
+def load_embedding(cfg: ModelConfig, resolved, t0: float):
+    """An embedding model's engine (`embeddings/engine.py`): same protocol, no generation."""
+    import mlx.core as mx
+
+    from ..embeddings.engine import load as load_embedder
+    from .blas import device_name, loaded_blas
+
+    engine, spec = load_embedder(cfg, resolved.path, resolved.dtype)
+    info = {
+        "pid": os.getpid(), "path": str(resolved.path), "kind": resolved.kind, "dtype": resolved.dtype,
+        "serves": "embedding", "embedding": spec.info(), "fingerprint": resolved.fingerprint,
+        "device": device_name(), "blas": loaded_blas(), "context_length": engine.context_length,
+        "load_seconds": round(time.perf_counter() - t0, 3), "mlx_memory_bytes": mx.get_active_memory(),
+    }
     return engine, info
 
 
@@ -172,7 +196,9 @@ def handle(engine, msg: dict) -> Optional[dict]:
 
 
 def _cancel_all(engine) -> list[dict]:
-    return [engine.cancel(rid) for rid in [*engine.uid_of, *engine.parked, *(h.active.id for h in engine.held)]]
+    ids = engine.request_ids() if hasattr(engine, "request_ids") else \
+        [*engine.uid_of, *engine.parked, *(h.active.id for h in engine.held)]
+    return [engine.cancel(rid) for rid in ids]
 
 
 def serve(chan: SyncChannel, engine) -> None:
@@ -182,7 +208,8 @@ def serve(chan: SyncChannel, engine) -> None:
 
     inbox: queue.Queue = queue.Queue()
     engine.wake = lambda: inbox.put({"op": "wake"})      # a disk read or a grammar for a parked request is done
-    preparer = engine.preparer = Preparer(engine, inbox.put)
+    # An embedding engine has no prompt to render: its submits are handled here, as before.
+    preparer = engine.preparer = Preparer(engine, inbox.put) if hasattr(engine, "prepare") else None
     threading.Thread(target=_reader, args=(chan, inbox), daemon=True).start()
     try:
         _serve(chan, engine, inbox, preparer)
@@ -192,8 +219,9 @@ def serve(chan: SyncChannel, engine) -> None:
         if hasattr(engine, "shutdown"):
             engine.shutdown()
     finally:
-        preparer.close()
-        if engine.prefix_cache is not None:
+        if preparer is not None:
+            preparer.close()
+        if getattr(engine, "prefix_cache", None) is not None:
             engine.prefix_cache.close()      # always: a daemon gone mid-request must not lose the disk queue
 
 
@@ -216,15 +244,17 @@ def _serve(chan: SyncChannel, engine, inbox: queue.Queue, preparer) -> None:
                     engine.shutdown()            # the group's other ranks store what was cancelled, then exit
                 return
             op = msg["op"]
-            if op == "submit":
+            if preparer is None:
+                pass
+            elif op == "submit":
                 preparer.submit(msg)
                 continue
-            if op == "count_tokens":
+            elif op == "count_tokens":
                 preparer.count_tokens(msg)
                 continue
-            if op == "cancel" and preparer.cancel(msg["id"]):
+            elif op == "cancel" and preparer.cancel(msg["id"]):
                 continue
-            if op == "prepared" and not preparer.taken(msg["msg"]["id"]):
+            elif op == "prepared" and not preparer.taken(msg["msg"]["id"]):
                 continue                      # cancelled while it was being prepared
             if op == "reply":
                 if msg["frame"].pop("internal", False):

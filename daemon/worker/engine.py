@@ -291,6 +291,10 @@ class Engine:
     def prepare(self, msg: dict) -> Prepared:
         """A request's prompt rendered, tokenized and checked against the context. Touches no
         engine state, so the worker runs it off the engine's thread (`prepare.py`)."""
+        if "embed" in msg:
+            raise RequestError("this model is a language model, not an embedding model: it serves chat and "
+                               "completions; embeddings need a model entry with kind: embedding (or a "
+                               "sentence-transformers directory)", code="model_not_supported", param="model")
         tokens, prompt_text = self.tokenize(msg, max_chars=self.char_limit)
         if not tokens:
             raise RequestError("the prompt is empty", param="prompt")
