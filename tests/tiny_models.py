@@ -139,7 +139,7 @@ THINKING_TEMPLATE = r"""{%- if tools %}
 THINKING_FILE = "thinking_template.jinja"   # beside the weights; not a name mlx-lm or transformers picks up
 
 _COMMON = {"vocab_size": VOCAB, "hidden_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
-           "max_position_embeddings": 8192}
+           "max_position_embeddings": 32768}
 
 # Real layouts, scaled down. What matters for the cache is each family's mix of layers.
 CONFIGS: dict[str, dict] = {
@@ -218,7 +218,7 @@ def _tokenizer_files() -> dict[str, str]:
     tok.train_from_iterator(_corpus(), trainer)
     tok.add_tokens([AddedToken(m, special=False, normalized=False) for m in MARKERS])
     assert tok.get_vocab_size() <= VOCAB, tok.get_vocab_size()
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 8192,
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 32768,
               "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
               "add_bos_token": False, "clean_up_tokenization_spaces": False, "chat_template": CHATML}
     return {"tokenizer.json": tok.to_str(pretty=True), "tokenizer_config.json": json.dumps(config, indent=2)}
