@@ -110,7 +110,8 @@ def test_quantized_import_matches_float32(quant, f32_loaded):
     assert isinstance(q_proj, nn.QuantizedLinear) and (q_proj.bits, q_proj.group_size) == (4, 32)
     if not mx.metal.is_available():
         # MLX's CPU quantized matmul is ~35x slower with float16 activations than float32;
-        # float32 scales compute the same packed weights.
+        # float32 scales compute the same packed weights. (test_gguf_archs.py runs float16
+        # activations of packed Q8_0/Q4_0 on tiny files, against the numpy reference.)
         model.set_dtype(mx.float32)
     # A prefix keeps the CPU quantized kernels to a few seconds.
     ids = tokenizer.encode(PROSE)[:32]
