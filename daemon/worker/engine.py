@@ -23,13 +23,13 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import mlx.core as mx
-from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import KVCache, can_trim_prompt_cache, make_prompt_cache
 from mlx_lm.sample_utils import greedy_sampler
 from mlx_lm.tool_parsers import json_tools
 
 from ..events import Done, Error, Logprob, Progress, Started
 from . import tools as toolfmt
+from .batch import Batch, Waiting
 from .grammar import Compiler, GrammarError, GrammarProcessor, reasoning_end, request_grammar, tool_call_grammar
 from .output import THINK, Markers, Output, initial_state, state_machine
 from .sampling import make_sampler
@@ -74,23 +74,6 @@ class Active:
 
 
 @dataclass
-class Parked:
-    """A request not in the batch yet: its grammar compiles, or its cached prefix is read from
-    disk, off the engine's thread."""
-    active: Active
-    tokens: list[int]
-    sampler: Any
-    grammar: Optional[Future] = None    # the compiler's Future of the request's matcher
-    read: Any = None                    # the prefix cache's Future for the read
-    spec: tuple = ()                    # make_sampler's arguments (a group's other ranks build the same)
-    wanted: Optional[tuple] = None      # the grammar and its field, when constrained
-
-    @property
-    def waiting_on(self) -> Future:
-        return self.grammar if self.grammar is not None else self.read
-
-
-@dataclass
 class SpecToken:
     """One token of a speculative row, shaped like BatchGenerator's responses for `_advance`."""
     uid: int
@@ -104,7 +87,7 @@ class Engine:
     def __init__(self, model, tokenizer, *, max_batch_size: int, prefill_batch_size: int,
                  prefill_step_size: int, context_length: int, default_max_tokens: int,
                  prefix_cache: Any = None, reasoning_parser: Optional[str] = None,
-                 speculative: Optional[dict] = None, stream: Any = None):
+                 speculative: Optional[dict] = None, stream: Any = None, record: bool = False):
         self.model = model
         self.stream = stream        # a group's ranks must run every collective on one stream
         self.tokenizer = tokenizer
@@ -114,7 +97,9 @@ class Engine:
         self.eos = set(tokenizer.eos_token_ids)
         self.max_batch_size, self.prefill_batch_size, self.prefill_step_size = \
             max_batch_size, prefill_batch_size, prefill_step_size
-        self.gen = self._new_generator()
+        self.batch = Batch(model, max_tokens=default_max_tokens, stop_tokens=[[t] for t in sorted(self.eos)],
+                           completion_batch_size=max_batch_size, prefill_batch_size=prefill_batch_size,
+                           prefill_step_size=prefill_step_size, stream=stream, record=record)
         # Prompt-lookup speculation: only on plain KV caches, since rejected draft tokens must
         # leave the cache (rotating windows and recurrent state cannot be trimmed back).
         fresh = make_prompt_cache(model)
@@ -123,11 +108,11 @@ class Engine:
         if speculative and not plain:
             log.warning("speculative decoding is off for this model: its KV cache cannot be trimmed")
         self.spec: Optional[SpecBatch] = self._new_spec()
-        self.held: deque[Parked] = deque()     # beyond max_batch_size while speculative rows decode apart
+        self.held: deque[Waiting] = deque()    # beyond max_batch_size while speculative rows decode apart
         self.active: dict[int, Active] = {}
         self.uid_of: dict[str, int] = {}
         self.decoding: set[int] = set()
-        self.parked: dict[str, Parked] = {}    # waiting for their grammar or their cached prefix
+        self.parked: dict[str, Waiting] = {}   # waiting for their grammar or their cached prefix
         self.wake = lambda: None               # called (from another thread) when a parked request can start
         self.compiler: Optional[Compiler] = None
         self.internal_errors = 0
@@ -147,17 +132,6 @@ class Engine:
         elif reasoning_parser == "none":
             self.think = None
         self._machines: dict[Markers, Any] = {}
-
-    def _new_generator(self) -> BatchGenerator:
-        return BatchGenerator(
-            self.model,
-            max_tokens=self.default_max_tokens,
-            stop_tokens=[[t] for t in sorted(self.eos)],
-            completion_batch_size=self.max_batch_size,
-            prefill_batch_size=min(self.prefill_batch_size, self.max_batch_size),
-            prefill_step_size=self.prefill_step_size,
-            stream=self.stream,
-        )
 
     def _new_spec(self) -> Optional[SpecBatch]:
         if self.speculative is None:
@@ -300,7 +274,7 @@ class Engine:
         a = Active(id=rid, uid=None, prompt_tokens=len(tokens), cached_tokens=0, max_tokens=max_tokens,
                    out=out, t_submit=time.perf_counter(),
                    top_logprobs=int(msg.get("top_logprobs") or 0) if msg.get("logprobs") else None)
-        p = Parked(a, tokens, make_sampler(*spec), spec=spec, wanted=wanted)
+        p = Waiting(a, tokens, make_sampler(*spec), spec=spec, wanted=wanted)
         if wanted is not None:
             if self.compiler is None:
                 self.compiler = Compiler(self.tokenizer, self._vocab_size())
@@ -312,7 +286,7 @@ class Engine:
         return (float(msg.get("temperature", 0.0)), float(msg.get("top_p", 1.0)), msg.get("seed"),
                 int(msg.get("top_k") or 0))
 
-    def _start(self, p: Parked) -> Optional[dict]:
+    def _start(self, p: Waiting) -> Optional[dict]:
         """Insert a request into the batch on top of its cached prefix; park it (None) while
         its grammar compiles or that prefix is read from disk, so the engine keeps stepping
         everyone else. A grammar that does not compile raises GrammarError."""
@@ -357,25 +331,22 @@ class Engine:
         """Whether a cache hit can be used (a group's every rank must serve its shard of that length)."""
         return True
 
-    def _insert(self, p: Parked, cache, n_cached: int) -> int:
-        extra = {"logits_processors": [[p.active.grammar]]} if p.active.grammar is not None else {}
+    def _insert(self, p: Waiting, cache, n_cached: int) -> int:
         # A request decoded speculatively leaves the BatchGenerator when its prompt ends, and
         # the one token the BatchGenerator samples there is dropped: it draws greedily.
         sampler = greedy_sampler if p.active.sampler is not None else p.sampler
-        (uid,) = self.gen.insert(
-            [p.tokens[n_cached:]], max_tokens=[p.active.max_tokens], caches=[cache],
-            all_tokens=[list(p.tokens[:n_cached])], samplers=[sampler], **extra)
-        return uid
+        return self.batch.insert(p.tokens, n_cached=n_cached, cache=cache, max_tokens=p.active.max_tokens,
+                                 sampler=sampler, processor=p.active.grammar, checkpoints=p.checkpoints,
+                                 key=p.active.cache_key if cache is not None else None, spec=p.spec, wanted=p.wanted)
 
     def _remove(self, uid: int, caches: bool = False):
         """Take a sequence out of the batch; its (cache, tokens) when asked for."""
-        return self.gen.remove([uid], return_prompt_caches=caches).get(uid) if caches else self.gen.remove([uid])
-
-    def _next(self):
-        return self.gen.next()
+        return self.batch.remove(uid, caches)
 
     def clear_cache(self) -> int:
-        return self.prefix_cache.clear() if self.prefix_cache is not None else 0
+        n = self.prefix_cache.clear() if self.prefix_cache is not None else 0
+        self.batch.log("clear")
+        return n
 
     def cancel(self, rid: str) -> Optional[dict]:
         if (p := self.parked.pop(rid, None)) is not None:
@@ -432,10 +403,12 @@ class Engine:
         events = []
         t0 = time.perf_counter()
         try:
-            prompt_resps, gen_resps = self._next()
+            prompt_resps, gen_resps, checkpoints = self.batch.step()
         except Exception as e:
             return events + self.reset(e)
         now = time.perf_counter()
+        for c in checkpoints:
+            self._checkpoint(c)
         for p in prompt_resps:
             a = self.active.get(p.uid)
             if a is None:
@@ -543,7 +516,7 @@ class Engine:
             return r.prompt_cache, r.all_tokens
         return self._remove(r.uid, caches=True)
 
-    def _admit(self, p: Parked) -> list[dict]:
+    def _admit(self, p: Waiting) -> list[dict]:
         try:
             return [ev] if (ev := self._start(p)) is not None else []
         except Exception as e:
@@ -587,8 +560,7 @@ class Engine:
                 except Exception:
                     log.exception("dropping prefix cache entry %s failed", a.cache_key)
             events.append(self._internal_error(a.id, e))
-        self.gen.close()
-        self.gen = self._new_generator()
+        self.batch.reset()
         self.spec = self._new_spec()
         return events
 
@@ -612,11 +584,28 @@ class Engine:
         cache, tokens = cache_and_tokens
         if cache and tokens:
             try:
-                return self.prefix_cache.store(list(tokens), cache)
+                key = self.prefix_cache.store(list(tokens), cache)
             except Exception:
                 self.prefix_cache.counters["store_errors"] += 1
                 log.exception("storing a finished request's cache failed; serving goes on")
+                return None
+            if key is not None:
+                self.batch.log("store", uid)     # a group's other ranks keep what rank 0 keeps
+            return key
         return None
+
+    def _checkpoint(self, c) -> None:
+        """Keep a prompt's cache at a checkpoint it just passed (best effort, like `_store`)."""
+        if self.prefix_cache is None:
+            return
+        try:
+            key = self.prefix_cache.store(c.tokens, c.cache)
+        except Exception:
+            self.prefix_cache.counters["store_errors"] += 1
+            log.exception("storing a checkpoint failed; serving goes on")
+            return
+        if key is not None:
+            self.batch.log("checkpoint", c.uid, len(c.tokens))
 
     def _logprob(self, a: Active, r) -> Logprob:
         lp, top = r.logprobs, []
