@@ -71,6 +71,21 @@ def test_untrimmable_cache_is_reused_only_whole(model, tmp_path):
     pc.close()
 
 
+def test_an_untrimmable_entry_known_only_from_disk_is_found_whole(model, tmp_path):
+    """Its record names 2 full blocks of its 80 tokens; the key settles the other 16, so after a
+    restart it is a hit at its full length (it used to be matched at 64, and an untrimmable
+    entry is no use at 64)."""
+    pc = new_cache(model, tmp_path)
+    pc.store(TOKENS, prefill(model, TOKENS, [RotatingKVCache(max_size=64, keep=4) for _ in model.layers]))
+    pc.close()
+    again = new_cache(model, tmp_path)
+    assert all(e.tokens is None and not e.trimmable for e in again.entries.values())
+    assert again.fetch(TOKENS[:70] + [1, 2])[1] == 0         # diverges inside it: still never served
+    cache, n, tier = again.fetch(TOKENS + [5, 6])
+    assert (n, tier) == (len(TOKENS), "disk") and cache[0].offset == len(TOKENS)
+    again.close()
+
+
 def test_disk_entries_are_found_after_a_restart_and_loaded_on_demand(model, tmp_path):
     pc = new_cache(model, tmp_path)
     for i in range(40):

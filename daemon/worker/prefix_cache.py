@@ -42,12 +42,14 @@ import mlx_lm
 import numpy as np
 from mlx_lm.models.cache import KVCache, QuantizedKVCache, can_trim_prompt_cache, trim_prompt_cache
 
+from ..events import CACHE_MISS_REASONS as REASONS  # noqa: F401  (Outcome.reason is one of them)
 from .disk_cache import DiskTier
 
 log = logging.getLogger("mlxd.prefix_cache")
 
 BLOCK = 32
 FORMAT_VERSION = 1
+EVICTED_BLOCKS = 1 << 16     # block hashes of evicted entries remembered, to say "evicted"
 
 
 def namespace(fingerprint: str, kv_bits: Optional[int], stage=None) -> str:
@@ -104,6 +106,22 @@ def cache_nbytes(cache: list) -> int:
 
 
 @dataclass
+class Outcome:
+    """What the prefix cache did for one request, for the person asking why a turn was slow."""
+    tokens: int = 0                  # prompt tokens served
+    tier: Optional[str] = None       # memory or disk
+    entry: Optional[str] = None      # the key served from
+    shared: int = 0                  # the longest prefix any entry the cache knows shares with the prompt
+    nearest: Optional[str] = None    # that entry
+    reason: Optional[str] = None     # one of REASONS when tokens < shared, or nothing was found
+    detail: str = ""
+
+    def wire(self) -> dict:
+        return {"tokens": self.tokens, "tier": self.tier, "entry": self.entry, "shared": self.shared,
+                "nearest": self.nearest, "reason": self.reason, "detail": self.detail}
+
+
+@dataclass
 class Entry:
     key: str                       # hash of the full token sequence
     tokens: Optional[np.ndarray]   # None until loaded for an entry known only from disk
@@ -136,13 +154,16 @@ class PrefixCache:
                          "memory_hit_tokens": 0, "disk_hit_tokens": 0, "misses": 0,
                          "memory_evictions": 0, "stores": 0, "store_errors": 0, "too_large_for_memory": 0}
         self.last_key: Optional[str] = None     # the entry the last hit came from
+        self.last_outcome = Outcome()           # what the last lookup found, and why not more
+        self.evicted_blocks: OrderedDict[str, None] = OrderedDict()   # of entries the budgets dropped
+        self._unreadable: Optional[str] = None  # an entry whose read failed during this lookup
         self.reads: dict[str, Future] = {}       # disk entries being read off the engine thread
         self._loader: Optional[ThreadPoolExecutor] = None
         self.disk: Optional[DiskTier] = None
         if disk_budget > 0:
             self.disk = DiskTier(Path(root), namespace(fingerprint, kv_bits, stage), disk_budget,
                                  orphan_ttl=orphan_ttl, total_budget=total_disk_budget, write_buffer=write_buffer,
-                                 stage=self.stage, evict=not follower, track_evictions=self._track)
+                                 stage=self.stage, evict=not follower, track_evictions=True)
             for meta in self.disk.load_index():
                 self._index(Entry(key=meta["key"], tokens=None, n_tokens=meta["n_tokens"], blocks=meta["blocks"],
                                   trimmable=meta["trimmable"], on_disk=True, stage=meta.get("stage")))
@@ -166,14 +187,20 @@ class PrefixCache:
                 if not keys:
                     del self.by_block[h]
 
-    def _candidates(self, tokens: np.ndarray, hashes: list[str]) -> list[Entry]:
-        """Entries sharing the deepest block with the request; else those in memory (a short
-        prefix, under one block, can only be found by looking)."""
-        for h in reversed(hashes):
-            keys = self.by_block.get(h)
+    def _candidates(self, hashes: list[str]):
+        """Entries by the depth of the block they share with the request, deepest first, as
+        (depth in tokens, entries not given yet); else those in memory (a short prefix, under
+        one block, can only be found by looking). An entry not given by depth d shares fewer
+        than d tokens, so a caller holding a hit that long can stop."""
+        seen: set[str] = set()
+        for i in range(len(hashes) - 1, -1, -1):
+            keys = self.by_block.get(hashes[i])
             if keys:
-                return [self.entries[k] for k in keys]
-        return list(self.memory.values())
+                new = [self.entries[k] for k in keys - seen if k in self.entries]
+                seen |= keys
+                yield (i + 1) * BLOCK, new
+        if not seen:
+            yield 0, list(self.memory.values())
 
     # -- lookup -----------------------------------------------------------------------
 
@@ -190,10 +217,13 @@ class PrefixCache:
     def _fetch(self, tokens, wait: bool):
         arr = np.asarray(tokens, dtype=np.int32)
         limit = len(arr) - 1   # the last prompt token must be computed to get logits
+        self._unreadable = None
+        self._sync_disk()
         while True:
-            best = self._best(arr, limit)
+            best, shared, nearest = self._best(arr, limit)
             self.last_key = None
             if best is None:
+                self._explain(arr, 0, None, None, shared, nearest)
                 return self._hit(tokens, None, 0, None)
             if best.cache is not None:
                 src, src_tokens, tier = best.cache, best.tokens, "memory"
@@ -203,6 +233,7 @@ class PrefixCache:
                 return loaded
             if loaded is None or self.entries.get(best.key) is not best:   # corrupt, vanished or cleared
                 self._unindex(best)
+                self._unreadable = best.key
                 continue
             src_tokens, src = loaded
             self._install(best, src_tokens, src)     # served from the read alone when too large for memory
@@ -210,6 +241,7 @@ class PrefixCache:
             break
         n = min(common_prefix(src_tokens, arr), limit)
         if not (n == best.n_tokens or (best.trimmable and n > 0)):
+            self._explain(arr, 0, None, None, max(shared, n), best.key)
             return self._hit(tokens, None, 0, None)
         cache = copy.deepcopy(src) if src is best.cache else src
         if n < best.n_tokens:
@@ -219,7 +251,47 @@ class PrefixCache:
         if best.on_disk and self.disk is not None:
             self.disk.touch(best.key)
         self.last_key = best.key
+        self._explain(arr, n, tier, best.key, max(shared, n), nearest if shared > n else best.key)
         return self._hit(tokens, dequantize(cache) if self.kv_bits else cache, n, tier)
+
+    def _explain(self, arr: np.ndarray, n: int, tier, key, shared: int, nearest) -> None:
+        """The lookup's `Outcome`: what it served and, for less than the cache shares, why."""
+        o = Outcome(tokens=n, tier=tier, entry=key, shared=shared, nearest=nearest)
+        evicted = self._evicted_depth(arr)
+        if shared > n:
+            o.reason = "untrimmable"
+            o.detail = (f"entry {nearest} shares {shared} tokens with the prompt, but its cache cannot be trimmed "
+                        f"(sliding window or recurrent state); " +
+                        (f"served the nearest checkpoint, {n} tokens" if n else "no checkpoint at or before that"))
+        elif self._unreadable is not None and n == 0:
+            o.reason = "unreadable"
+            o.detail = f"entry {self._unreadable} could not be read from disk (gone or corrupt)"
+        elif evicted > n:
+            o.reason = "evicted"
+            o.detail = f"an entry sharing at least {evicted} tokens was evicted by the cache budgets"
+        elif n == 0:
+            o.reason = "cold"
+            o.detail = "nothing cached shares a prefix with this prompt"
+        else:
+            o.detail = f"{n} tokens from entry {key} ({tier})" + (
+                f"; the prompt diverges from it at token {n}" if n < len(arr) - 1 else "")
+        self.last_outcome = o
+
+    def _evicted_depth(self, arr: np.ndarray) -> int:
+        if not self.evicted_blocks:
+            return 0
+        hashes = block_hashes(arr)
+        for i in range(len(hashes) - 1, -1, -1):
+            if hashes[i] in self.evicted_blocks:
+                return (i + 1) * BLOCK
+        return 0
+
+    def _note_evicted(self, e: Entry) -> None:
+        for h in e.blocks:
+            self.evicted_blocks[h] = None
+            self.evicted_blocks.move_to_end(h)
+        while len(self.evicted_blocks) > EVICTED_BLOCKS:
+            self.evicted_blocks.popitem(last=False)
 
     def _hit(self, tokens, cache, n: int, tier: Optional[str]):
         self.counters["queries"] += 1
@@ -232,19 +304,34 @@ class PrefixCache:
         self.counters[f"{tier}_hit_tokens"] += n
         return cache, n, tier
 
-    def _best(self, arr: np.ndarray, limit: int) -> Optional[Entry]:
-        best, best_n = None, 0
-        for e in self._candidates(arr, block_hashes(arr)):
-            if e.tokens is None:
-                # Known from disk only: its block depth bounds its prefix until it is loaded.
-                n = min(self._block_depth(e, arr), e.n_tokens)
-            else:
-                n = common_prefix(e.tokens, arr)
-            n = min(n, limit)
-            usable = n == e.n_tokens or (e.trimmable and n > 0)
-            if usable and (n > best_n or (n == best_n and best is not None and best.cache is None)):
-                best, best_n = e, n
-        return best
+    def _best(self, arr: np.ndarray, limit: int) -> tuple[Optional[Entry], int, Optional[str]]:
+        """The usable entry sharing the longest prefix (an untrimmable one only whole), and the
+        longest prefix any entry shares with the request and that entry's key (for the reason
+        when they differ). Deeper entries are looked at first; a checkpoint of a shorter
+        prefix is found when the deeper ones cannot serve."""
+        best, best_n, shared, nearest = None, 0, 0, None
+        for depth, entries in self._candidates(block_hashes(arr)):
+            if best is not None and best_n >= depth + BLOCK - 1:
+                break      # nothing further shares as much
+            for e in entries:
+                n = self._disk_prefix(e, arr) if e.tokens is None else common_prefix(e.tokens, arr)
+                n = min(n, limit)
+                if n > shared:
+                    shared, nearest = n, e.key
+                usable = n == e.n_tokens or (e.trimmable and n > 0)
+                if usable and (n > best_n or (n == best_n and best is not None and best.cache is None)):
+                    best, best_n = e, n
+        return best, shared, nearest
+
+    def _disk_prefix(self, e: Entry, arr: np.ndarray) -> int:
+        """How much of `arr` an entry known only from disk shares, as far as its record tells:
+        its whole length when every block agrees and its key (the hash of all its tokens)
+        matches, since an untrimmable entry is usable only whole; else its block depth, a
+        lower bound until it is loaded."""
+        depth = min(self._block_depth(e, arr), e.n_tokens)
+        if depth == len(e.blocks) * BLOCK and e.n_tokens <= len(arr) and _key(arr[:e.n_tokens]) == e.key:
+            return e.n_tokens
+        return depth
 
     def _block_depth(self, e: Entry, arr: np.ndarray) -> int:
         hashes = block_hashes(arr, len(e.blocks))
@@ -359,6 +446,8 @@ class PrefixCache:
                 break
             if old is e or (self.follower and not old.on_disk):
                 continue     # a follower's entry in memory only goes when rank 0 drops it
+            if not old.on_disk:
+                self._note_evicted(old)
             self._evict_memory(old)
             self.counters["memory_evictions"] += 1
 
@@ -419,16 +508,22 @@ class PrefixCache:
             self.disk.touch(key)
         return dequantize(cache) if self.kv_bits else cache
 
+    def _sync_disk(self) -> None:
+        """Forget what the disk budget evicted (on the writer thread) and is in memory no more."""
+        if self.disk is None:
+            return
+        for key in self.disk.take_evicted():
+            e = self.entries.get(key)
+            if e is not None and e.on_disk:
+                e.on_disk = False
+                if e.cache is None:
+                    self._note_evicted(e)
+                    self._unindex(e)
+
     def evicted_keys(self) -> list[str]:
         """Rank 0 of a group: the keys it dropped (from both tiers) since the last call, for
         the followers to `discard`. Entries stored again since are not in it."""
-        if self.disk is not None:
-            for key in self.disk.take_evicted():      # the disk budget's, on the writer thread
-                e = self.entries.get(key)
-                if e is not None and e.on_disk:
-                    e.on_disk = False
-                    if e.cache is None:
-                        self._unindex(e)
+        self._sync_disk()
         out = [k for k in dict.fromkeys(self._evicted) if k not in self.entries]
         self._evicted.clear()
         return out
