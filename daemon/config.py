@@ -122,6 +122,10 @@ class PrefixCache(_Strict):
     write_buffer: Size = Field(parse_size("512MiB"), description=(
         "KV bytes waiting for the disk writer at most; past it a finished request's entry is not written "
         "(counted as dropped_writes), so a slow disk never holds more memory than this."))
+    checkpoint_every: int = Field(2048, ge=64, le=1 << 20, description=(
+        "For models whose cache cannot be trimmed (sliding windows, recurrent state): keep a snapshot every "
+        "this many tokens of a long prefill, so a prompt that diverges deep inside a cached one re-prefills "
+        "at most this many tokens. Each costs one snapshot of the cache in the budgets."))
 
 
 def _ip(v: str) -> str:

@@ -19,7 +19,7 @@ import logging
 import time
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 import mlx.core as mx
@@ -28,6 +28,7 @@ from mlx_lm.sample_utils import greedy_sampler
 from mlx_lm.tool_parsers import json_tools
 
 from ..events import Done, Error, Logprob, Progress, Started
+from . import checkpoints as ckpt
 from . import tools as toolfmt
 from .batch import Batch, Waiting
 from .grammar import Compiler, GrammarError, GrammarProcessor, reasoning_end, request_grammar, tool_call_grammar
@@ -67,6 +68,7 @@ class Active:
     generated: int = 0
     cache_tier: Optional[str] = None
     cache_key: Optional[str] = None
+    cache: Optional[dict] = None            # the prefix cache's Outcome, on the wire
     itl: list = field(default_factory=list)
     top_logprobs: Optional[int] = None      # None: no logprobs asked for
     grammar: Optional[GrammarProcessor] = None
@@ -87,7 +89,8 @@ class Engine:
     def __init__(self, model, tokenizer, *, max_batch_size: int, prefill_batch_size: int,
                  prefill_step_size: int, context_length: int, default_max_tokens: int,
                  prefix_cache: Any = None, reasoning_parser: Optional[str] = None,
-                 speculative: Optional[dict] = None, stream: Any = None, record: bool = False):
+                 speculative: Optional[dict] = None, stream: Any = None, record: bool = False,
+                 checkpoint_every: Optional[int] = 2048):
         self.model = model
         self.stream = stream        # a group's ranks must run every collective on one stream
         self.tokenizer = tokenizer
@@ -108,6 +111,10 @@ class Engine:
         if speculative and not plain:
             log.warning("speculative decoding is off for this model: its KV cache cannot be trimmed")
         self.spec: Optional[SpecBatch] = self._new_spec()
+        # A cache that cannot be trimmed is usable only at the length it was taken at: such a
+        # model keeps snapshots at the places the next request will share (checkpoints.py).
+        self.checkpointing = prefix_cache is not None and not plain
+        self.checkpoint_every = checkpoint_every
         self.held: deque[Waiting] = deque()    # beyond max_batch_size while speculative rows decode apart
         self.active: dict[int, Active] = {}
         self.uid_of: dict[str, int] = {}
@@ -132,6 +139,7 @@ class Engine:
         elif reasoning_parser == "none":
             self.think = None
         self._machines: dict[Markers, Any] = {}
+        self.think_tokens = list(tokenizer.encode(self.think[0], add_special_tokens=False)) if self.think else []
 
     def _new_spec(self) -> Optional[SpecBatch]:
         if self.speculative is None:
@@ -144,14 +152,16 @@ class Engine:
 
     # -- requests ---------------------------------------------------------------------
 
-    def render(self, msg: dict) -> str:
-        """The chat template's prompt text, with tools, history calls and template kwargs."""
+    def render(self, msg: dict, messages: Optional[list] = None, generation_prompt: bool = True) -> str:
+        """The chat template's prompt text, with tools, history calls and template kwargs (of
+        `messages` in place of the request's, or without the generation prompt: checkpoints)."""
         tools = msg.get("tools") or None
+        messages = msg["messages"] if messages is None else messages
         try:
             if self.native_tools:
-                messages = toolfmt.native_messages(msg["messages"])
+                messages = toolfmt.native_messages(messages)
             else:
-                messages = toolfmt.fallback_messages(msg["messages"], tools)
+                messages = toolfmt.fallback_messages(messages, tools)
         except toolfmt.BadArguments as e:
             raise RequestError(str(e), param=e.param) from None
         kwargs = dict(msg.get("chat_template_kwargs") or {})
@@ -162,15 +172,15 @@ class Engine:
             kwargs["tools"] = tools
         try:
             try:
-                return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
-                                                          **kwargs)
+                return self.tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt,
+                                                          tokenize=False, **kwargs)
             except Exception:
                 merged = toolfmt.merge_system(messages)
                 if merged == messages:
                     raise
                 # A template that insists on one leading system message gets them all, in order.
-                return self.tokenizer.apply_chat_template(merged, add_generation_prompt=True, tokenize=False,
-                                                          **kwargs)
+                return self.tokenizer.apply_chat_template(merged, add_generation_prompt=generation_prompt,
+                                                          tokenize=False, **kwargs)
         except Exception as e:  # jinja raises for roles/contents a template rejects
             raise RequestError(f"chat template rejected the messages: {e}", param="messages") from None
 
@@ -190,6 +200,27 @@ class Engine:
                                    param="prompt")
             return [int(t) for t in prompt], ""
         return list(self.tokenizer.encode(prompt)), ""
+
+    def checkpoint_positions(self, msg: dict, tokens: list[int]) -> tuple[int, ...]:
+        """Where this prompt's prefill keeps snapshots (`checkpoints.py`); none for a model whose
+        cache trims, since one entry serves every prefix of itself."""
+        if not self.checkpointing:
+            return ()
+        system_end = last_end = think_start = None
+        if "messages" in msg:
+            msgs = msg["messages"]
+            n_sys = next((i for i, m in enumerate(msgs) if m.get("role") not in ("system", "developer")), len(msgs))
+            encode = lambda text: self.tokenizer.encode(text, add_special_tokens=False)   # noqa: E731
+            with contextlib.suppress(Exception):     # best effort: a template that cannot say has none
+                if n_sys or msg.get("tools"):
+                    head = encode(self.render(msg, msgs[:n_sys] + [{"role": "user", "content": ""}], False))
+                    n = ckpt.common_length(head, tokens)
+                    system_end = n if n < len(head) else None
+                last_end = ckpt.common_length(encode(self.render(msg, generation_prompt=False)), tokens)
+            if self.think_tokens:
+                think_start = ckpt.find_last(tokens, self.think_tokens, len(tokens) - ckpt.THINK_WINDOW)
+        return ckpt.positions(len(tokens), system_end=system_end, last_end=last_end, think_start=think_start,
+                              every=self.checkpoint_every)
 
     def output(self, msg: dict, prompt_text: str) -> Output:
         """How this request's tokens become events: plain text, or chat with reasoning and tools."""
@@ -274,7 +305,8 @@ class Engine:
         a = Active(id=rid, uid=None, prompt_tokens=len(tokens), cached_tokens=0, max_tokens=max_tokens,
                    out=out, t_submit=time.perf_counter(),
                    top_logprobs=int(msg.get("top_logprobs") or 0) if msg.get("logprobs") else None)
-        p = Waiting(a, tokens, make_sampler(*spec), spec=spec, wanted=wanted)
+        p = Waiting(a, tokens, make_sampler(*spec), spec=spec, wanted=wanted,
+                    checkpoints=self.checkpoint_positions(msg, tokens))
         if wanted is not None:
             if self.compiler is None:
                 self.compiler = Compiler(self.tokenizer, self._vocab_size())
@@ -310,8 +342,13 @@ class Engine:
                 got.add_done_callback(lambda _: self.wake())
                 return None
             cache, n_cached, tier = got
+            outcome = self.prefix_cache.last_outcome
             if tier and not self.shared(self.prefix_cache.last_key, n_cached):
                 cache, n_cached, tier = None, 0, None
+                outcome = replace(outcome, tokens=0, tier=None, entry=None, reason="unshared",
+                                  detail=f"entry {outcome.entry} is missing on a rank of the group")
+            p.active.cache = outcome.wire()
+            log.debug("request %s: prefix cache %s", p.active.id, p.active.cache)
         a, tokens = p.active, p.tokens
         a.cache_key = self.prefix_cache.last_key if tier else None
         if self.spec is not None and a.grammar is None:
@@ -619,7 +656,7 @@ class Engine:
         now = time.perf_counter()
         start = a.t_prefill_start or now
         return Done(
-            a.id, reason, cache_tier=a.cache_tier, itl=a.itl, stop_sequence=a.out.text.matched,
+            a.id, reason, cache_tier=a.cache_tier, cache=a.cache, itl=a.itl, stop_sequence=a.out.text.matched,
             usage={"prompt_tokens": a.prompt_tokens, "completion_tokens": a.generated,
                    "cached_tokens": a.cached_tokens},
             timings={"queue": start - a.t_submit,
