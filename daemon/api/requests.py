@@ -145,9 +145,25 @@ class Run:
     events: AsyncIterator[ev_.Event]
 
 
+def check_serves(handle, wants: str) -> None:
+    """A chat request to an embedding model, or the reverse: a 400 before anything loads, when the
+    model's kind is known (its entry's `kind`, or its last worker's); the worker refuses it too."""
+    serves = handle.serves
+    if serves is None or serves == wants:
+        return
+    if serves == "embedding":
+        msg = (f"model '{handle.name}' is an embedding model: it serves /v1/embeddings and Ollama's /api/embed, "
+               "not text generation")
+    else:
+        msg = (f"model '{handle.name}' is a language model, not an embedding model: embeddings need a model "
+               "entry with kind: embedding (or a sentence-transformers directory)")
+    raise APIError(400, msg, code="model_not_supported", param="model")
+
+
 async def start(handle, payload: dict) -> Run:
     """Admit the request, submit it, and wait for the worker's answer, so that a refused
     prompt is a proper 4xx before any stream begins."""
+    check_serves(handle, "embedding" if "embed" in payload else "chat")
     key = _admit()
     sup = supervisor()
     events = _typed(_charged(handle.generate(payload, sup.config.server.request_timeout), key,
@@ -192,6 +208,7 @@ async def count_tokens(handle, payload: dict) -> int:
     """The prompt's length in tokens as the worker would render it, without generating.
     Admitted like a generation (the key's rate limit, the model's request slots), since the
     worker renders and tokenizes it the same way; its tokens are charged to the key."""
+    check_serves(handle, "chat")
     key = _admit()
     try:
         reply = await handle.call("count_tokens", timeout=60, load=True, admit=True, **payload)
