@@ -148,3 +148,28 @@ def test_chat_checkpoints_serve_a_second_session_and_the_next_turn(gemma, tmp_pa
     assert nxt["usage"]["cached_tokens"] >= last_end
     assert nxt["usage"]["cached_tokens"] >= 0.95 * len(tokens)
     e.prefix_cache.close()
+
+
+def test_a_wrapped_window_gives_back_one_token_exactly(gemma, tmp_path):
+    """The answer's last token re-tokenizes differently once the next turn is appended (the
+    Gemma bench's full misses): the entry is needed one token short. A wrapped window holds
+    one token more than the next one attends to, so that cut is exact; two are not."""
+    rng = random.Random(3)
+    prompt = [rng.randrange(1000, 20000) for _ in range(600)]
+    e = engine(gemma, tmp_path, every=4096)
+    run(e, {"id": "a", "prompt": prompt, "max_tokens": 8})
+    (entry,) = [x for x in e.prefix_cache.entries.values() if x.n_tokens > len(prompt)]
+    assert not entry.trimmable and entry.room == 1
+    tokens = entry.tokens.tolist()
+    tail = [rng.randrange(1000, 20000) for _ in range(30)]
+
+    one_short = tokens[:-1] + tail
+    cold = run(engine(gemma), {"id": "cold", "prompt": one_short, "max_tokens": 8})
+    hit = run(e, {"id": "b", "prompt": one_short, "max_tokens": 8})
+    assert hit["usage"]["cached_tokens"] == len(tokens) - 1 and hit["cache"]["reason"] is None
+    assert hit["text"] == cold["text"]
+
+    two_short = tokens[:-2] + tail
+    miss = run(e, {"id": "c", "prompt": two_short, "max_tokens": 8})
+    assert miss["cache"]["reason"] == "untrimmable" and miss["usage"]["cached_tokens"] < len(tokens) - 2
+    e.prefix_cache.close()

@@ -40,7 +40,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx_lm
 import numpy as np
-from mlx_lm.models.cache import KVCache, QuantizedKVCache, can_trim_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache, can_trim_prompt_cache
 
 from ..events import CACHE_MISS_REASONS as REASONS  # noqa: F401  (Outcome.reason is one of them)
 from .disk_cache import DiskTier
@@ -101,6 +101,53 @@ def dequantize(cache: list) -> list:
     return out
 
 
+def trim_room(cache: list) -> int:
+    """How many tokens off its end `cache` can give back exactly: any number for plain KV (and
+    a window that has not wrapped), none for recurrent state, and for a wrapped window what it
+    holds beyond the window's last W-1 tokens, plus one (see `_trim_wrapped`)."""
+    return min((_layer_room(c) for c in cache), default=0)
+
+
+def _layer_room(c) -> int:
+    if isinstance(c, RotatingKVCache):
+        keys, _, offset, keep, max_size, _ = c.state
+        if offset < max_size:
+            return offset
+        return 0 if keep or keys is None else max(0, keys.shape[2] - max_size + 1)
+    return c.offset if c.is_trimmable() else 0
+
+
+def trim(cache: list, n: int) -> None:
+    """Cut the last `n` tokens off every layer (n within `trim_room`)."""
+    for c in cache:
+        if isinstance(c, RotatingKVCache) and not c.is_trimmable():
+            _trim_wrapped(c, n)
+        else:
+            c.trim(n)
+
+
+def _trim_wrapped(c: RotatingKVCache, n: int) -> None:
+    """A wrapped window of W holds W tokens once a decode step has run, one more than a next
+    token attends to (it overwrites the oldest before attending; a prefill chunk drops it
+    first), so it can give back one token exactly, and a window filled by a prefill chunk
+    holds that many more. The buffer is rebuilt in time order from the public state, with the
+    slot of the oldest token, which nothing reads, kept so that the window stays full
+    (BatchRotatingKVCache.merge takes a wrapped cache's last W entries)."""
+    keys, values, offset, keep, max_size, idx = c.state
+    length = keys.shape[2]
+    if idx != length:       # in time order: the oldest at idx, as RotatingKVCache rotates (keep is 0)
+        keys = mx.concatenate([keys[..., idx:, :], keys[..., :idx, :]], axis=2) if idx < offset else keys[..., :idx, :]
+        values = (mx.concatenate([values[..., idx:, :], values[..., :idx, :]], axis=2) if idx < offset
+                  else values[..., :idx, :])
+    rest = keys.shape[2] - n
+    keys, values = keys[..., :rest, :], values[..., :rest, :]
+    if rest < max_size:
+        pad = max_size - rest
+        keys = mx.concatenate([mx.zeros_like(keys[..., :pad, :]), keys], axis=2)
+        values = mx.concatenate([mx.zeros_like(values[..., :pad, :]), values], axis=2)
+    c.state = (keys, values, offset - n, keep, max_size, keys.shape[2])
+
+
 def cache_nbytes(cache: list) -> int:
     return sum(c.nbytes for c in cache)
 
@@ -128,6 +175,7 @@ class Entry:
     n_tokens: int
     blocks: list[str]
     trimmable: bool
+    room: int = 0                  # tokens it can give back exactly when not trimmable (a wrapped window: 1)
     cache: Optional[list] = None   # in memory when not None
     nbytes: int = 0
     on_disk: bool = False
@@ -166,7 +214,8 @@ class PrefixCache:
                                  stage=self.stage, evict=not follower, track_evictions=True)
             for meta in self.disk.load_index():
                 self._index(Entry(key=meta["key"], tokens=None, n_tokens=meta["n_tokens"], blocks=meta["blocks"],
-                                  trimmable=meta["trimmable"], on_disk=True, stage=meta.get("stage")))
+                                  trimmable=meta["trimmable"], room=meta.get("room", 0), on_disk=True,
+                                  stage=meta.get("stage")))
 
     # -- index ------------------------------------------------------------------------
 
@@ -240,12 +289,12 @@ class PrefixCache:
             tier = "disk"
             break
         n = min(common_prefix(src_tokens, arr), limit)
-        if not (n == best.n_tokens or (best.trimmable and n > 0)):
+        if not self._usable(best, n):
             self._explain(arr, 0, None, None, max(shared, n), best.key)
             return self._hit(tokens, None, 0, None)
         cache = copy.deepcopy(src) if src is best.cache else src
         if n < best.n_tokens:
-            trim_prompt_cache(cache, best.n_tokens - n)
+            trim(cache, best.n_tokens - n)
         if best.cache is not None:
             self.memory.move_to_end(best.key)
         if best.on_disk and self.disk is not None:
@@ -318,7 +367,7 @@ class PrefixCache:
                 n = min(n, limit)
                 if n > shared:
                     shared, nearest = n, e.key
-                usable = n == e.n_tokens or (e.trimmable and n > 0)
+                usable = self._usable(e, n)
                 if usable and (n > best_n or (n == best_n and best is not None and best.cache is None)):
                     best, best_n = e, n
         return best, shared, nearest
@@ -389,10 +438,11 @@ class PrefixCache:
             self.memory.move_to_end(key)
             return key
         trimmable = can_trim_prompt_cache(cache)
+        room = 0 if trimmable else trim_room(cache)
         if self.kv_bits:
             cache = quantize(cache, self.kv_bits)
         mx.eval([c.state for c in cache])
-        e = Entry(key=key, tokens=arr, n_tokens=len(arr), blocks=block_hashes(arr), trimmable=trimmable,
+        e = Entry(key=key, tokens=arr, n_tokens=len(arr), blocks=block_hashes(arr), trimmable=trimmable, room=room,
                   cache=cache, nbytes=cache_nbytes(cache), on_disk=old is not None and old.on_disk, stage=self.stage)
         if old is not None:
             self._unindex(old)
@@ -400,7 +450,7 @@ class PrefixCache:
         superseded = [c.key for c in covered if c.on_disk]
         if self.disk is not None and not e.on_disk:
             # Marked before it joins memory: an entry too large for memory lives on disk only.
-            e.on_disk = self.disk.write(key, arr, cache, {"blocks": e.blocks, "trimmable": trimmable},
+            e.on_disk = self.disk.write(key, arr, cache, {"blocks": e.blocks, "trimmable": trimmable, "room": room},
                                         supersedes=superseded)
         elif self.disk is not None and superseded:
             self.disk.supersede(superseded)          # e is durable already
@@ -481,8 +531,11 @@ class PrefixCache:
         return e.cache is not None or (e.on_disk and self.disk is not None and self.disk.has(key))
 
     @staticmethod
-    def _serves(e: Entry, n_tokens: int) -> bool:
-        return 0 < n_tokens <= e.n_tokens and (n_tokens == e.n_tokens or e.trimmable)
+    def _usable(e: Entry, n: int) -> bool:
+        """Whether entry `e` can serve its first `n` tokens: whole, or cut exactly (`trim_room`)."""
+        return 0 < n <= e.n_tokens and (n == e.n_tokens or e.trimmable or e.n_tokens - n <= e.room)
+
+    _serves = _usable
 
     def fetch_key(self, key: str, n_tokens: int) -> Optional[list]:
         """A fresh cache of the first `n_tokens` of entry `key` (rank 0's hit), read from disk
@@ -503,7 +556,7 @@ class PrefixCache:
             self.memory.move_to_end(key)
         cache = copy.deepcopy(src) if src is e.cache else src
         if n_tokens < e.n_tokens:
-            trim_prompt_cache(cache, e.n_tokens - n_tokens)
+            trim(cache, e.n_tokens - n_tokens)
         if e.on_disk and self.disk is not None:
             self.disk.touch(key)
         return dequantize(cache) if self.kv_bits else cache
