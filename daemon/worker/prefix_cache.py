@@ -5,7 +5,13 @@ Lookups go through chained block hashes (as in vLLM): block i's hash covers toke
 prefix from below; the exact common prefix is then measured on the tokens themselves.
 An entry can be reused for any prefix of itself when its cache is trimmable (plain KV);
 caches that cannot be trimmed (rotating windows, recurrent state) are reused only as a
-whole and only when they are a strict prefix of the request, so output never changes.
+whole and only when they are a strict prefix of the request, so output never changes (a
+wrapped window can still give back the one token it holds beyond what the next attends
+to: `trim_room`). For those the engine also stores checkpoints mid-prefill
+(`checkpoints.py`), ordinary entries; a lookup goes from the deepest shared block to
+shallower ones while the deeper entries cannot serve, so the nearest checkpoint is found.
+Each lookup leaves an `Outcome`: what it served and, for less than the cache shares with
+the prompt, why (`events.CACHE_MISS_REASONS`).
 
 The memory tier holds mlx-lm cache objects under an LRU byte budget; the disk tier
 (`disk_cache.DiskTier`) keeps every stored entry too, written behind the request, and is
