@@ -173,3 +173,20 @@ def test_a_wrapped_window_gives_back_one_token_exactly(gemma, tmp_path):
     miss = run(e, {"id": "c", "prompt": two_short, "max_tokens": 8})
     assert miss["cache"]["reason"] == "untrimmable" and miss["usage"]["cached_tokens"] < len(tokens) - 2
     e.prefix_cache.close()
+
+
+def test_a_checkpoint_keeps_its_window_not_the_prefill_chunk(gemma, tmp_path):
+    """Taken mid-prefill, a wrapped window holds up to a chunk more than its 512 tokens; the
+    stored checkpoint keeps 512, and a hit on it still gives the cold answer."""
+    rng = random.Random(4)
+    a = [rng.randrange(1000, 20000) for _ in range(900)]
+    e = engine(gemma, tmp_path, every=768)
+    run(e, {"id": "a", "prompt": a, "max_tokens": 2})
+    (ckpt,) = [x for x in e.prefix_cache.entries.values() if x.n_tokens == 768]
+    windows = [c for c in ckpt.cache if type(c).__name__ == "RotatingKVCache"]
+    assert windows and all(c.keys.shape[2] == 512 and c.offset == 768 for c in windows)
+    b = a[:800] + [rng.randrange(1000, 20000) for _ in range(20)]
+    cold = run(engine(gemma), {"id": "cold", "prompt": b, "max_tokens": 8})
+    hit = run(e, {"id": "b", "prompt": b, "max_tokens": 8})
+    assert hit["usage"]["cached_tokens"] == 768 and hit["text"] == cold["text"]
+    e.prefix_cache.close()

@@ -132,6 +132,20 @@ def trim(cache: list, n: int) -> None:
             c.trim(n)
 
 
+def compact(cache: list) -> list:
+    """A wrapped window taken mid-prefill holds up to a prefill chunk more than its window
+    (RotatingKVCache keeps W + S - 1 through a chunk of S): a checkpoint keeps the last W,
+    which is all a next token reads, so it costs its window and not up to twice that."""
+    for c in cache:
+        if isinstance(c, RotatingKVCache) and not c.is_trimmable() and not c.keep and c.keys is not None \
+                and c.keys.shape[2] > c.max_size:
+            _trim_wrapped(c, 0)
+            keys, values, offset, keep, max_size, _ = c.state
+            c.state = (mx.contiguous(keys[..., -max_size:, :]), mx.contiguous(values[..., -max_size:, :]),
+                       offset, keep, max_size, max_size)
+    return cache
+
+
 def _trim_wrapped(c: RotatingKVCache, n: int) -> None:
     """A wrapped window of W holds W tokens once a decode step has run, one more than a next
     token attends to (it overwrites the oldest before attending; a prefill chunk drops it
@@ -444,6 +458,8 @@ class PrefixCache:
             self.memory.move_to_end(key)
             return key
         trimmable = can_trim_prompt_cache(cache)
+        if not trimmable:
+            cache = compact(cache)
         room = 0 if trimmable else trim_room(cache)
         if self.kv_bits:
             cache = quantize(cache, self.kv_bits)
