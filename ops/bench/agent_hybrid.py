@@ -8,8 +8,8 @@ copy of that directory with the thinking template as its own, so they render ali
 request is streamed with `tools` and `tool_choice: "auto"`, max_tokens 16, greedy.
 
 The floor of a request is raw mlx-lm (OpenBLAS preloaded, in a child process) prefilling the
-tokens this prompt does not share with the previous one onto a cache holding the shared part
-(built untimed), in mlxd's chunks, plus the first token: what a perfect cache would leave to do.
+tokens this prompt does not share with the previous one onto a copy of a cache holding the
+shared part (built untimed), in mlxd's chunks, plus the first token: what a perfect cache would leave to do.
 Peers (mlx_lm.server, vllm-mlx) run only where their venvs exist (common.PEER_BIN).
 
 Run: .venv/bin/python ops/bench/agent_hybrid.py   (a few minutes; --quick: 4 steps, 1 floor run)
@@ -51,13 +51,17 @@ def model_copy(workdir: Path) -> Path:
 
 
 def floor_worker(payload: dict) -> None:
-    """Per request {tokens, reuse, reps}: prefill tokens[reuse:] onto a fresh cache holding
-    tokens[:reuse] (rebuilt untimed before every run: recurrent state cannot be trimmed back)."""
+    """Per request {tokens, reuse, reps}: prefill tokens[reuse:] onto a cache holding
+    tokens[:reuse], a copy each run (recurrent state cannot be trimmed back). The untimed
+    base is kept and extended while each request's shared part extends the last one's."""
+    import copy
+
     import mlx.core as mx
     from mlx_lm import load
     from mlx_lm.models.cache import make_prompt_cache
 
     model, _ = load(payload["model_dir"])
+    base: dict = {"tokens": [], "cache": make_prompt_cache(model)}
 
     def forward(cache, tokens):
         for s in range(0, len(tokens), PREFILL_STEP):
@@ -69,10 +73,13 @@ def floor_worker(payload: dict) -> None:
 
     def handle(req):
         tokens, reuse, times = req["tokens"], req["reuse"], []
+        held = base["tokens"]
+        if held != tokens[:len(held)] or len(held) > reuse:
+            base.update(tokens=[], cache=make_prompt_cache(model))
+        forward(base["cache"], tokens[len(base["tokens"]):reuse])
+        base["tokens"] = tokens[:reuse]
         for _ in range(req["reps"]):
-            cache = make_prompt_cache(model)
-            if reuse:
-                forward(cache, tokens[:reuse])
+            cache = copy.deepcopy(base["cache"])
             t0 = time.perf_counter()
             forward(cache, tokens[reuse:])
             times.append(time.perf_counter() - t0)
