@@ -379,11 +379,12 @@ class PrefixCache:
         when they differ). Deeper entries are looked at first; a checkpoint of a shorter
         prefix is found when the deeper ones cannot serve."""
         best, best_n, shared, nearest = None, 0, 0, None
-        for depth, entries in self._candidates(block_hashes(arr)):
+        hashes = block_hashes(arr)      # once per lookup: each candidate's depth is read off them
+        for depth, entries in self._candidates(hashes):
             if best is not None and best_n >= depth + BLOCK - 1:
                 break      # nothing further shares as much
             for e in entries:
-                n = self._disk_prefix(e, arr) if e.tokens is None else common_prefix(e.tokens, arr)
+                n = self._disk_prefix(e, arr, hashes) if e.tokens is None else common_prefix(e.tokens, arr)
                 n = min(n, limit)
                 if n > shared:
                     shared, nearest = n, e.key
@@ -392,18 +393,18 @@ class PrefixCache:
                     best, best_n = e, n
         return best, shared, nearest
 
-    def _disk_prefix(self, e: Entry, arr: np.ndarray) -> int:
+    def _disk_prefix(self, e: Entry, arr: np.ndarray, hashes: list[str]) -> int:
         """How much of `arr` an entry known only from disk shares, as far as its record tells:
         its whole length when every block agrees and its key (the hash of all its tokens)
         matches, since an untrimmable entry is usable only whole; else its block depth, a
         lower bound until it is loaded."""
-        depth = min(self._block_depth(e, arr), e.n_tokens)
+        depth = min(self._block_depth(e, hashes), e.n_tokens)
         if depth == len(e.blocks) * BLOCK and e.n_tokens <= len(arr) and _key(arr[:e.n_tokens]) == e.key:
             return e.n_tokens
         return depth
 
-    def _block_depth(self, e: Entry, arr: np.ndarray) -> int:
-        hashes = block_hashes(arr, len(e.blocks))
+    def _block_depth(self, e: Entry, hashes: list[str]) -> int:
+        """How many of `e`'s blocks the prompt (its chained block hashes) shares."""
         depth = 0
         for mine, theirs in zip(hashes, e.blocks):
             if mine != theirs:
@@ -507,7 +508,7 @@ class PrefixCache:
         if e.key in self.memory:
             self.memory.move_to_end(e.key)
             return
-        if e.nbytes > self.memory_budget and (e.on_disk or not self.follower):
+        if e.nbytes > self.memory_budget:
             self.counters["too_large_for_memory"] += 1
             self._evict_memory(e)      # on disk only, or (no disk) not kept at all
             return
@@ -516,8 +517,10 @@ class PrefixCache:
         for old in list(self.memory.values()):      # oldest first
             if self.memory_bytes <= self.memory_budget:
                 break
-            if old is e or (self.follower and not old.on_disk):
-                continue     # a follower's entry in memory only goes when rank 0 drops it
+            if old is e:
+                continue
+            # A follower too: its memory is bounded by its own budget. An entry it drops that
+            # rank 0 still holds fails rank 0's `has` round, so the request prefills instead.
             if not old.on_disk:
                 self._note_evicted(old)
             self._evict_memory(old)
