@@ -122,6 +122,10 @@ class PrefixCache(_Strict):
     write_buffer: Size = Field(parse_size("512MiB"), description=(
         "KV bytes waiting for the disk writer at most; past it a finished request's entry is not written "
         "(counted as dropped_writes), so a slow disk never holds more memory than this."))
+    share_across_keys: bool = Field(False, description=(
+        "With server.auth.api_keys set, requests of different keys reuse each other's cached prefixes. "
+        "Off (default): each key's entries are its own, so no key learns another's prompts from "
+        "cached_tokens. Applies live."))
 
 
 def _ip(v: str) -> str:
@@ -232,6 +236,7 @@ class ModelConfig(_Strict):
             "source", "dtype", "engine", "prefix_cache", "chat_template", "tool_parser", "reasoning_parser",
             "distributed"})
         del key["engine"]["max_waiting"]       # enforced in the daemon: a change applies live
+        del key["prefix_cache"]["share_across_keys"]   # the daemon names each request's namespace
         key["chat_template_sha256"] = self._template_digest
         return json.dumps(key, sort_keys=True)
 

@@ -128,6 +128,8 @@ class MessagesRequest(CountTokensRequest):
     top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
     top_k: Optional[Count] = Field(None, ge=1)
     stream: bool = False
+    cache_salt: Optional[str] = Field(None, min_length=1, max_length=256, description=(
+        "Requests reuse only cached prefixes of requests with the same salt (and, with API keys, the same key)."))
 
 
 # -- request -> payload -------------------------------------------------------------------
@@ -336,7 +338,7 @@ async def messages():
     rq.check_open()
     body = await rq.body(MessagesRequest)
     handle = rq.model(body.model)
-    run = await rq.start(handle, {**_payload(body, handle), "surface": "messages"})
+    run = await rq.start(handle, {**_payload(body, handle), "surface": "messages"}, body.cache_salt)
     meta = {"id": "msg_" + uuid.uuid4().hex[:24], "type": "message", "role": "assistant", "model": handle.name}
     stops = list(body.stop_sequences or [])
     if body.stream:

@@ -94,7 +94,7 @@ async def _complete(kind: str):
         payload.update(body.tool_payload())
     else:
         payload["prompt"] = body.prompt
-    run = await rq.start(handle, payload)
+    run = await rq.start(handle, payload, body.cache_salt)
     rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
     meta = {"id": rid, "created": int(time.time()), "model": handle.name}
     current_app.logger.debug("request %s on %s: %d prompt tokens, %d cached", rid, handle.name,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -145,10 +146,23 @@ class Run:
     events: AsyncIterator[ev_.Event]
 
 
-async def start(handle, payload: dict) -> Run:
+def cache_namespace(handle, salt: Optional[str]) -> str:
+    """The request's prefix cache namespace: its API key's (unless the model shares across
+    keys) and its `cache_salt`'s; "" for neither. A hash, never the key: it travels to the
+    worker and seeds the cache's hashes, which go to disk."""
+    key = None if handle.cfg.prefix_cache.share_across_keys else g.get("api_key")
+    if not key and salt is None:
+        return ""
+    key_id = hashlib.sha256(key.encode()).hexdigest()[:32] if key else None
+    return hashlib.blake2b(json.dumps([key_id, salt]).encode(), digest_size=16, person=b"mlxd-cache-ns").hexdigest()
+
+
+async def start(handle, payload: dict, cache_salt: Optional[str] = None) -> Run:
     """Admit the request, submit it, and wait for the worker's answer, so that a refused
     prompt is a proper 4xx before any stream begins."""
     key = _admit()
+    if ns := cache_namespace(handle, cache_salt):
+        payload = {**payload, "cache_ns": ns}
     sup = supervisor()
     events = _typed(_charged(handle.generate(payload, sup.config.server.request_timeout), key,
                              current_app.config["LIMITER"]))

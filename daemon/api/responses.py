@@ -139,6 +139,8 @@ class ResponsesRequest(BaseModel):
     store: bool = True
     previous_response_id: Optional[str] = None
     stream: bool = False
+    cache_salt: Optional[str] = Field(None, min_length=1, max_length=256, description=(
+        "Requests reuse only cached prefixes of requests with the same salt (and, with API keys, the same key)."))
 
 
 # -- request -> payload -------------------------------------------------------------------
@@ -375,7 +377,7 @@ async def responses():
     handle = rq.model(body.model)
     history = _history(body)
     turn = _Turn(body, handle, history)
-    run = await rq.start(handle, {**_payload(body, handle, history), "surface": "responses"})
+    run = await rq.start(handle, {**_payload(body, handle, history), "surface": "responses"}, body.cache_salt)
     store = current_app.config["RESPONSES"]
     if body.stream:
         return sse_response(_stream(turn, run, store, rq.supervisor().config.server.stream_ping_seconds))
