@@ -288,6 +288,9 @@ class Server(_Strict):
     responses_store: int = Field(256, ge=0, description="Recent /v1/responses kept in memory for previous_response_id.")
     stream_ping_seconds: float = Field(5.0, gt=0, description="A stream silent this long (a long prefill) gets a keep-alive: "
                                                              "an SSE comment, or `event: ping` on /v1/messages.")
+    stream_write_timeout: Optional[float] = Field(30.0, gt=0, description=(
+        "Seconds a response chunk may wait for the client to take it; past it the response is cut off, its request "
+        "cancelled and its slot freed (a client that stops reading cannot hold a model). Null: no limit."))
 
     @property
     def resolved_cache_dir(self) -> Path:

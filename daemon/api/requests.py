@@ -23,6 +23,7 @@ from quart import current_app, g, request
 from .. import events as ev_
 from ..process import RequestTimeout, WorkerGone
 from ..lifecycle.handle import ModelAtCapacity, ModelUnavailable
+from .deadline import MODEL_KEY
 from .errors import APIError, from_validation, model_not_found
 
 
@@ -161,6 +162,7 @@ async def start(handle, payload: dict, cache_salt: Optional[str] = None) -> Run:
     """Admit the request, submit it, and wait for the worker's answer, so that a refused
     prompt is a proper 4xx before any stream begins."""
     key = _admit()
+    request.scope[MODEL_KEY] = handle.name       # a write timeout is counted for this model
     if ns := cache_namespace(handle, cache_salt):
         payload = {**payload, "cache_ns": ns}
     sup = supervisor()
