@@ -141,10 +141,14 @@ async def _typed(events: AsyncIterator[dict]) -> AsyncIterator[ev_.Event]:
 
 @dataclass
 class Run:
-    """An admitted request the worker accepted: its `started` event and the events after it."""
+    """An admitted request: the worker's `started` event and the events after it. A stream
+    whose `started` did not come within `server.stream_ping_seconds` (the model loads, a
+    grammar compiles, the request is held) has `started` None and begins at once: the
+    `Started` event comes later among its events, and a refusal as an error inside it.
+    A stream's events carry None for each keep-alive due."""
     handle: object
-    started: ev_.Started
-    events: AsyncIterator[ev_.Event]
+    started: Optional[ev_.Started]
+    events: AsyncIterator[Optional[ev_.Event]]
 
 
 def cache_namespace(handle, salt: Optional[str]) -> str:
@@ -158,9 +162,10 @@ def cache_namespace(handle, salt: Optional[str]) -> str:
     return hashlib.blake2b(json.dumps([key_id, salt]).encode(), digest_size=16, person=b"mlxd-cache-ns").hexdigest()
 
 
-async def start(handle, payload: dict, cache_salt: Optional[str] = None) -> Run:
+async def start(handle, payload: dict, cache_salt: Optional[str] = None, stream: bool = False) -> Run:
     """Admit the request, submit it, and wait for the worker's answer, so that a refused
-    prompt is a proper 4xx before any stream begins."""
+    prompt is a proper 4xx before any stream begins, unless a stream would wait for longer
+    than a keep-alive's period: then its headers go now, so proxies do not drop it."""
     key = _admit()
     request.scope[MODEL_KEY] = handle.name       # a write timeout is counted for this model
     if ns := cache_namespace(handle, cache_salt):
@@ -168,8 +173,12 @@ async def start(handle, payload: dict, cache_salt: Optional[str] = None) -> Run:
     sup = supervisor()
     events = _typed(_charged(handle.generate(payload, sup.config.server.request_timeout), key,
                              current_app.config["LIMITER"]))
+    if stream:
+        events = heartbeat(events, sup.config.server.stream_ping_seconds)
     try:
         async for ev in events:
+            if ev is None:
+                return Run(handle, None, events)
             if isinstance(ev, ev_.Started):
                 return Run(handle, ev, events)
         raise APIError(500, "the worker ended the request without an answer", type_="server_error")
