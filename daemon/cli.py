@@ -71,7 +71,7 @@ def cmd_schema(args) -> int:
 def cmd_models(args) -> int:
     from .models import embedded, libraries
 
-    rows = [(f"embedded:{n}", "gguf", f"pip package {e.dist}" + (" (installed)" if embedded.installed(n) else
+    rows = [(f"embedded:{n}", "mlx-dir" if e.format == "dir" else "gguf", f"pip package {e.dist}" + (" (installed)" if embedded.installed(n) else
              f" (not installed: pip install {e.dist})")) for n, e in embedded.EMBEDDED.items()]
     found = {"Embedded": rows}
     for library, models in libraries.discover().items():

@@ -128,6 +128,23 @@ class PrefixCache(_Strict):
         "cached_tokens. Applies live."))
 
 
+class Embedding(_Strict):
+    """How an embedding model answers; pooling, normalisation and window come from its directory."""
+
+    truncate: bool = Field(False, description=(
+        "Cut inputs longer than the model's window to fit; false (default): such an input is a 400 naming it. "
+        "Ollama's /api/embed asks per request (its `truncate`, true by default)."))
+    allow_dimensions: bool = Field(False, description=(
+        "Accept `dimensions` (truncate and renormalise) for a model not trained for it (Matryoshka); "
+        "its shorter vectors then lose quality."))
+    batch_tokens: int = Field(8192, ge=16, description=(
+        "Tokens (padded) in one forward pass at most; inputs of all waiting requests are grouped by length."))
+    max_seq_length: Optional[int] = Field(None, ge=2, description="The window in tokens; default: the model's.")
+    pooling: Optional[Literal["mean", "cls", "last"]] = Field(None, description=(
+        "Default: the sentence-transformers directory's, else last token for decoder models and mean for encoders."))
+    normalize: Optional[bool] = Field(None, description="Unit-length vectors; default: the directory's (true without one).")
+
+
 def _ip(v: str) -> str:
     try:
         return str(ipaddress.ip_address(v))
@@ -193,7 +210,7 @@ def _check_template(v: Optional[Path]) -> Optional[Path]:
 
 class ModelConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$", description="The id clients send as `model`.")
-    source: str = Field(description="embedded:smollm2 or embedded:gemma3-270m, a .gguf file, a local MLX directory, a Hugging Face repo id in the local HF cache, ollama:NAME[:TAG] or lmstudio:PUBLISHER/MODEL (`mlxd models` lists them).")
+    source: str = Field(description="embedded:smollm2, embedded:gemma3-270m or embedded:all-minilm-l6-v2 (embeddings), a .gguf file, a local MLX directory, a Hugging Face repo id in the local HF cache, ollama:NAME[:TAG] or lmstudio:PUBLISHER/MODEL (`mlxd models` lists them).")
     aliases: tuple[str, ...] = ()
     dtype: Literal["auto", "float32", "float16", "bfloat16", "quantized"] = Field(
         "auto", description="auto: quantized on Metal, float32 on a CPU device.")
@@ -214,6 +231,10 @@ class ModelConfig(_Strict):
     distributed: Optional[Distributed] = Field(None, description=(
         "Serve this model from a pipeline-parallel group of processes over MLX distributed; "
         "each rank holds only its layers."))
+    kind: Optional[Literal["chat", "embedding"]] = Field(None, description=(
+        "embedding: serve /v1/embeddings (and Ollama's /api/embed) instead of generating. Default: detected "
+        "from the directory (a sentence-transformers model is an embedding model)."))
+    embedding: Embedding = Embedding()
     # The template file's content when this config was read: editing the file in place is a
     # change of the entry (the worker renders with it), like editing the YAML.
     _template_digest: Optional[str] = PrivateAttr(None)
@@ -223,6 +244,8 @@ class ModelConfig(_Strict):
         if self.distributed is not None and self.engine.speculative is not None:
             # Every rank would have to run the same drafts and rollbacks: not broadcast yet.
             raise ValueError("engine.speculative is not supported with distributed yet; remove one of them")
+        if self.distributed is not None and self.kind == "embedding":
+            raise ValueError("an embedding model cannot be distributed; remove one of kind or distributed")
         return self
 
     def model_post_init(self, _context: Any) -> None:
@@ -234,7 +257,7 @@ class ModelConfig(_Strict):
         """What a running worker depends on; a change to anything else applies live."""
         key = self.model_dump(mode="json", include={
             "source", "dtype", "engine", "prefix_cache", "chat_template", "tool_parser", "reasoning_parser",
-            "distributed"})
+            "distributed", "kind", "embedding"})
         del key["engine"]["max_waiting"]       # enforced in the daemon: a change applies live
         del key["prefix_cache"]["share_across_keys"]   # the daemon names each request's namespace
         key["chat_template_sha256"] = self._template_digest

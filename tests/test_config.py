@@ -75,7 +75,7 @@ def test_check_reports_device_blas_and_dtype():
     out = subprocess.run([sys.executable, "-m", "daemon", "check", "config.example.yaml"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "OK, 1 model(s)" in out.stdout
+    assert "OK, 2 model(s)" in out.stdout
     assert "blas=" in out.stdout and "dtype=" in out.stdout
     if sys.platform.startswith("linux") and Path("/usr/lib/x86_64-linux-gnu/libopenblas.so.0").exists():
         assert "blas=openblas" in out.stdout and "dtype=float32" in out.stdout

@@ -14,6 +14,7 @@ from .anthropic import bp as anthropic_bp
 from .cache import bp as cache_bp
 from .console import bp as console_bp, is_public
 from .deadline import with_write_deadline
+from .embeddings import bp as embeddings_bp
 from .errors import APIError, shape_of
 from .limits import RateLimiter
 from .openai import bp as openai_bp
@@ -60,6 +61,7 @@ def create_app(supervisor) -> Quart:
     app.register_blueprint(openai_bp)
     app.register_blueprint(anthropic_bp)
     app.register_blueprint(responses_bp)
+    app.register_blueprint(embeddings_bp)
     app.register_blueprint(cache_bp)
     app.register_blueprint(openapi_bp)
     app.register_blueprint(actions_bp)

@@ -2,7 +2,8 @@
 
 A route raises `APIError` (status, OpenAI-style type, message, code, param); the app's
 error handler and each stream render it as OpenAI's `{"error": {...}}` or Anthropic's
-`{"type": "error", "error": {...}}`, so every client library reports it properly.
+`{"type": "error", "error": {...}}` or Ollama's `{"error": "..."}`, so every client library
+reports it properly.
 """
 
 from __future__ import annotations
@@ -40,7 +41,11 @@ class APIError(Exception):
         return {"type": "error", "error": {"type": kind, "message": message}}
 
     def response(self, shape: str = "openai"):
-        if shape == "anthropic":
+        if shape == "ollama":           # Ollama's clients read {"error": "..."} and the status
+            message = f"{self.param}: {self.message}" if self.param and self.param not in self.message else self.message
+            resp = jsonify({"error": message})
+            resp.status_code = self.status
+        elif shape == "anthropic":
             resp = jsonify(self.anthropic_body())
             resp.status_code = self.anthropic_status()
         else:
@@ -52,6 +57,8 @@ class APIError(Exception):
 
 def shape_of(path: str) -> str:
     """Which API a path belongs to, so that even a 404 or 401 reads as that API's error."""
+    if path.startswith("/api/"):
+        return "ollama"
     return "anthropic" if path == "/v1/messages" or path.startswith("/v1/messages/") else "openai"
 
 

@@ -151,6 +151,21 @@ class Run:
     events: AsyncIterator[Optional[ev_.Event]]
 
 
+def check_serves(handle, wants: str) -> None:
+    """A chat request to an embedding model, or the reverse: a 400 before anything loads, when the
+    model's kind is known (its entry's `kind`, or its last worker's); the worker refuses it too."""
+    serves = handle.serves
+    if serves is None or serves == wants:
+        return
+    if serves == "embedding":
+        msg = (f"model '{handle.name}' is an embedding model: it serves /v1/embeddings and Ollama's /api/embed, "
+               "not text generation")
+    else:
+        msg = (f"model '{handle.name}' is a language model, not an embedding model: embeddings need a model "
+               "entry with kind: embedding (or a sentence-transformers directory)")
+    raise APIError(400, msg, code="model_not_supported", param="model")
+
+
 def cache_namespace(handle, salt: Optional[str]) -> str:
     """The request's prefix cache namespace: its API key's (unless the model shares across
     keys) and its `cache_salt`'s; "" for neither. A hash, never the key: it travels to the
@@ -166,9 +181,10 @@ async def start(handle, payload: dict, cache_salt: Optional[str] = None, stream:
     """Admit the request, submit it, and wait for the worker's answer, so that a refused
     prompt is a proper 4xx before any stream begins, unless a stream would wait for longer
     than a keep-alive's period: then its headers go now, so proxies do not drop it."""
+    check_serves(handle, "embedding" if "embed" in payload else "chat")
     key = _admit()
     request.scope[MODEL_KEY] = handle.name       # a write timeout is counted for this model
-    if ns := cache_namespace(handle, cache_salt):
+    if "embed" not in payload and (ns := cache_namespace(handle, cache_salt)):     # embeddings cache nothing
         payload = {**payload, "cache_ns": ns}
     sup = supervisor()
     events = _typed(_charged(handle.generate(payload, sup.config.server.request_timeout), key,
@@ -217,6 +233,7 @@ async def count_tokens(handle, payload: dict) -> int:
     """The prompt's length in tokens as the worker would render it, without generating.
     Admitted like a generation (the key's rate limit, the model's request slots), since the
     worker renders and tokenizes it the same way; its tokens are charged to the key."""
+    check_serves(handle, "chat")
     key = _admit()
     try:
         reply = await handle.call("count_tokens", timeout=60, load=True, admit=True, **payload)

@@ -69,7 +69,7 @@ class MemoryBudget:
 
     def reap_once(self, now: float) -> None:
         for h in list(self.sup.handles.values()):
-            ttl = h.cfg.idle_ttl
+            ttl = h.idle_ttl
             if ttl and h.state == "ready" and not h.pinned and not h.busy \
                     and now - (h.last_used or h.started_wall) > ttl:
                 log.info("model %s idle for %.0fs: stopping its worker", h.name, ttl)

@@ -89,6 +89,8 @@ class ModelHandle:
         self.on_demand = None               # the supervisor's loader, for models not preloaded
         self.on_ready = None                # the supervisor's budget check, once memory is known
         self.pin_override = None            # (cfg, pinned) set at runtime; holds while cfg is current
+        self._served: Optional[str] = None  # what the last ready worker served, kept while parked
+        self.ttl_override = None            # (cfg, idle_ttl) from a request's keep_alive; holds while cfg is current
 
     @property
     def name(self) -> str:
@@ -99,6 +101,12 @@ class ModelHandle:
         """A runtime pin or unpin (console, POST /v1/models/{name}/pin) lasts until this model's entry changes."""
         over = self.pin_override
         return over[1] if over is not None and over[0] is self.cfg else self.cfg.pinned
+
+    @property
+    def idle_ttl(self) -> Optional[float]:
+        """The config's idle_ttl, or the last keep_alive a request set (until this model's entry changes)."""
+        over = self.ttl_override
+        return over[1] if over is not None and over[0] is self.cfg else self.cfg.idle_ttl
 
     @property
     def server(self) -> Server:
@@ -127,6 +135,13 @@ class ModelHandle:
     def worker_info(self) -> dict:
         """What the last worker said when it became ready (device, dtype, BLAS, ...)."""
         return {k: v for k, v in (self._worker.info if self._worker else {}).items() if k != "op"}
+
+    @property
+    def serves(self) -> Optional[str]:
+        """"chat" or "embedding": the entry's `kind`, else what its last worker found; None before a load."""
+        if self.cfg.kind is not None:
+            return self.cfg.kind
+        return (self._worker.info.get("serves") if self._worker is not None else None) or self._served
 
     def _transition(self, to: str, broken: bool = False) -> None:
         """The only writer of `state`; `broken`: a bug in the lifecycle, failed from anywhere."""
@@ -223,6 +238,7 @@ class ModelHandle:
                 self.start_seconds = self.started_at - spawned
                 self.metrics.worker_start.labels(self.name).observe(self.start_seconds)
                 self.memory_estimate = max(self.memory_estimate, info.get("mlx_memory_bytes", 0))
+                self._served = info.get("serves")
                 self.parked = False
                 self._transition("ready")
                 if self.on_ready is not None:
@@ -407,7 +423,7 @@ class ModelHandle:
                     finished = True
                     self.tokens["prompt"] += ev["usage"]["prompt_tokens"]
                     self.tokens["generated"] += ev["usage"]["completion_tokens"]
-                    self.metrics.request_done(self.name, ev, self.cfg.prefix_cache.enabled)
+                    self.metrics.request_done(self.name, ev, self.cfg.prefix_cache.enabled and self.serves != "embedding")
                 elif ev["op"] == "error":
                     finished = True
                     self.metrics.request_failed(self.name, ev.get("code") or "invalid_request")
@@ -433,7 +449,7 @@ class ModelHandle:
     def status(self) -> dict:
         w, totals = self._worker, self.counters()
         return {
-            "name": self.name, "aliases": list(self.cfg.aliases), "state": self.state,
+            "name": self.name, "aliases": list(self.cfg.aliases), "state": self.state, "serves": self.serves,
             "pid": w.pid if w and self.state == "ready" else None,
             "restarts": self.restarts, "last_error": self.last_error or None,
             "requests_in_flight": w.in_flight if w else 0,

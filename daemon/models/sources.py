@@ -73,7 +73,10 @@ def resolve_model(source: str, *, dtype: str = "auto", cache_dir: Path) -> Resol
 
     scheme, _, name = source.partition(":")
     if scheme == "embedded":
-        return _from_gguf(_embedded_gguf(source, cache_dir), dtype, cache_dir, "embedded")
+        found = _embedded_gguf(source, cache_dir)
+        if found.is_dir():       # a model directory (the embedded embedding model)
+            return _from_dir(found, dtype, cache_dir, "embedded", source)
+        return _from_gguf(found, dtype, cache_dir, "embedded")
     if scheme in ("ollama", "lmstudio"):
         tried = []
         if scheme == "ollama" and (blob := libraries.ollama_gguf(name, tried)):

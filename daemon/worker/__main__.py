@@ -68,6 +68,8 @@ def load(cfg: ModelConfig, cache_dir, *, total_disk_budget=None, orphan_ttl=7 * 
 
     t0 = time.perf_counter()
     resolved = resolve_model(cfg.source, dtype=cfg.dtype, cache_dir=cache_dir)
+    if is_embedding(cfg, resolved.path):
+        return load_embedding(cfg, resolved, t0)
     stage, cache_args = None, {}
     if group is not None:
         from ..models.pipeline import load_stage, stage as stage_of
@@ -103,13 +105,35 @@ def load(cfg: ModelConfig, cache_dir, *, total_disk_budget=None, orphan_ttl=7 * 
         reasoning_parser=cfg.reasoning_parser,
         speculative=cfg.engine.speculative.model_dump() if cfg.engine.speculative else None, **extra)
     info = {
-        "pid": os.getpid(), "path": str(resolved.path), "kind": resolved.kind, "dtype": resolved.dtype,
+        "pid": os.getpid(), "path": str(resolved.path), "kind": resolved.kind, "dtype": resolved.dtype, "serves": "chat",
         "fingerprint": resolved.fingerprint, "device": device_name(), "blas": loaded_blas(),
         "context_length": engine.context_length, "load_seconds": round(time.perf_counter() - t0, 3),
         "mlx_memory_bytes": mx.get_active_memory(),
     }
     if group is not None:
         info["group"] = {"rank": group.rank(), "size": group.size(), "stage": stage.tag}
+    return engine, info
+
+
+def is_embedding(cfg: ModelConfig, path: Path) -> bool:
+    from ..embeddings.spec import is_embedding_dir
+    return cfg.kind == "embedding" or (cfg.kind is None and path.is_dir() and is_embedding_dir(path))
+
+
+def load_embedding(cfg: ModelConfig, resolved, t0: float):
+    """An embedding model's engine (`embeddings/engine.py`): same protocol, no generation."""
+    import mlx.core as mx
+
+    from ..embeddings.engine import load as load_embedder
+    from .blas import device_name, loaded_blas
+
+    engine, spec = load_embedder(cfg, resolved.path, resolved.dtype)
+    info = {
+        "pid": os.getpid(), "path": str(resolved.path), "kind": resolved.kind, "dtype": resolved.dtype,
+        "serves": "embedding", "embedding": spec.info(), "fingerprint": resolved.fingerprint,
+        "device": device_name(), "blas": loaded_blas(), "context_length": engine.context_length,
+        "load_seconds": round(time.perf_counter() - t0, 3), "mlx_memory_bytes": mx.get_active_memory(),
+    }
     return engine, info
 
 
@@ -179,7 +203,9 @@ def serve(chan: SyncChannel, engine) -> None:
         out: list[dict] = []
         for msg in msgs:
             if msg is None or msg["op"] == "shutdown":
-                for rid in [*engine.uid_of, *engine.parked, *(h.active.id for h in engine.held)]:
+                ids = engine.request_ids() if hasattr(engine, "request_ids") else \
+                    [*engine.uid_of, *engine.parked, *(h.active.id for h in engine.held)]
+                for rid in ids:
                     out.append(engine.cancel(rid))
                 chan.send_many(out)
                 try:

@@ -280,6 +280,10 @@ class Engine:
         """Queue a request; returns its `started` event (usage known up front), or None while
         its cached prefix is read from disk (it starts at a later step, see `step`)."""
         rid = msg["id"]
+        if "embed" in msg:
+            raise RequestError("this model is a language model, not an embedding model: it serves chat and "
+                               "completions; embeddings need a model entry with kind: embedding (or a "
+                               "sentence-transformers directory)", code="model_not_supported", param="model")
         tokens, prompt_text = self.tokenize(msg)
         if not tokens:
             raise RequestError("the prompt is empty", param="prompt")

@@ -1,0 +1,1 @@
+"""Embedding models: spec detection, our BERT encoder, mlx-lm decoders pooled, the batching engine."""
