@@ -282,6 +282,26 @@ class RateLimit(_Strict):
     tokens_per_minute: Optional[int] = Field(None, ge=1, description="Prompt + generated tokens.")
 
 
+def _origin(v: str) -> str:
+    """`*`, or a web origin as browsers send it: scheme://host[:port], nothing after."""
+    from urllib.parse import urlsplit
+
+    if v == "*":
+        return v
+    parts = urlsplit(v.strip().lower())
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if parts.scheme not in ("http", "https") or not parts.hostname or port == -1 or parts.path not in ("", "/") \
+            or parts.query or parts.fragment or parts.username:
+        raise ValueError(f"{v!r} is not a web origin; expected scheme://host[:port] such as "
+                         "http://localhost:3000, or \"*\"")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    default = {"http": 80, "https": 443}[parts.scheme]
+    return f"{parts.scheme}://{host}" + (f":{port}" if port and port != default else "")
+
+
 class Server(_Strict):
     """Applied live at a reload, except host and port (a restart of mlxd) and cache_dir (new workers)."""
 
@@ -293,6 +313,9 @@ class Server(_Strict):
     shutdown_timeout: float = Field(30.0, ge=0, description="Seconds in-flight requests may take to finish when the daemon stops.")
     memory_budget: Optional[Size] = Field(None, description="Memory all workers may use; least-recently-used idle models are stopped to make room.")
     auth: Auth = Auth()
+    allowed_origins: tuple[Annotated[str, AfterValidator(_origin)], ...] = Field((), description=(
+        "Web origins (scheme://host[:port]) whose pages may call mlxd from a browser and read the answers "
+        "(CORS). Empty (default): only the console's own page. \"*\" lets every web page in (logged as a warning)."))
     rate_limit: RateLimit = RateLimit()
     max_body_bytes: Size = parse_size("8MiB")
     request_timeout: Optional[float] = Field(900.0, gt=0, description="Seconds a request may take in all; null: no limit.")

@@ -68,6 +68,11 @@ class Metrics:
                                        "(a bug: see the log); the task goes on.", ["component"], registry=r)
         for c in COMPONENTS:
             self.internal_errors.labels(c)
+        self.refused = Counter(P + "http_refused", "Requests refused before any route ran: a foreign Host (DNS "
+                               "rebinding), an Origin not allowed, a cross-site action, a body not JSON.",
+                               ["reason"], registry=r)
+        for reason in ("host_not_allowed", "origin_not_allowed", "unsupported_media_type"):
+            self.refused.labels(reason)
         if supervisor is not None:
             r.register(_WorkerCollector(supervisor))
 

@@ -64,7 +64,7 @@ async def _drain(supervisor: Supervisor, deadline: float) -> None:
 async def run(config: Config, host: str, port: int, json_logs: bool = False, config_path: Path | None = None) -> int:
     supervisor = Supervisor(config, json_logs=json_logs, config_path=str(config_path) if config_path else None)
     await supervisor.start()
-    app = create_app(supervisor)
+    app = create_app(supervisor, host, port)
 
     loop = asyncio.get_running_loop()
     stopped = asyncio.Event()

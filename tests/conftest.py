@@ -135,6 +135,9 @@ def wait_until(pred, timeout: float, what):
     raise AssertionError(f"not within {timeout}s: {what() if callable(what) else what}")
 
 
+SMOL_B_CONTEXT = 512      # two_model_daemon's smol-b: small, so a test reaches its end cheaply
+
+
 def smol(name: str, **over) -> dict:
     m = {"name": name, "source": "embedded:smollm2"}
     m.update(over)
@@ -147,7 +150,7 @@ def two_model_daemon(tmp_path_factory):
     with Daemon(tmp_path_factory.mktemp("daemon"), [
         smol("smol-a", aliases=["default", "smol"], engine={"max_batch_size": 8},
              sampling={"temperature": 0.0, "max_tokens": 64}),
-        smol("smol-b", engine={"max_batch_size": 4, "prefill_step_size": 256},
+        smol("smol-b", engine={"max_batch_size": 4, "prefill_step_size": 256, "context_length": SMOL_B_CONTEXT},
              sampling={"temperature": 0.0, "max_tokens": 48}),
     ]) as d:
         yield d

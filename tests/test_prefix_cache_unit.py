@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import time
@@ -9,13 +10,14 @@ from concurrent.futures import Future
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 import pytest
 from mlx_lm.models.cache import RotatingKVCache, make_prompt_cache
 
 from conftest import TEST_CACHE
 from daemon.models import resolve_model
 from daemon.worker.disk_cache import RECORD_GRACE
-from daemon.worker.prefix_cache import BLOCK, PrefixCache, block_hashes
+from daemon.worker.prefix_cache import BLOCK, PrefixCache, _key, block_hashes
 
 
 @pytest.fixture(scope="module")
@@ -197,16 +199,30 @@ def test_a_disk_hit_is_read_off_the_calling_thread(model, tmp_path):
 def test_the_write_queue_is_bounded_in_bytes(model, tmp_path):
     """Past `write_buffer` queued bytes an entry is not written (counted); it is still served from
     memory, and the disk entries it would have superseded stay."""
-    pc = new_cache(model, tmp_path, write_buffer=1)
+    pc = new_cache(model, tmp_path)
+    # A disk that does not answer: the writer blocks opening the first entry's record, a FIFO,
+    # until this test reads it, so that entry stays queued whatever the disk's speed.
+    stuck = [0] + TOKENS
+    fifo = pc.disk.dir / f"{_key(np.asarray(stuck, np.int32))}.json.tmp.{os.getpid()}"
+    os.mkfifo(fifo)
+    stuck_cache = prefill(model, stuck, make_prompt_cache(model))
+    pc.store(stuck, stuck_cache)
     convs = [[i] + TOKENS for i in (1, 2, 3)]
     caches = [prefill(model, t, make_prompt_cache(model)) for t in convs]
-    for t, c in zip(convs, caches):      # back to back: the first is still being written (fsync)
+    nbytes = [sum(c.nbytes for c in cache) for cache in [stuck_cache, *caches]]
+    pc.disk.write_buffer = nbytes[0] + nbytes[1]       # room for the first conversation only
+    for t, c in zip(convs, caches):
         pc.store(t, c)
     s = pc.stats()["disk"]
-    assert s["dropped_writes"] == 2 and 0 < s["queue_bytes"] <= sum(c.nbytes for c in caches[0])
+    assert s["dropped_writes"] == 2 and s["queue_bytes"] == nbytes[0] + nbytes[1] and s["pending_writes"] == 2
     assert all(pc.fetch(t + [7])[2] == "memory" for t in convs)
+    with open(fifo, "rb") as f:                        # the disk answers
+        assert json.loads(f.read())["n_tokens"] == len(stuck)
     pc.disk.flush()
-    assert pc.stats()["disk"]["entries"] == 1 and pc.stats()["disk"]["queue_bytes"] == 0
+    s = pc.stats()["disk"]
+    # The FIFO cannot be fsynced (EINVAL): that entry is a write error, and its files are gone.
+    assert s["write_errors"] == 1 and not list(pc.disk.dir.glob(f"{fifo.name.split('.')[0]}*"))
+    assert s["entries"] == 1 and s["queue_bytes"] == 0 and s["pending_writes"] == 0
     # A dropped write supersedes nothing: the durable first turn stays findable on disk.
     longer = convs[0] + [400, 401, 402]
     pc.disk.write_buffer = 1
