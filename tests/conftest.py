@@ -138,6 +138,17 @@ def wait_until(pred, timeout: float, what):
 SMOL_B_CONTEXT = 512      # two_model_daemon's smol-b: small, so a test reaches its end cheaply
 
 
+def in_order(text: str, *lines: str) -> bool:
+    """Whether each of `lines` occurs in `text`, each after the one before it."""
+    at = 0
+    for line in lines:
+        at = text.find(line, at)
+        if at < 0:
+            return False
+        at += len(line)
+    return True
+
+
 def smol(name: str, **over) -> dict:
     m = {"name": name, "source": "embedded:smollm2"}
     m.update(over)

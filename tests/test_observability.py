@@ -68,7 +68,7 @@ def prom(two_model_daemon, tmp_path_factory):
     url = f"http://127.0.0.1:{port}"
     try:
         # Ready once the daemon has been scraped, so later traffic shows up as a rate.
-        wait_for(lambda: scraped(url), 30, "first scrape",
+        wait_for(lambda: scraped(url), 120, "first scrape",
                  lambda: (tmp / "prometheus.log").read_text(errors="replace")[-2000:])
         yield url
     finally:
