@@ -89,6 +89,24 @@ def test_disk_entries_are_found_after_a_restart_and_loaded_on_demand(model, tmp_
     again.close()
 
 
+def test_a_lookup_hashes_the_prompt_once_however_many_disk_candidates(model, tmp_path, monkeypatch):
+    """Defect 8: each disk-only candidate re-hashed the whole prompt on the engine thread."""
+    import daemon.worker.prefix_cache as mod
+
+    pc = new_cache(model, tmp_path)
+    for i in range(5):
+        toks = TOKENS + [i + 1] * 20
+        pc.store(toks, prefill(model, toks, make_prompt_cache(model)))
+    pc.close()
+    again = new_cache(model, tmp_path)
+    assert sum(e.tokens is None for e in again.entries.values()) == 5       # disk-only, all candidates
+    calls = []
+    monkeypatch.setattr(mod, "block_hashes", lambda *a, **kw: calls.append(a) or block_hashes(*a, **kw))
+    cache, n, tier = again.fetch(TOKENS + [3] * 20 + [9])
+    assert (n, tier) == (100, "disk") and len(calls) == 1
+    again.close()
+
+
 def test_two_workers_sharing_a_namespace_do_not_spoil_each_other(model, tmp_path):
     """Same weights, two workers (two models, or a replacement starting beside the old one):
     a starting worker keeps the other's writes in flight, and an entry the other evicted is

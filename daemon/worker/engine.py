@@ -32,6 +32,7 @@ from ..events import Done, Error, Logprob, Progress, Started
 from . import tools as toolfmt
 from .grammar import Compiler, GrammarError, GrammarProcessor, reasoning_end, request_grammar, tool_call_grammar
 from .output import THINK, Markers, Output, initial_state, state_machine
+from .prepare import Prepared, char_limit
 from .sampling import make_sampler
 from .speculative import SpecBatch
 
@@ -113,6 +114,7 @@ class Engine:
         self.default_max_tokens = default_max_tokens
         self.prefix_cache = prefix_cache
         self.eos = set(tokenizer.eos_token_ids)
+        self.char_limit = char_limit(tokenizer, context_length)    # longer prompts cannot fit
         self.max_batch_size, self.prefill_batch_size, self.prefill_step_size = \
             max_batch_size, prefill_batch_size, prefill_step_size
         self.gen = self._new_generator()
@@ -201,14 +203,18 @@ class Engine:
         except Exception as e:  # jinja raises for roles/contents a template rejects
             raise RequestError(f"chat template rejected the messages: {e}", param="messages") from None
 
-    def tokenize(self, msg: dict) -> tuple[list[int], str]:
-        """The prompt's tokens, and its text for chat requests ("" otherwise)."""
+    def tokenize(self, msg: dict, max_chars: Optional[int] = None) -> tuple[list[int], str]:
+        """The prompt's tokens, and its text for chat requests ("" otherwise). A text longer
+        than `max_chars` is refused before it is tokenized (see `prepare.char_limit`)."""
         if "messages" in msg:
             text = self.render(msg)
             if not isinstance(text, str):
                 raise RequestError("chat_template_kwargs made the template return no text", param="chat_template_kwargs")
+            self._check_chars(text, max_chars, "messages")
             return list(self.tokenizer.encode(text, add_special_tokens=False)), text
         prompt = msg.get("prompt", "")
+        if isinstance(prompt, str):
+            self._check_chars(prompt, max_chars, "prompt")
         if isinstance(prompt, list):
             vocab = getattr(getattr(self.model, "args", None), "vocab_size", None) or len(self.tokenizer)
             bad = next((t for t in prompt if not 0 <= int(t) < vocab), None)
@@ -276,15 +282,21 @@ class Engine:
     def _vocab_size(self) -> int:
         return getattr(getattr(self.model, "args", None), "vocab_size", None) or len(self.tokenizer)
 
-    def submit(self, msg: dict) -> Optional[dict]:
-        """Queue a request; returns its `started` event (usage known up front), or None while
-        its cached prefix is read from disk (it starts at a later step, see `step`)."""
-        rid = msg["id"]
+    def _check_chars(self, text: str, max_chars: Optional[int], param: str) -> None:
+        if max_chars is not None and len(text) > max_chars:
+            raise RequestError(
+                f"This model's maximum context length is {self.context_length} tokens. However, your "
+                f"prompt has {len(text)} characters, more than that many tokens can hold. Please reduce the prompt.",
+                code="context_length_exceeded", param=param)
+
+    def prepare(self, msg: dict) -> Prepared:
+        """A request's prompt rendered, tokenized and checked against the context. Touches no
+        engine state, so the worker runs it off the engine's thread (`prepare.py`)."""
         if "embed" in msg:
             raise RequestError("this model is a language model, not an embedding model: it serves chat and "
                                "completions; embeddings need a model entry with kind: embedding (or a "
                                "sentence-transformers directory)", code="model_not_supported", param="model")
-        tokens, prompt_text = self.tokenize(msg)
+        tokens, prompt_text = self.tokenize(msg, max_chars=self.char_limit)
         if not tokens:
             raise RequestError("the prompt is empty", param="prompt")
         room = self.context_length - len(tokens)
@@ -295,7 +307,14 @@ class Engine:
                 code="context_length_exceeded", param="messages" if "messages" in msg else "prompt")
         # Agents ask for more than any local context holds (opencode: 32000); the answer is
         # cut at the context's end with finish_reason "length", as if they had asked for that.
-        max_tokens = min(int(msg.get("max_tokens") or self.default_max_tokens), room)
+        return Prepared(tokens, prompt_text, min(int(msg.get("max_tokens") or self.default_max_tokens), room))
+
+    def submit(self, msg: dict, prepared: Optional[Prepared] = None) -> Optional[dict]:
+        """Queue a request (prepared here unless `prepared` is given); returns its `started`
+        event (usage known up front), or None while it is parked (it starts at a later step,
+        see `step`)."""
+        rid = msg["id"]
+        tokens, prompt_text, max_tokens = prepared if prepared is not None else self.prepare(msg)
         out = self.output(msg, prompt_text)
         try:
             wanted = self.grammar(msg)
@@ -310,7 +329,10 @@ class Engine:
             if self.compiler is None:
                 self.compiler = Compiler(self.tokenizer, self._vocab_size())
             p.grammar = self.compiler.compile(*wanted)
-        return self._start(p)
+        try:
+            return self._start(p)
+        except GrammarError as e:       # it compiled (and failed) before `_start` looked: still a 400
+            raise RequestError(str(e), param=e.param) from None
 
     def sampling(self, msg: dict) -> tuple:
         """make_sampler's arguments for a request."""

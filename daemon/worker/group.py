@@ -4,8 +4,9 @@ Each rank holds only its layers (`load_stage`) and its own `BatchGenerator`; a d
 one pipelined forward pass through all of them, so every rank must insert and remove the same
 sequences in the same order before each `next()`. Rank 0 (the model's worker, the only one
 that talks to the daemon) tokenizes, resolves the prefix cache and records every change it
-makes to its batch as an operation; before each step it broadcasts them (a pickled list,
-`all_sum` as mlx_lm.server's `_share_object`) and the followers apply them:
+makes to its batch as an operation; before each step it broadcasts them (a JSON list sealed
+with the group's secret, `transport.py`; `all_sum` as mlx_lm.server's `_share_object`) and
+the followers check and apply them:
 
     insert(uid, tokens, cached length, cache key, max_tokens, sampler args, grammar)
     remove(uid, keep cache)   store(uid, ns)   evict(keys)   clear   has(key)   memory
@@ -17,14 +18,14 @@ seed from rank 0), and every rank computes the same logits, so they sample the s
 A rank waiting in a collective spins a core, so nobody waits in one while idle: before each
 broadcast rank 0 writes a byte to each follower's doorbell (a TCP connection to rank 0), and
 a follower sleeps in `recv` on it. The doorbell also carries each follower's load result
-(a JSON line) and tells a follower that rank 0 is gone (EOF), so it exits.
+(a JSON line) and tells a follower that rank 0 is gone (EOF), so it exits. Every doorbell
+connection and the ring itself prove the group's secret first (`transport.py`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import pickle
 import secrets
 import socket
 import time
@@ -36,6 +37,7 @@ from ..ranks import is_local
 from .engine import Engine, Parked
 from .grammar import Compiler, GrammarProcessor, reasoning_end
 from .sampling import make_sampler
+from .transport import Opener, Sealer, TransportError, follower_handshake, leader_handshake, ring_tag
 
 log = logging.getLogger("mlxd.group")
 
@@ -50,16 +52,28 @@ class GroupFailed(BaseException):
 # -- the broadcast ---------------------------------------------------------------------------
 
 
-def share(obj=None):
-    """Rank 0 sends `obj` (a picklable object), the others receive it: mlx_lm.server's scheme."""
+def share(data: bytes = b"") -> bytes:
+    """Rank 0 sends `data`, the others receive it: mlx_lm.server's scheme, on sealed bytes."""
     if mx.distributed.init().rank() == 0:
-        data = mx.array(memoryview(pickle.dumps(obj)), dtype=mx.uint8)
-        mx.eval(mx.distributed.all_sum(data.size))
-        mx.eval(mx.distributed.all_sum(data))
-        return obj
+        arr = mx.array(memoryview(data), dtype=mx.uint8)
+        mx.eval(mx.distributed.all_sum(arr.size))
+        mx.eval(mx.distributed.all_sum(arr))
+        return data
     size = mx.distributed.all_sum(0).item()
-    data = mx.distributed.all_sum(mx.zeros(size, dtype=mx.uint8))
-    return pickle.loads(memoryview(data))
+    return bytes(memoryview(mx.distributed.all_sum(mx.zeros(size, dtype=mx.uint8))))
+
+
+def verify_ring(secret: bytes) -> None:
+    """Every rank shows its tag over the ring and checks everyone else's: a stranger who took a
+    rank's place in the ring (its port, first) fails the group before any step is sent."""
+    group = mx.distributed.init()
+    n, me = group.size(), group.rank()
+    table = mx.zeros((n, 32), dtype=mx.int32)
+    table[me] = mx.array(list(ring_tag(secret, me, n)), dtype=mx.int32)
+    got = mx.distributed.all_sum(table).tolist()
+    for r, row in enumerate(got):
+        if bytes(row) != ring_tag(secret, r, n):
+            raise GroupFailed(f"rank {r} of the ring does not hold the group's secret; refusing to serve with it")
 
 
 def all_true(flag: bool) -> bool:
@@ -83,19 +97,28 @@ def _addr(endpoint: str) -> tuple[str, int]:
 class Bells:
     """Rank 0's doorbells: one connection per follower."""
 
-    def __init__(self, endpoint: str, followers: int):
+    def __init__(self, endpoint: str, followers: int, secret: bytes):
+        self.secret = secret
         host, port = _addr(endpoint)
         self.server = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
         self.followers = followers
         self.socks: list[socket.socket] = []
 
     def gather(self, timeout: float = CONNECT_TIMEOUT) -> None:
-        """Wait for every follower's load result; GroupFailed naming the rank that failed."""
-        self.server.settimeout(timeout)
+        """Wait for every follower's load result; GroupFailed naming the rank that failed.
+        A connection that does not prove the group's secret is closed and not counted."""
+        deadline = time.monotonic() + timeout
         try:
-            for _ in range(self.followers):
-                sock, _ = self.server.accept()
-                sock.settimeout(timeout)
+            while len(self.socks) < self.followers:
+                self.server.settimeout(max(deadline - time.monotonic(), 0.001))
+                sock, peer = self.server.accept()
+                sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                try:
+                    leader_handshake(sock, self.secret)
+                except (TransportError, OSError) as e:
+                    log.warning("doorbell: refused a connection from %s: %s", peer[0], e)
+                    sock.close()
+                    continue
                 line = sock.makefile("rb").readline()
                 sock.settimeout(None)
                 self.socks.append(sock)
@@ -120,7 +143,7 @@ class Bells:
 class Bell:
     """A follower's doorbell: a blocking read that sleeps while rank 0 is idle."""
 
-    def __init__(self, endpoint: str, rank: int, timeout: float = 60.0):
+    def __init__(self, endpoint: str, rank: int, secret: bytes, timeout: float = 60.0):
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -130,6 +153,11 @@ class Bell:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
+        try:
+            follower_handshake(self.sock, secret)   # rank 0 of this group, not whoever listens there
+        except BaseException:
+            self.sock.close()
+            raise
         self.sock.settimeout(None)
         self.rank = rank
 
@@ -153,6 +181,7 @@ class LeaderEngine(Engine):
     def __init__(self, *args, bells: Bells, hosts: tuple[str, ...], **kw):
         super().__init__(*args, stream=mx.default_stream(mx.default_device()), **kw)
         self.bells = bells
+        self.sealer = Sealer(bells.secret)
         self.hosts = hosts
         self.ops: list[tuple] = []
 
@@ -161,7 +190,7 @@ class LeaderEngine(Engine):
         ops, self.ops = [*self.ops, *extra], []
         try:
             self.bells.ring()
-            share(ops)
+            share(self.sealer.seal(ops))
         except GroupFailed:
             raise
         except Exception as e:
@@ -241,17 +270,27 @@ class LeaderEngine(Engine):
 class Follower:
     """A rank without a daemon: applies rank 0's operations to its own engine, step by step."""
 
-    def __init__(self, engine: Engine, bell: Bell):
+    OPS = ("insert", "remove", "store", "evict", "clear", "memory", "has", "step")
+
+    def __init__(self, engine: Engine, bell: Bell, secret: bytes):
         self.engine = engine
         self.bell = bell
+        self.opener = Opener(secret)
         self.kept: dict[int, tuple] = {}     # uid -> (cache, tokens) of sequences that just left the batch
+        self.store_errors = 0
 
     def run(self) -> None:
         while self.bell.wait():
-            for op in share():
+            try:
+                ops = self.opener.open(share())
+            except TransportError as e:
+                raise GroupFailed(f"rank {self.bell.rank} refused a step broadcast: {e}") from None
+            for op in ops:
                 if op[0] == "shutdown":
                     mx.eval(mx.distributed.all_sum(1))
                     return
+                if op[0] not in self.OPS:
+                    raise GroupFailed(f"rank {self.bell.rank} got an unknown operation {op[0]!r}")
                 getattr(self, "_" + op[0])(*op[1:])
         log.error("rank 0 of the group is gone; exiting")
 
@@ -283,9 +322,17 @@ class Follower:
             self.engine.gen.remove([uid])
 
     def _store(self, uid, ns="") -> None:
+        """Best effort, as on rank 0: a failure costs this entry's reuse (rank 0's `has` check
+        finds the shard missing), never the rank."""
         got = self.kept.pop(uid, None)
         if got is not None and got[0] and got[1]:
-            self.engine.prefix_cache.store(list(got[1]), got[0], ns)     # the same key as rank 0's
+            pc = self.engine.prefix_cache
+            try:
+                pc.store(list(got[1]), got[0], ns)     # the same key as rank 0's
+            except Exception:
+                self.store_errors += 1
+                pc.counters["store_errors"] += 1
+                log.exception("rank %d: storing a finished request's cache failed; serving goes on", self.bell.rank)
 
     def _evict(self, keys) -> None:
         for k in keys:

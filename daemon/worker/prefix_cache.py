@@ -248,10 +248,11 @@ class PrefixCache:
 
     def _best(self, arr: np.ndarray, limit: int, ns: str) -> Optional[Entry]:
         best, best_n = None, 0
-        for e in self._candidates(arr, block_hashes(arr, ns=ns), ns):
+        hashes = block_hashes(arr, ns=ns)      # once per lookup: each candidate's depth is read off them
+        for e in self._candidates(arr, hashes, ns):
             if e.tokens is None:
                 # Known from disk only: its block depth bounds its prefix until it is loaded.
-                n = min(self._block_depth(e, arr, ns), e.n_tokens)
+                n = min(self._block_depth(e, hashes), e.n_tokens)
             else:
                 n = common_prefix(e.tokens, arr)
             n = min(n, limit)
@@ -260,8 +261,8 @@ class PrefixCache:
                 best, best_n = e, n
         return best
 
-    def _block_depth(self, e: Entry, arr: np.ndarray, ns: str) -> int:
-        hashes = block_hashes(arr, len(e.blocks), ns)
+    def _block_depth(self, e: Entry, hashes: list[str]) -> int:
+        """How many of `e`'s blocks the prompt (its chained block hashes) shares."""
         depth = 0
         for mine, theirs in zip(hashes, e.blocks):
             if mine != theirs:
@@ -364,7 +365,7 @@ class PrefixCache:
         if e.key in self.memory:
             self.memory.move_to_end(e.key)
             return
-        if e.nbytes > self.memory_budget and (e.on_disk or not self.follower):
+        if e.nbytes > self.memory_budget:
             self.counters["too_large_for_memory"] += 1
             self._evict_memory(e)      # on disk only, or (no disk) not kept at all
             return
@@ -373,8 +374,10 @@ class PrefixCache:
         for old in list(self.memory.values()):      # oldest first
             if self.memory_bytes <= self.memory_budget:
                 break
-            if old is e or (self.follower and not old.on_disk):
-                continue     # a follower's entry in memory only goes when rank 0 drops it
+            if old is e:
+                continue
+            # A follower too: its memory is bounded by its own budget. An entry it drops that
+            # rank 0 still holds fails rank 0's `has` round, so the request prefills instead.
             self._evict_memory(old)
             self.counters["memory_evictions"] += 1
 
