@@ -68,6 +68,7 @@ class Active:
     generated: int = 0
     cache_tier: Optional[str] = None
     cache_key: Optional[str] = None
+    cache_ns: str = ""                      # the prefix cache namespace the daemon named (key, cache_salt)
     itl: list = field(default_factory=list)
     top_logprobs: Optional[int] = None      # None: no logprobs asked for
     grammar: Optional[GrammarProcessor] = None
@@ -321,7 +322,7 @@ class Engine:
             raise RequestError(str(e), param=e.param) from None
         spec = self.sampling(msg)
         a = Active(id=rid, uid=None, prompt_tokens=len(tokens), cached_tokens=0, max_tokens=max_tokens,
-                   out=out, t_submit=time.perf_counter(),
+                   out=out, t_submit=time.perf_counter(), cache_ns=str(msg.get("cache_ns") or ""),
                    top_logprobs=int(msg.get("top_logprobs") or 0) if msg.get("logprobs") else None)
         p = Parked(a, tokens, make_sampler(*spec), spec=spec, wanted=wanted)
         if wanted is not None:
@@ -355,7 +356,7 @@ class Engine:
             return None
         cache, n_cached, tier = None, 0, None
         if self.prefix_cache is not None:
-            got = self.prefix_cache.fetch_nowait(p.tokens)
+            got = self.prefix_cache.fetch_nowait(p.tokens, ns=p.active.cache_ns)
             if isinstance(got, Future):
                 p.read = got
                 self.parked[p.active.id] = p
@@ -420,7 +421,7 @@ class Engine:
         else:
             cache = self._remove(uid, caches=True)
         a = self._forget(uid)
-        self._store(uid, cache)
+        self._store(uid, cache, a.cache_ns)
         return self._done(a, "cancelled")
 
     @property
@@ -557,7 +558,7 @@ class Engine:
         events.extend(e.wire() for e in out)
         if reason is not None:
             self._forget(r.uid)
-            self._store(r.uid, cache)
+            self._store(r.uid, cache, a.cache_ns)
             events.append(self._done(a, reason))
         return events
 
@@ -630,15 +631,15 @@ class Engine:
         self.decoding.discard(uid)
         return a
 
-    def _store(self, uid: int, cache_and_tokens) -> Optional[str]:
+    def _store(self, uid: int, cache_and_tokens, ns: str = "") -> Optional[str]:
         """Best effort: the request's answer is complete, so a failure here costs only reuse.
-        The entry's key when it was stored."""
+        The entry's key (in namespace `ns`) when it was stored."""
         if self.prefix_cache is None or not cache_and_tokens:
             return None
         cache, tokens = cache_and_tokens
         if cache and tokens:
             try:
-                return self.prefix_cache.store(list(tokens), cache)
+                return self.prefix_cache.store(list(tokens), cache, ns)
             except Exception:
                 self.prefix_cache.counters["store_errors"] += 1
                 log.exception("storing a finished request's cache failed; serving goes on")

@@ -9,7 +9,7 @@ with the group's secret, `transport.py`; `all_sum` as mlx_lm.server's `_share_ob
 the followers check and apply them:
 
     insert(uid, tokens, cached length, cache key, max_tokens, sampler args, grammar)
-    remove(uid, keep cache)   store(uid)   evict(keys)   clear   has(key)   memory
+    remove(uid, keep cache)   store(uid, ns)   evict(keys)   clear   has(key)   memory
     step   shutdown
 
 Samplers are rebuilt from their arguments on every rank (an unseeded sampled request gets a
@@ -244,10 +244,10 @@ class LeaderEngine(Engine):
         self.ops.append(("remove", uid, caches))
         return out
 
-    def _store(self, uid: int, cache_and_tokens) -> Optional[str]:
-        key = super()._store(uid, cache_and_tokens)
+    def _store(self, uid: int, cache_and_tokens, ns: str = "") -> Optional[str]:
+        key = super()._store(uid, cache_and_tokens, ns)
         if key is not None:                  # the others keep what rank 0 keeps, nothing more
-            self.ops.append(("store", uid))
+            self.ops.append(("store", uid, ns))
             self._evicted()
         return key
 
@@ -321,14 +321,14 @@ class Follower:
         else:
             self.engine.gen.remove([uid])
 
-    def _store(self, uid) -> None:
+    def _store(self, uid, ns="") -> None:
         """Best effort, as on rank 0: a failure costs this entry's reuse (rank 0's `has` check
         finds the shard missing), never the rank."""
         got = self.kept.pop(uid, None)
         if got is not None and got[0] and got[1]:
             pc = self.engine.prefix_cache
             try:
-                pc.store(list(got[1]), got[0])
+                pc.store(list(got[1]), got[0], ns)     # the same key as rank 0's
             except Exception:
                 self.store_errors += 1
                 pc.counters["store_errors"] += 1

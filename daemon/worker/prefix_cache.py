@@ -24,6 +24,12 @@ another stage is discarded as corrupt, never served (the shapes would match; the
 be garbage). Rank 0 resolves prefixes and decides what goes; the followers (`follower=True`)
 never drop an entry on their own, serve rank 0's hits by key (`fetch_key`) and drop what
 rank 0's `evicted_keys()` says it dropped.
+
+Namespaces (`ns`, named by the daemon per API key and `cache_salt`) seed the chained block
+hashes and every entry's key, so entries of two namespaces never share a block or a key
+and can never match; the sub-block fallback, which looks at memory entries one by one,
+compares their namespace. The empty namespace hashes exactly as before, so existing disk
+entries stay valid.
 """
 
 from __future__ import annotations
@@ -58,20 +64,25 @@ def namespace(fingerprint: str, kv_bits: Optional[int], stage=None) -> str:
     return f"{ns}-{stage.tag}" if stage is not None else ns
 
 
-def block_hashes(tokens, n_blocks: Optional[int] = None) -> list[str]:
-    """Chained hashes of the full blocks of `tokens` (a hash commits to all before it)."""
+def _seed(ns: str) -> bytes:
+    return hashlib.blake2b(ns.encode(), digest_size=12, person=b"mlxd-cache-ns").digest() if ns else b""
+
+
+def block_hashes(tokens, n_blocks: Optional[int] = None, ns: str = "") -> list[str]:
+    """Chained hashes of the full blocks of `tokens` (a hash commits to all before it, and
+    to the namespace)."""
     arr = np.asarray(tokens, dtype=np.int64)
     n = len(arr) // BLOCK if n_blocks is None else min(n_blocks, len(arr) // BLOCK)
-    out, prev = [], b""
+    out, prev = [], _seed(ns)
     for i in range(n):
         prev = hashlib.blake2b(prev + arr[i * BLOCK:(i + 1) * BLOCK].tobytes(), digest_size=12).digest()
         out.append(prev.hex())
     return out
 
 
-def _key(tokens: np.ndarray) -> str:
-    """An entry's name: a hash of its whole int32 token sequence."""
-    return hashlib.blake2b(tokens.tobytes(), digest_size=16).hexdigest()
+def _key(tokens: np.ndarray, ns: str = "") -> str:
+    """An entry's name: a hash of its namespace and its whole int32 token sequence."""
+    return hashlib.blake2b(_seed(ns) + tokens.tobytes(), digest_size=16).hexdigest()
 
 
 def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -114,6 +125,7 @@ class Entry:
     nbytes: int = 0
     on_disk: bool = False
     stage: Optional[str] = None    # the layers it holds, in a pipeline group (Stage.tag)
+    ns: Optional[str] = None       # its namespace; None: not known (indexed from disk, not yet read)
 
 
 class PrefixCache:
@@ -166,32 +178,33 @@ class PrefixCache:
                 if not keys:
                     del self.by_block[h]
 
-    def _candidates(self, tokens: np.ndarray, hashes: list[str]) -> list[Entry]:
-        """Entries sharing the deepest block with the request; else those in memory (a short
-        prefix, under one block, can only be found by looking)."""
+    def _candidates(self, tokens: np.ndarray, hashes: list[str], ns: str) -> list[Entry]:
+        """Entries sharing the deepest block with the request; else those of its namespace in
+        memory (a short prefix, under one block, can only be found by looking)."""
         for h in reversed(hashes):
             keys = self.by_block.get(h)
             if keys:
                 return [self.entries[k] for k in keys]
-        return list(self.memory.values())
+        return [e for e in self.memory.values() if e.ns == ns]
 
     # -- lookup -----------------------------------------------------------------------
 
-    def fetch(self, tokens: list[int]) -> tuple[Optional[list], int, Optional[str]]:
-        """A fresh cache for the longest usable prefix of `tokens` (at most len-1), its length, its tier.
+    def fetch(self, tokens: list[int], ns: str = "") -> tuple[Optional[list], int, Optional[str]]:
+        """A fresh cache for the longest usable prefix of `tokens` (at most len-1) among the
+        entries of namespace `ns`, its length, its tier.
         A disk hit is read on this thread: the engine uses `fetch_nowait`."""
-        return self._fetch(tokens, wait=True)
+        return self._fetch(tokens, wait=True, ns=ns)
 
-    def fetch_nowait(self, tokens: list[int]) -> "tuple[Optional[list], int, Optional[str]] | Future":
+    def fetch_nowait(self, tokens: list[int], ns: str = "") -> "tuple[Optional[list], int, Optional[str]] | Future":
         """As `fetch`, but when the best hit must be read from disk first, the read starts on the
         loader thread and its Future comes back instead: call again once it is done."""
-        return self._fetch(tokens, wait=False)
+        return self._fetch(tokens, wait=False, ns=ns)
 
-    def _fetch(self, tokens, wait: bool):
+    def _fetch(self, tokens, wait: bool, ns: str):
         arr = np.asarray(tokens, dtype=np.int32)
         limit = len(arr) - 1   # the last prompt token must be computed to get logits
         while True:
-            best = self._best(arr, limit)
+            best = self._best(arr, limit, ns)
             self.last_key = None
             if best is None:
                 return self._hit(tokens, None, 0, None)
@@ -205,6 +218,7 @@ class PrefixCache:
                 self._unindex(best)
                 continue
             src_tokens, src = loaded
+            best.ns = ns              # found by blocks seeded with ns: it is of ns
             self._install(best, src_tokens, src)     # served from the read alone when too large for memory
             tier = "disk"
             break
@@ -232,10 +246,10 @@ class PrefixCache:
         self.counters[f"{tier}_hit_tokens"] += n
         return cache, n, tier
 
-    def _best(self, arr: np.ndarray, limit: int) -> Optional[Entry]:
+    def _best(self, arr: np.ndarray, limit: int, ns: str) -> Optional[Entry]:
         best, best_n = None, 0
-        hashes = block_hashes(arr)      # once per lookup: each candidate's depth is read off them
-        for e in self._candidates(arr, hashes):
+        hashes = block_hashes(arr, ns=ns)      # once per lookup: each candidate's depth is read off them
+        for e in self._candidates(arr, hashes, ns):
             if e.tokens is None:
                 # Known from disk only: its block depth bounds its prefix until it is loaded.
                 n = min(self._block_depth(e, hashes), e.n_tokens)
@@ -292,12 +306,13 @@ class PrefixCache:
 
     # -- store ------------------------------------------------------------------------
 
-    def store(self, tokens: list[int], cache: list) -> Optional[str]:
-        """Keep the KV of a finished request (prompt + completion) for the next turn; its key."""
+    def store(self, tokens: list[int], cache: list, ns: str = "") -> Optional[str]:
+        """Keep the KV of a finished request (prompt + completion) for the next turn of its
+        namespace `ns`; its key."""
         if not tokens or not cache:
             return None
         arr = np.asarray(tokens, dtype=np.int32)
-        key = _key(arr)
+        key = _key(arr, ns)
         old = self.entries.get(key)
         if old is not None and old.cache is not None:
             self.memory.move_to_end(key)
@@ -306,8 +321,9 @@ class PrefixCache:
         if self.kv_bits:
             cache = quantize(cache, self.kv_bits)
         mx.eval([c.state for c in cache])
-        e = Entry(key=key, tokens=arr, n_tokens=len(arr), blocks=block_hashes(arr), trimmable=trimmable,
-                  cache=cache, nbytes=cache_nbytes(cache), on_disk=old is not None and old.on_disk, stage=self.stage)
+        e = Entry(key=key, tokens=arr, n_tokens=len(arr), blocks=block_hashes(arr, ns=ns), trimmable=trimmable,
+                  cache=cache, nbytes=cache_nbytes(cache), on_disk=old is not None and old.on_disk, stage=self.stage,
+                  ns=ns)
         if old is not None:
             self._unindex(old)
         covered = self._covered(e) if trimmable and not self.follower else []   # a follower's go when rank 0's do
@@ -333,7 +349,7 @@ class PrefixCache:
         e's blocks shares all of e's tokens up to there; its key settles the partial tail.
         Entries under one block have no block to be found by; those in memory are looked at."""
         def prefix_of_e(c: Entry) -> bool:
-            return c.n_tokens < e.n_tokens and c.key == _key(e.tokens[:c.n_tokens])
+            return c.n_tokens < e.n_tokens and c.key == _key(e.tokens[:c.n_tokens], e.ns)
 
         out = [c for c in self.memory.values() if not c.blocks and prefix_of_e(c)]
         for depth, h in enumerate(e.blocks, start=1):
