@@ -63,6 +63,9 @@ class Metrics:
                                       m, buckets=LATENCY, registry=r)
         self.restarts = Counter(P + "worker_restarts", "Worker processes restarted after an exit.", m, registry=r)
         self.reloads = Counter(P + "config_reloads", "Config reloads.", ["result"], registry=r)
+        self.write_timeouts = Counter(P + "stream_write_timeouts", "Responses cut off because the client took "
+                                      "nothing for server.stream_write_timeout (their requests cancelled).", m,
+                                      registry=r)
         for result in ("success", "error"):   # present from the start, so increase() sees the first one
             self.reloads.labels(result)
         self.internal_errors = Counter(P + "internal_errors", "Unexpected errors caught in the daemon's own tasks "
@@ -80,6 +83,7 @@ class Metrics:
     def model_added(self, model: str) -> None:
         """Series that alerts use with increase() must exist before their first event."""
         self.restarts.labels(model)
+        self.write_timeouts.labels(model)
         for reason in ("cancelled", "worker_died"):
             self.errors.labels(model, reason)
         for reason in CACHE_MISS_REASONS:

@@ -166,6 +166,29 @@ def test_two_workers_sharing_a_namespace_do_not_spoil_each_other(model, tmp_path
     second.close()
 
 
+def test_namespaces_never_match_in_memory_under_one_block_or_on_disk(model, tmp_path):
+    pc = new_cache(model, tmp_path)
+    short = TOKENS[:10]                                  # under one block: found by looking at memory
+    for toks in (TOKENS, short):
+        pc.store(toks, prefill(model, toks, make_prompt_cache(model)), ns="alice")
+    assert pc.fetch(TOKENS + [1], ns="alice")[1] == len(TOKENS)
+    assert pc.fetch(short + [1], ns="alice")[1] == len(short)
+    for ns in ("", "bob"):
+        assert pc.fetch(TOKENS + [1], ns=ns)[1] == 0
+        assert pc.fetch(short + [1], ns=ns)[1] == 0
+    # Bob's longer turn of the same tokens supersedes nothing of Alice's.
+    longer = TOKENS + [5, 6, 7]
+    pc.store(longer, prefill(model, longer, make_prompt_cache(model)), ns="bob")
+    assert pc.fetch(TOKENS + [1], ns="alice")[1] == len(TOKENS)
+    assert pc.fetch(longer + [1], ns="bob")[1] == len(longer)
+    pc.close()
+    again = new_cache(model, tmp_path)                   # the disk tier: indexed, read on demand
+    assert again.fetch(TOKENS + [1], ns="")[1] == 0
+    assert again.fetch(longer + [1], ns="alice")[1:] == (len(TOKENS), "disk")    # Alice's own, not Bob's longer one
+    assert again.fetch(longer + [1], ns="bob")[1:] == (len(longer), "disk")
+    again.close()
+
+
 def test_block_hashes_chain():
     a = block_hashes(list(range(3 * BLOCK + 5)))
     b = block_hashes(list(range(2 * BLOCK)) + [0] * BLOCK)

@@ -70,6 +70,7 @@ class Active:
     cache_tier: Optional[str] = None
     cache_key: Optional[str] = None
     cache: Optional[dict] = None            # the prefix cache's Outcome, on the wire
+    cache_ns: str = ""                      # the prefix cache namespace the daemon named (key, cache_salt)
     itl: list = field(default_factory=list)
     top_logprobs: Optional[int] = None      # None: no logprobs asked for
     grammar: Optional[GrammarProcessor] = None
@@ -326,7 +327,7 @@ class Engine:
             raise RequestError(str(e), param=e.param) from None
         spec = self.sampling(msg)
         a = Active(id=rid, uid=None, prompt_tokens=len(tokens), cached_tokens=0, max_tokens=max_tokens,
-                   out=out, t_submit=time.perf_counter(),
+                   out=out, t_submit=time.perf_counter(), cache_ns=str(msg.get("cache_ns") or ""),
                    top_logprobs=int(msg.get("top_logprobs") or 0) if msg.get("logprobs") else None)
         p = Waiting(a, tokens, make_sampler(*spec), spec=spec, wanted=wanted,
                     checkpoints=self.checkpoint_positions(msg, tokens))
@@ -361,7 +362,7 @@ class Engine:
             return None
         cache, n_cached, tier = None, 0, None
         if self.prefix_cache is not None:
-            got = self.prefix_cache.fetch_nowait(p.tokens)
+            got = self.prefix_cache.fetch_nowait(p.tokens, ns=p.active.cache_ns)
             if isinstance(got, Future):
                 p.read = got
                 self.parked[p.active.id] = p
@@ -428,7 +429,7 @@ class Engine:
         else:
             cache = self._remove(uid, caches=True)
         a = self._forget(uid)
-        self._store(uid, cache)
+        self._store(uid, cache, a.cache_ns)
         return self._done(a, "cancelled")
 
     @property
@@ -567,7 +568,7 @@ class Engine:
         events.extend(e.wire() for e in out)
         if reason is not None:
             self._forget(r.uid)
-            self._store(r.uid, cache)
+            self._store(r.uid, cache, a.cache_ns)
             events.append(self._done(a, reason))
         return events
 
@@ -639,21 +640,21 @@ class Engine:
         self.decoding.discard(uid)
         return a
 
-    def _store(self, uid: int, cache_and_tokens) -> Optional[str]:
+    def _store(self, uid: int, cache_and_tokens, ns: str = "") -> Optional[str]:
         """Best effort: the request's answer is complete, so a failure here costs only reuse.
-        The entry's key when it was stored."""
+        The entry's key (in namespace `ns`) when it was stored."""
         if self.prefix_cache is None or not cache_and_tokens:
             return None
         cache, tokens = cache_and_tokens
         if cache and tokens:
             try:
-                key = self.prefix_cache.store(list(tokens), cache)
+                key = self.prefix_cache.store(list(tokens), cache, ns)
             except Exception:
                 self.prefix_cache.counters["store_errors"] += 1
                 log.exception("storing a finished request's cache failed; serving goes on")
                 return None
             if key is not None:
-                self.batch.log("store", uid)     # a group's other ranks keep what rank 0 keeps
+                self.batch.log("store", uid, ns)     # a group's other ranks keep what rank 0 keeps
             return key
         return None
 
@@ -661,14 +662,16 @@ class Engine:
         """Keep a prompt's cache at a checkpoint it just passed (best effort, like `_store`)."""
         if self.prefix_cache is None:
             return
+        a = self.active.get(c.uid)
+        ns = a.cache_ns if a is not None else ""
         try:
-            key = self.prefix_cache.store(c.tokens, c.cache)
+            key = self.prefix_cache.store(c.tokens, c.cache, ns)
         except Exception:
             self.prefix_cache.counters["store_errors"] += 1
             log.exception("storing a checkpoint failed; serving goes on")
             return
         if key is not None:
-            self.batch.log("checkpoint", c.uid, len(c.tokens))
+            self.batch.log("checkpoint", c.uid, len(c.tokens), ns)
 
     def _logprob(self, a: Active, r) -> Logprob:
         lp, top = r.logprobs, []

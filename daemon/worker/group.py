@@ -9,7 +9,7 @@ with the group's secret, `transport.py`; `all_sum` as mlx_lm.server's `_share_ob
 the followers check and apply them:
 
     insert(uid, tokens, cached length, cache key, max_tokens, sampler args, grammar)
-    remove(uid, keep cache)   store(uid)   evict(keys)   clear   has(key)   memory
+    remove(uid, keep cache)   store(uid, ns)   evict(keys)   clear   has(key)   memory
     step   shutdown
 
 Samplers are rebuilt from their arguments on every rank (an unseeded sampled request gets a
@@ -292,24 +292,24 @@ class Follower:
         if got:
             self.kept[uid] = got
 
-    def _store(self, uid) -> None:
+    def _store(self, uid, ns="") -> None:
         """Best effort, as on rank 0: a failure costs this entry's reuse (rank 0's `has` check
         finds the shard missing), never the rank."""
         got = self.kept.pop(uid, None)
         if got is not None and got[0] and got[1]:
             pc = self.engine.prefix_cache
             try:
-                pc.store(list(got[1]), got[0])
+                pc.store(list(got[1]), got[0], ns)     # the same key as rank 0's
             except Exception:
                 self.store_errors += 1
                 pc.counters["store_errors"] += 1
                 log.exception("rank %d: storing a finished request's cache failed; serving goes on", self.bell.rank)
 
-    def _checkpoint(self, uid, n_tokens) -> None:
+    def _checkpoint(self, uid, n_tokens, ns="") -> None:
         got = self.checkpoints.pop((uid, n_tokens), None)
         if got is not None:
             try:
-                self.engine.prefix_cache.store(got[1], got[0])
+                self.engine.prefix_cache.store(got[1], got[0], ns)
             except Exception:
                 self.store_errors += 1
                 self.engine.prefix_cache.counters["store_errors"] += 1

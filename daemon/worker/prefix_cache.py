@@ -30,6 +30,12 @@ another stage is discarded as corrupt, never served (the shapes would match; the
 be garbage). Rank 0 resolves prefixes and decides what goes; the followers (`follower=True`)
 never drop an entry on their own, serve rank 0's hits by key (`fetch_key`) and drop what
 rank 0's `evicted_keys()` says it dropped.
+
+Namespaces (`ns`, named by the daemon per API key and `cache_salt`) seed the chained block
+hashes and every entry's key, so entries of two namespaces never share a block or a key
+and can never match; the sub-block fallback, which looks at memory entries one by one,
+compares their namespace. The empty namespace hashes exactly as before, so existing disk
+entries stay valid.
 """
 
 from __future__ import annotations
@@ -66,20 +72,25 @@ def namespace(fingerprint: str, kv_bits: Optional[int], stage=None) -> str:
     return f"{ns}-{stage.tag}" if stage is not None else ns
 
 
-def block_hashes(tokens, n_blocks: Optional[int] = None) -> list[str]:
-    """Chained hashes of the full blocks of `tokens` (a hash commits to all before it)."""
+def _seed(ns: str) -> bytes:
+    return hashlib.blake2b(ns.encode(), digest_size=12, person=b"mlxd-cache-ns").digest() if ns else b""
+
+
+def block_hashes(tokens, n_blocks: Optional[int] = None, ns: str = "") -> list[str]:
+    """Chained hashes of the full blocks of `tokens` (a hash commits to all before it, and
+    to the namespace)."""
     arr = np.asarray(tokens, dtype=np.int64)
     n = len(arr) // BLOCK if n_blocks is None else min(n_blocks, len(arr) // BLOCK)
-    out, prev = [], b""
+    out, prev = [], _seed(ns)
     for i in range(n):
         prev = hashlib.blake2b(prev + arr[i * BLOCK:(i + 1) * BLOCK].tobytes(), digest_size=12).digest()
         out.append(prev.hex())
     return out
 
 
-def _key(tokens: np.ndarray) -> str:
-    """An entry's name: a hash of its whole int32 token sequence."""
-    return hashlib.blake2b(tokens.tobytes(), digest_size=16).hexdigest()
+def _key(tokens: np.ndarray, ns: str = "") -> str:
+    """An entry's name: a hash of its namespace and its whole int32 token sequence."""
+    return hashlib.blake2b(_seed(ns) + tokens.tobytes(), digest_size=16).hexdigest()
 
 
 def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -200,6 +211,7 @@ class Entry:
     nbytes: int = 0
     on_disk: bool = False
     stage: Optional[str] = None    # the layers it holds, in a pipeline group (Stage.tag)
+    ns: Optional[str] = None       # its namespace; None: not known (indexed from disk, not yet read)
 
 
 class PrefixCache:
@@ -256,7 +268,7 @@ class PrefixCache:
                 if not keys:
                     del self.by_block[h]
 
-    def _candidates(self, hashes: list[str]):
+    def _candidates(self, hashes: list[str], ns: str):
         """Entries by the depth of the block they share with the request, deepest first, as
         (depth in tokens, entries not given yet); else those in memory (a short prefix, under
         one block, can only be found by looking). An entry not given by depth d shares fewer
@@ -269,27 +281,29 @@ class PrefixCache:
                 seen |= keys
                 yield (i + 1) * BLOCK, new
         if not seen:
-            yield 0, list(self.memory.values())
+            yield 0, [e for e in self.memory.values() if e.ns == ns]
 
     # -- lookup -----------------------------------------------------------------------
 
-    def fetch(self, tokens: list[int]) -> tuple[Optional[list], int, Optional[str]]:
-        """A fresh cache for the longest usable prefix of `tokens` (at most len-1), its length, its tier.
+    def fetch(self, tokens: list[int], ns: str = "") -> tuple[Optional[list], int, Optional[str]]:
+        """A fresh cache for the longest usable prefix of `tokens` (at most len-1) among the
+        entries of namespace `ns`, its length, its tier.
         A disk hit is read on this thread: the engine uses `fetch_nowait`."""
-        return self._fetch(tokens, wait=True)
+        return self._fetch(tokens, wait=True, ns=ns)
 
-    def fetch_nowait(self, tokens: list[int]) -> "tuple[Optional[list], int, Optional[str]] | Future":
+    def fetch_nowait(self, tokens: list[int], ns: str = "") -> "tuple[Optional[list], int, Optional[str]] | Future":
         """As `fetch`, but when the best hit must be read from disk first, the read starts on the
         loader thread and its Future comes back instead: call again once it is done."""
-        return self._fetch(tokens, wait=False)
+        return self._fetch(tokens, wait=False, ns=ns)
 
-    def _fetch(self, tokens, wait: bool):
+    def _fetch(self, tokens, wait: bool, ns: str):
         arr = np.asarray(tokens, dtype=np.int32)
         limit = len(arr) - 1   # the last prompt token must be computed to get logits
         self._unreadable = None
+        self._ns = ns
         self._sync_disk()
         while True:
-            best, shared, nearest = self._best(arr, limit)
+            best, shared, nearest = self._best(arr, limit, ns)
             self.last_key = None
             if best is None:
                 self._explain(arr, 0, None, None, shared, nearest)
@@ -305,6 +319,7 @@ class PrefixCache:
                 self._unreadable = best.key
                 continue
             src_tokens, src = loaded
+            best.ns = ns              # found by blocks seeded with ns: it is of ns
             self._install(best, src_tokens, src)     # served from the read alone when too large for memory
             tier = "disk"
             break
@@ -349,7 +364,7 @@ class PrefixCache:
     def _evicted_depth(self, arr: np.ndarray) -> int:
         if not self.evicted_blocks:
             return 0
-        hashes = block_hashes(arr)
+        hashes = block_hashes(arr, ns=getattr(self, "_ns", ""))
         for i in range(len(hashes) - 1, -1, -1):
             if hashes[i] in self.evicted_blocks:
                 return (i + 1) * BLOCK
@@ -373,18 +388,18 @@ class PrefixCache:
         self.counters[f"{tier}_hit_tokens"] += n
         return cache, n, tier
 
-    def _best(self, arr: np.ndarray, limit: int) -> tuple[Optional[Entry], int, Optional[str]]:
+    def _best(self, arr: np.ndarray, limit: int, ns: str) -> tuple[Optional[Entry], int, Optional[str]]:
         """The usable entry sharing the longest prefix (an untrimmable one only whole), and the
         longest prefix any entry shares with the request and that entry's key (for the reason
         when they differ). Deeper entries are looked at first; a checkpoint of a shorter
         prefix is found when the deeper ones cannot serve."""
         best, best_n, shared, nearest = None, 0, 0, None
-        hashes = block_hashes(arr)      # once per lookup: each candidate's depth is read off them
-        for depth, entries in self._candidates(hashes):
+        hashes = block_hashes(arr, ns=ns)      # once per lookup: each candidate's depth is read off them
+        for depth, entries in self._candidates(hashes, ns):
             if best is not None and best_n >= depth + BLOCK - 1:
                 break      # nothing further shares as much
             for e in entries:
-                n = self._disk_prefix(e, arr, hashes) if e.tokens is None else common_prefix(e.tokens, arr)
+                n = self._disk_prefix(e, arr, hashes, ns) if e.tokens is None else common_prefix(e.tokens, arr)
                 n = min(n, limit)
                 if n > shared:
                     shared, nearest = n, e.key
@@ -393,13 +408,13 @@ class PrefixCache:
                     best, best_n = e, n
         return best, shared, nearest
 
-    def _disk_prefix(self, e: Entry, arr: np.ndarray, hashes: list[str]) -> int:
+    def _disk_prefix(self, e: Entry, arr: np.ndarray, hashes: list[str], ns: str) -> int:
         """How much of `arr` an entry known only from disk shares, as far as its record tells:
         its whole length when every block agrees and its key (the hash of all its tokens)
         matches, since an untrimmable entry is usable only whole; else its block depth, a
         lower bound until it is loaded."""
         depth = min(self._block_depth(e, hashes), e.n_tokens)
-        if depth == len(e.blocks) * BLOCK and e.n_tokens <= len(arr) and _key(arr[:e.n_tokens]) == e.key:
+        if depth == len(e.blocks) * BLOCK and e.n_tokens <= len(arr) and _key(arr[:e.n_tokens], ns) == e.key:
             return e.n_tokens
         return depth
 
@@ -448,12 +463,13 @@ class PrefixCache:
 
     # -- store ------------------------------------------------------------------------
 
-    def store(self, tokens: list[int], cache: list) -> Optional[str]:
-        """Keep the KV of a finished request (prompt + completion) for the next turn; its key."""
+    def store(self, tokens: list[int], cache: list, ns: str = "") -> Optional[str]:
+        """Keep the KV of a finished request (prompt + completion) for the next turn of its
+        namespace `ns`; its key."""
         if not tokens or not cache:
             return None
         arr = np.asarray(tokens, dtype=np.int32)
-        key = _key(arr)
+        key = _key(arr, ns)
         old = self.entries.get(key)
         if old is not None and old.cache is not None:
             self.memory.move_to_end(key)
@@ -465,8 +481,9 @@ class PrefixCache:
         if self.kv_bits:
             cache = quantize(cache, self.kv_bits)
         mx.eval([c.state for c in cache])
-        e = Entry(key=key, tokens=arr, n_tokens=len(arr), blocks=block_hashes(arr), trimmable=trimmable, room=room,
-                  cache=cache, nbytes=cache_nbytes(cache), on_disk=old is not None and old.on_disk, stage=self.stage)
+        e = Entry(key=key, tokens=arr, n_tokens=len(arr), blocks=block_hashes(arr, ns=ns), trimmable=trimmable,
+                  room=room, cache=cache, nbytes=cache_nbytes(cache), on_disk=old is not None and old.on_disk,
+                  stage=self.stage, ns=ns)
         if old is not None:
             self._unindex(old)
         covered = self._covered(e) if trimmable and not self.follower else []   # a follower's go when rank 0's do
@@ -492,7 +509,7 @@ class PrefixCache:
         e's blocks shares all of e's tokens up to there; its key settles the partial tail.
         Entries under one block have no block to be found by; those in memory are looked at."""
         def prefix_of_e(c: Entry) -> bool:
-            return c.n_tokens < e.n_tokens and c.key == _key(e.tokens[:c.n_tokens])
+            return c.n_tokens < e.n_tokens and c.key == _key(e.tokens[:c.n_tokens], e.ns)
 
         out = [c for c in self.memory.values() if not c.blocks and prefix_of_e(c)]
         for depth, h in enumerate(e.blocks, start=1):
