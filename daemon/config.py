@@ -124,6 +124,14 @@ class PrefixCache(_Strict):
     write_buffer: Size = Field(parse_size("512MiB"), description=(
         "KV bytes waiting for the disk writer at most; past it a finished request's entry is not written "
         "(counted as dropped_writes), so a slow disk never holds more memory than this."))
+    checkpoint_every: int = Field(2048, ge=64, le=1 << 20, description=(
+        "For models whose cache cannot be trimmed (sliding windows, recurrent state): keep a snapshot every "
+        "this many tokens of a long prefill, so a prompt that diverges deep inside a cached one re-prefills "
+        "at most this many tokens. Each costs one snapshot of the cache in the budgets."))
+    share_across_keys: bool = Field(False, description=(
+        "With server.auth.api_keys set, requests of different keys reuse each other's cached prefixes. "
+        "Off (default): each key's entries are its own, so no key learns another's prompts from "
+        "cached_tokens. Applies live."))
 
 
 class Embedding(_Strict):
@@ -257,6 +265,7 @@ class ModelConfig(_Strict):
             "source", "dtype", "engine", "prefix_cache", "chat_template", "tool_parser", "reasoning_parser",
             "distributed", "kind", "embedding"})
         del key["engine"]["max_waiting"]       # enforced in the daemon: a change applies live
+        del key["prefix_cache"]["share_across_keys"]   # the daemon names each request's namespace
         key["chat_template_sha256"] = self._template_digest
         return json.dumps(key, sort_keys=True)
 
@@ -331,6 +340,9 @@ class Server(_Strict):
     responses_store: int = Field(256, ge=0, description="Recent /v1/responses kept in memory for previous_response_id.")
     stream_ping_seconds: float = Field(5.0, gt=0, description="A stream silent this long (a long prefill) gets a keep-alive: "
                                                              "an SSE comment, or `event: ping` on /v1/messages.")
+    stream_write_timeout: Optional[float] = Field(30.0, gt=0, description=(
+        "Seconds a response chunk may wait for the client to take it; past it the response is cut off, its request "
+        "cancelled and its slot freed (a client that stops reading cannot hold a model). Null: no limit."))
 
     @property
     def resolved_cache_dir(self) -> Path:

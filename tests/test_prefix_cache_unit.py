@@ -73,6 +73,21 @@ def test_untrimmable_cache_is_reused_only_whole(model, tmp_path):
     pc.close()
 
 
+def test_an_untrimmable_entry_known_only_from_disk_is_found_whole(model, tmp_path):
+    """Its record names 2 full blocks of its 80 tokens; the key settles the other 16, so after a
+    restart it is a hit at its full length (it used to be matched at 64, and an untrimmable
+    entry is no use at 64)."""
+    pc = new_cache(model, tmp_path)
+    pc.store(TOKENS, prefill(model, TOKENS, [RotatingKVCache(max_size=64, keep=4) for _ in model.layers]))
+    pc.close()
+    again = new_cache(model, tmp_path)
+    assert all(e.tokens is None and not e.trimmable for e in again.entries.values())
+    assert again.fetch(TOKENS[:70] + [1, 2])[1] == 0         # diverges inside it: still never served
+    cache, n, tier = again.fetch(TOKENS + [5, 6])
+    assert (n, tier) == (len(TOKENS), "disk") and cache[0].offset == len(TOKENS)
+    again.close()
+
+
 def test_disk_entries_are_found_after_a_restart_and_loaded_on_demand(model, tmp_path):
     pc = new_cache(model, tmp_path)
     for i in range(40):
@@ -149,6 +164,29 @@ def test_two_workers_sharing_a_namespace_do_not_spoil_each_other(model, tmp_path
     assert len(list(ns.glob("*.safetensors"))) == 2
     first.close()
     second.close()
+
+
+def test_namespaces_never_match_in_memory_under_one_block_or_on_disk(model, tmp_path):
+    pc = new_cache(model, tmp_path)
+    short = TOKENS[:10]                                  # under one block: found by looking at memory
+    for toks in (TOKENS, short):
+        pc.store(toks, prefill(model, toks, make_prompt_cache(model)), ns="alice")
+    assert pc.fetch(TOKENS + [1], ns="alice")[1] == len(TOKENS)
+    assert pc.fetch(short + [1], ns="alice")[1] == len(short)
+    for ns in ("", "bob"):
+        assert pc.fetch(TOKENS + [1], ns=ns)[1] == 0
+        assert pc.fetch(short + [1], ns=ns)[1] == 0
+    # Bob's longer turn of the same tokens supersedes nothing of Alice's.
+    longer = TOKENS + [5, 6, 7]
+    pc.store(longer, prefill(model, longer, make_prompt_cache(model)), ns="bob")
+    assert pc.fetch(TOKENS + [1], ns="alice")[1] == len(TOKENS)
+    assert pc.fetch(longer + [1], ns="bob")[1] == len(longer)
+    pc.close()
+    again = new_cache(model, tmp_path)                   # the disk tier: indexed, read on demand
+    assert again.fetch(TOKENS + [1], ns="")[1] == 0
+    assert again.fetch(longer + [1], ns="alice")[1:] == (len(TOKENS), "disk")    # Alice's own, not Bob's longer one
+    assert again.fetch(longer + [1], ns="bob")[1:] == (len(longer), "disk")
+    again.close()
 
 
 def test_block_hashes_chain():

@@ -13,6 +13,7 @@ from .actions import bp as actions_bp
 from .anthropic import bp as anthropic_bp
 from .cache import bp as cache_bp
 from .console import bp as console_bp, is_public
+from .deadline import with_write_deadline
 from .embeddings import bp as embeddings_bp
 from .errors import APIError, shape_of
 from .guard import install as install_guard, warn_wildcard
@@ -40,6 +41,8 @@ def create_app(supervisor, host: str | None = None, port: int | None = None) -> 
     supervisor.listeners.append(warn_wildcard)
     warn_wildcard(supervisor.config.server)
     app.config["RESPONSES"] = Store(lambda: supervisor.config.server.responses_store)
+    app.asgi_app = with_write_deadline(app.asgi_app, lambda: supervisor.config.server.stream_write_timeout,
+                                       lambda model: supervisor.metrics.write_timeouts.labels(model).inc())
 
     def render(e: APIError):
         return e.response(shape_of(request.path))

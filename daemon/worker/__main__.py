@@ -120,7 +120,7 @@ def load(cfg: ModelConfig, cache_dir, *, total_disk_budget=None, orphan_ttl=7 * 
         max_batch_size=cfg.engine.max_batch_size, prefill_batch_size=cfg.engine.prefill_batch_size,
         prefill_step_size=cfg.engine.prefill_step_size, context_length=context_length,
         default_max_tokens=cfg.sampling.max_tokens, prefix_cache=prefix_cache,
-        reasoning_parser=cfg.reasoning_parser,
+        reasoning_parser=cfg.reasoning_parser, checkpoint_every=cfg.prefix_cache.checkpoint_every,
         speculative=cfg.engine.speculative.model_dump() if cfg.engine.speculative else None, **extra)
     info = {
         "pid": os.getpid(), "path": str(resolved.path), "kind": resolved.kind, "dtype": resolved.dtype, "serves": "chat",

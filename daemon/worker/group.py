@@ -9,7 +9,7 @@ with the group's secret, `transport.py`; `all_sum` as mlx_lm.server's `_share_ob
 the followers check and apply them:
 
     insert(uid, tokens, cached length, cache key, max_tokens, sampler args, grammar)
-    remove(uid, keep cache)   store(uid)   evict(keys)   clear   has(key)   memory
+    remove(uid, keep cache)   store(uid, ns)   evict(keys)   clear   has(key)   memory
     step   shutdown
 
 Samplers are rebuilt from their arguments on every rank (an unseeded sampled request gets a
@@ -34,7 +34,7 @@ from typing import Optional
 import mlx.core as mx
 
 from ..ranks import is_local
-from .engine import Engine, Parked
+from .engine import Engine
 from .grammar import Compiler, GrammarProcessor, reasoning_end
 from .sampling import make_sampler
 from .transport import Opener, Sealer, TransportError, follower_handshake, leader_handshake, ring_tag
@@ -176,18 +176,19 @@ class Bell:
 
 
 class LeaderEngine(Engine):
-    """The engine on rank 0: every change to its batch is recorded and broadcast before a step."""
+    """The engine on rank 0: its `Batch` records every change (`record=True`), and the log goes
+    out to the followers before each step."""
 
     def __init__(self, *args, bells: Bells, hosts: tuple[str, ...], **kw):
-        super().__init__(*args, stream=mx.default_stream(mx.default_device()), **kw)
+        super().__init__(*args, stream=mx.default_stream(mx.default_device()), record=True, **kw)
         self.bells = bells
         self.sealer = Sealer(bells.secret)
         self.hosts = hosts
-        self.ops: list[tuple] = []
+        self.batch.before_step = self._send
 
     def _send(self, *extra: tuple) -> None:
         self._evicted()
-        ops, self.ops = [*self.ops, *extra], []
+        ops = [*self.batch.take_ops(), *extra]
         try:
             self.bells.ring()
             share(self.sealer.seal(ops))
@@ -199,12 +200,12 @@ class LeaderEngine(Engine):
     def _evicted(self) -> None:
         pc = self.prefix_cache
         if pc is not None and (keys := pc.evicted_keys()):
-            self.ops.append(("evict", list(keys)))
+            self.batch.log("evict", list(keys))
 
     def flush(self) -> None:
         """Send what is pending now (the group goes idle: followers store what finished)."""
         self._evicted()
-        if self.ops:
+        if self.batch.ops:
             self._send()
 
     def shutdown(self) -> None:
@@ -233,33 +234,6 @@ class LeaderEngine(Engine):
         self.prefix_cache.discard(key)       # the others drop theirs with the next round's evictions
         return False
 
-    def _insert(self, p: Parked, cache, n_cached: int) -> int:
-        uid = super()._insert(p, cache, n_cached)
-        key = self.prefix_cache.last_key if cache is not None else None
-        self.ops.append(("insert", uid, p.tokens, n_cached, key, p.active.max_tokens, p.spec, p.wanted))
-        return uid
-
-    def _remove(self, uid: int, caches: bool = False):
-        out = super()._remove(uid, caches)
-        self.ops.append(("remove", uid, caches))
-        return out
-
-    def _store(self, uid: int, cache_and_tokens) -> Optional[str]:
-        key = super()._store(uid, cache_and_tokens)
-        if key is not None:                  # the others keep what rank 0 keeps, nothing more
-            self.ops.append(("store", uid))
-            self._evicted()
-        return key
-
-    def clear_cache(self) -> int:
-        n = super().clear_cache()
-        self.ops.append(("clear",))
-        return n
-
-    def _next(self):
-        self._send(("step",))
-        return self.gen.next()
-
     def reset(self, e: Exception) -> list[dict]:
         raise GroupFailed(f"the group's batch failed ({type(e).__name__}: {e})") from e
 
@@ -268,15 +242,16 @@ class LeaderEngine(Engine):
 
 
 class Follower:
-    """A rank without a daemon: applies rank 0's operations to its own engine, step by step."""
+    """A rank without a daemon: replays rank 0's operation log through its own engine's `Batch`."""
 
-    OPS = ("insert", "remove", "store", "evict", "clear", "memory", "has", "step")
+    OPS = ("insert", "remove", "store", "checkpoint", "evict", "clear", "memory", "has", "step")
 
     def __init__(self, engine: Engine, bell: Bell, secret: bytes):
         self.engine = engine
         self.bell = bell
         self.opener = Opener(secret)
         self.kept: dict[int, tuple] = {}     # uid -> (cache, tokens) of sequences that just left the batch
+        self.checkpoints: dict[tuple, tuple] = {}   # (uid, n_tokens) -> (cache, tokens) passed in the last step
         self.store_errors = 0
 
     def run(self) -> None:
@@ -294,45 +269,51 @@ class Follower:
                 getattr(self, "_" + op[0])(*op[1:])
         log.error("rank 0 of the group is gone; exiting")
 
-    def _insert(self, uid, tokens, n_cached, key, max_tokens, spec, wanted) -> None:
+    def _insert(self, uid, tokens, n_cached, key, max_tokens, spec, wanted, checkpoints=()) -> None:
         e = self.engine
         cache = None
         if key is not None:
             cache = e.prefix_cache.fetch_key(key, n_cached)
             if cache is None:
                 raise GroupFailed(f"prefix cache entry {key} vanished on rank {self.bell.rank}")
-        extra = {}
+        proc = None
         if wanted is not None:
             if e.compiler is None:
                 e.compiler = Compiler(e.tokenizer, e._vocab_size())
             proc = GrammarProcessor(e.compiler.compile(*wanted).result(), e._vocab_size(), e.tokenizer.eos_token_id,
                                     reasoning_end(e.tokenizer, tokens) if e.think else None)
-            extra["logits_processors"] = [[proc]]
-        (mine,) = e.gen.insert([tokens[n_cached:]], max_tokens=[max_tokens], caches=[cache],
-                               all_tokens=[list(tokens[:n_cached])], samplers=[make_sampler(*spec)], **extra)
+        mine = e.batch.insert(tokens, n_cached=n_cached, cache=cache, max_tokens=max_tokens,
+                              sampler=make_sampler(*spec), processor=proc, checkpoints=checkpoints)
         if mine != uid:
             raise GroupFailed(f"rank {self.bell.rank} is out of step (uid {mine}, rank 0 has {uid})")
 
     def _remove(self, uid, caches) -> None:
-        if caches:
-            got = self.engine.gen.remove([uid], return_prompt_caches=True).get(uid)
-            if got:
-                self.kept[uid] = got
-        else:
-            self.engine.gen.remove([uid])
+        got = self.engine.batch.remove(uid, caches)
+        if got:
+            self.kept[uid] = got
 
-    def _store(self, uid) -> None:
+    def _store(self, uid, ns="") -> None:
         """Best effort, as on rank 0: a failure costs this entry's reuse (rank 0's `has` check
         finds the shard missing), never the rank."""
         got = self.kept.pop(uid, None)
         if got is not None and got[0] and got[1]:
             pc = self.engine.prefix_cache
             try:
-                pc.store(list(got[1]), got[0])
+                pc.store(list(got[1]), got[0], ns)     # the same key as rank 0's
             except Exception:
                 self.store_errors += 1
                 pc.counters["store_errors"] += 1
                 log.exception("rank %d: storing a finished request's cache failed; serving goes on", self.bell.rank)
+
+    def _checkpoint(self, uid, n_tokens, ns="") -> None:
+        got = self.checkpoints.pop((uid, n_tokens), None)
+        if got is not None:
+            try:
+                self.engine.prefix_cache.store(got[1], got[0], ns)
+            except Exception:
+                self.store_errors += 1
+                self.engine.prefix_cache.counters["store_errors"] += 1
+                log.exception("rank %d: storing a checkpoint failed; serving goes on", self.bell.rank)
 
     def _evict(self, keys) -> None:
         for k in keys:
@@ -349,7 +330,10 @@ class Follower:
 
     def _step(self) -> None:
         self.kept.clear()            # rank 0 stored what it wanted before this step
-        _, responses = self.engine.gen.next()
+        self.checkpoints.clear()
+        _, responses, checkpoints = self.engine.batch.step()
+        for c in checkpoints:
+            self.checkpoints[(c.uid, len(c.tokens))] = (c.cache, c.tokens)
         for r in responses:
             if r.finish_reason is not None:
                 self.kept[r.uid] = (r.prompt_cache, r.all_tokens)
