@@ -51,6 +51,10 @@ def cmd_check(args) -> int:
     print(f"{args.config}: OK, {len(config.models)} model(s)")
     print(f"  cache dir: {config.server.resolved_cache_dir}")
     print(f"  workers compute on: device={env.get('device', '?')} blas={env.get('blas', '?')}")
+    origins = config.server.allowed_origins
+    print(f"  browser origins allowed: {', '.join(origins) if origins else 'none (only the console)'}")
+    if "*" in origins:
+        print("  warning: allowed_origins \"*\" lets every web page you visit use mlxd and read its answers")
     for m in config.models:
         dtype = env.get("auto_dtype", "?") if m.dtype == "auto" else m.dtype
         aliases = f" (aliases: {', '.join(m.aliases)})" if m.aliases else ""

@@ -122,6 +122,14 @@ class PrefixCache(_Strict):
     write_buffer: Size = Field(parse_size("512MiB"), description=(
         "KV bytes waiting for the disk writer at most; past it a finished request's entry is not written "
         "(counted as dropped_writes), so a slow disk never holds more memory than this."))
+    checkpoint_every: int = Field(2048, ge=64, le=1 << 20, description=(
+        "For models whose cache cannot be trimmed (sliding windows, recurrent state): keep a snapshot every "
+        "this many tokens of a long prefill, so a prompt that diverges deep inside a cached one re-prefills "
+        "at most this many tokens. Each costs one snapshot of the cache in the budgets."))
+    share_across_keys: bool = Field(False, description=(
+        "With server.auth.api_keys set, requests of different keys reuse each other's cached prefixes. "
+        "Off (default): each key's entries are its own, so no key learns another's prompts from "
+        "cached_tokens. Applies live."))
 
 
 class Embedding(_Strict):
@@ -255,6 +263,7 @@ class ModelConfig(_Strict):
             "source", "dtype", "engine", "prefix_cache", "chat_template", "tool_parser", "reasoning_parser",
             "distributed", "kind", "embedding"})
         del key["engine"]["max_waiting"]       # enforced in the daemon: a change applies live
+        del key["prefix_cache"]["share_across_keys"]   # the daemon names each request's namespace
         key["chat_template_sha256"] = self._template_digest
         return json.dumps(key, sort_keys=True)
 
@@ -277,6 +286,26 @@ class RateLimit(_Strict):
     tokens_per_minute: Optional[int] = Field(None, ge=1, description="Prompt + generated tokens.")
 
 
+def _origin(v: str) -> str:
+    """`*`, or a web origin as browsers send it: scheme://host[:port], nothing after."""
+    from urllib.parse import urlsplit
+
+    if v == "*":
+        return v
+    parts = urlsplit(v.strip().lower())
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if parts.scheme not in ("http", "https") or not parts.hostname or port == -1 or parts.path not in ("", "/") \
+            or parts.query or parts.fragment or parts.username:
+        raise ValueError(f"{v!r} is not a web origin; expected scheme://host[:port] such as "
+                         "http://localhost:3000, or \"*\"")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    default = {"http": 80, "https": 443}[parts.scheme]
+    return f"{parts.scheme}://{host}" + (f":{port}" if port and port != default else "")
+
+
 class Server(_Strict):
     """Applied live at a reload, except host and port (a restart of mlxd) and cache_dir (new workers)."""
 
@@ -288,6 +317,9 @@ class Server(_Strict):
     shutdown_timeout: float = Field(30.0, ge=0, description="Seconds in-flight requests may take to finish when the daemon stops.")
     memory_budget: Optional[Size] = Field(None, description="Memory all workers may use; least-recently-used idle models are stopped to make room.")
     auth: Auth = Auth()
+    allowed_origins: tuple[Annotated[str, AfterValidator(_origin)], ...] = Field((), description=(
+        "Web origins (scheme://host[:port]) whose pages may call mlxd from a browser and read the answers "
+        "(CORS). Empty (default): only the console's own page. \"*\" lets every web page in (logged as a warning)."))
     rate_limit: RateLimit = RateLimit()
     max_body_bytes: Size = parse_size("8MiB")
     request_timeout: Optional[float] = Field(900.0, gt=0, description="Seconds a request may take in all; null: no limit.")
@@ -306,6 +338,9 @@ class Server(_Strict):
     responses_store: int = Field(256, ge=0, description="Recent /v1/responses kept in memory for previous_response_id.")
     stream_ping_seconds: float = Field(5.0, gt=0, description="A stream silent this long (a long prefill) gets a keep-alive: "
                                                              "an SSE comment, or `event: ping` on /v1/messages.")
+    stream_write_timeout: Optional[float] = Field(30.0, gt=0, description=(
+        "Seconds a response chunk may wait for the client to take it; past it the response is cut off, its request "
+        "cancelled and its slot freed (a client that stops reading cannot hold a model). Null: no limit."))
 
     @property
     def resolved_cache_dir(self) -> Path:

@@ -80,6 +80,15 @@ class Logprob(_Event):
     top: list = field(default_factory=list)     # [[token, logprob], ...], most likely first
 
 
+# Why a request got less from the prefix cache than the longest prefix it shares with the
+# prompt, or nothing at all (`Done.cache["reason"]`; the `reason` label of
+# mlxd_prefix_cache_misses_total): cold (nothing shares a prefix), untrimmable (an entry
+# shares more but its cache cannot be cut there: the nearest checkpoint was served),
+# evicted (the budgets dropped an entry that shared more), unreadable (its disk file was
+# gone or corrupt), unshared (a rank of a distributed group lacked its shard).
+CACHE_MISS_REASONS = ("cold", "untrimmable", "evicted", "unreadable", "unshared")
+
+
 @dataclass
 class Embedding(_Event):
     """An embedding request's vectors: `count` rows of `dimensions` little-endian float32, base64."""
@@ -99,6 +108,7 @@ class Done(_Event):
     timings: dict = field(default_factory=dict)
     itl: list = field(default_factory=list)
     cache_tier: Optional[str] = None
+    cache: Optional[dict] = None             # the prefix cache's outcome: tokens, tier, entry, shared, reason, detail
     stop_sequence: Optional[str] = None      # the stop string that ended the text, if one did
 
 

@@ -15,6 +15,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from .events import CACHE_MISS_REASONS
 from .recent import RecentRequests
 
 log = logging.getLogger("mlxd.requests")
@@ -55,24 +56,38 @@ class Metrics:
                                      registry=r)
         self.cache_hits = Counter(P + "prefix_cache_hits", "Prompt tokens served from the prefix cache.",
                                   ["model", "tier"], registry=r)
+        self.cache_misses = Counter(P + "prefix_cache_misses", "Requests served less than the longest prefix the "
+                                    "prefix cache shares with them, or nothing, by reason.", ["model", "reason"],
+                                    registry=r)
         self.worker_start = Histogram(P + "worker_start_seconds", "Worker spawn until its model is loaded and ready.",
                                       m, buckets=LATENCY, registry=r)
         self.restarts = Counter(P + "worker_restarts", "Worker processes restarted after an exit.", m, registry=r)
         self.reloads = Counter(P + "config_reloads", "Config reloads.", ["result"], registry=r)
+        self.write_timeouts = Counter(P + "stream_write_timeouts", "Responses cut off because the client took "
+                                      "nothing for server.stream_write_timeout (their requests cancelled).", m,
+                                      registry=r)
         for result in ("success", "error"):   # present from the start, so increase() sees the first one
             self.reloads.labels(result)
         self.internal_errors = Counter(P + "internal_errors", "Unexpected errors caught in the daemon's own tasks "
                                        "(a bug: see the log); the task goes on.", ["component"], registry=r)
         for c in COMPONENTS:
             self.internal_errors.labels(c)
+        self.refused = Counter(P + "http_refused", "Requests refused before any route ran: a foreign Host (DNS "
+                               "rebinding), an Origin not allowed, a cross-site action, a body not JSON.",
+                               ["reason"], registry=r)
+        for reason in ("host_not_allowed", "origin_not_allowed", "unsupported_media_type"):
+            self.refused.labels(reason)
         if supervisor is not None:
             r.register(_WorkerCollector(supervisor))
 
     def model_added(self, model: str) -> None:
         """Series that alerts use with increase() must exist before their first event."""
         self.restarts.labels(model)
+        self.write_timeouts.labels(model)
         for reason in ("cancelled", "worker_died"):
             self.errors.labels(model, reason)
+        for reason in CACHE_MISS_REASONS:
+            self.cache_misses.labels(model, reason)
 
     def request_done(self, model: str, ev: dict, cache_enabled: bool) -> None:
         u, t = ev["usage"], ev["timings"]
@@ -90,6 +105,9 @@ class Metrics:
         if cache_enabled:
             self.cache_queries.labels(model).inc(u["prompt_tokens"])
             self.cache_hits.labels(model, ev.get("cache_tier") or "memory").inc(u["cached_tokens"])
+            reason = (ev.get("cache") or {}).get("reason")
+            if reason in CACHE_MISS_REASONS:
+                self.cache_misses.labels(model, reason).inc()
         if ev["finish_reason"] == "cancelled":
             self.errors.labels(model, "cancelled").inc()
         else:
@@ -107,6 +125,11 @@ class Metrics:
         rec = {"model": model, "prompt_tokens": u["prompt_tokens"], "cached_tokens": u["cached_tokens"],
                "generated_tokens": u["completion_tokens"], "ttft_s": round(t["ttft"], 4),
                "total_s": round(t["total"], 4), "finish_reason": ev["finish_reason"]}
+        cache = ev.get("cache") or {}
+        if cache.get("reason"):
+            rec["cache_miss"] = cache["reason"]
+        if cache:
+            log.debug("%s: prefix cache: %s", model, cache.get("detail"))
         if self.json_logs:
             log.info(json.dumps({"ts": time.time(), **rec}))
         else:

@@ -23,6 +23,7 @@ from . import ranks
 from .config import ModelConfig
 from .protocol import GROUP_FAILED, encode, read_frame
 from .worker.blas import optimized_blas
+from .worker.transport import new_secret
 
 log = logging.getLogger("mlxd.process")
 ROOT = Path(__file__).resolve().parent.parent     # a remote rank runs from the same path on its host
@@ -45,6 +46,22 @@ def _describe_exit(code: Optional[int]) -> str:
         except ValueError:
             return f"was killed by signal {-code}"
     return f"exited with status {code}"
+
+
+async def _put_secret(host: str, secret: str, timeout: float = 30.0) -> str:
+    """Write a group's secret into a 0600 temp file on `host` over ssh's stdin; its path there."""
+    proc = await asyncio.create_subprocess_exec(*ranks.secret_command(host), stdin=asyncio.subprocess.PIPE,
+                                                stdout=asyncio.subprocess.PIPE, start_new_session=True)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(secret.encode()), timeout)
+    except asyncio.TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise ValueError(f"distributed host {host}: writing the group's secret over ssh timed out") from None
+    if proc.returncode != 0 or not out.strip():
+        raise ValueError(f"distributed host {host}: writing the group's secret over ssh failed "
+                         f"(exit {proc.returncode})")
+    return out.decode().strip()
 
 
 def worker_env() -> dict[str, str]:
@@ -148,15 +165,19 @@ class WorkerProcess:
             self._files.append(Path(path))
             paths[var] = path
         model = json.dumps(self.cfg.model_dump(mode="json"))
+        # This start's secret: every doorbell connection, the ring and each step broadcast prove
+        # it (worker/transport.py). In the environment or on ssh's stdin, never in an argv.
+        secret = {"MLXD_GROUP_SECRET": new_secret()}
         for r, host in enumerate(dist.hosts[1:], start=1):
             args = ranks.follower_args(r, model, self.cache_dir, plan.doorbell, self._cache_args())
             if ranks.is_local(host):
                 proc = await asyncio.create_subprocess_exec(
-                    sys.executable, *args, env={**env, **plan.env(r, paths)}, stdin=asyncio.subprocess.DEVNULL,
-                    start_new_session=True)
+                    sys.executable, *args, env={**env, **plan.env(r, paths), **secret},
+                    stdin=asyncio.subprocess.DEVNULL, start_new_session=True)
             else:
+                where = {"MLXD_GROUP_SECRET_FILE": await _put_secret(host, secret["MLXD_GROUP_SECRET"])}
                 proc = await asyncio.create_subprocess_exec(
-                    *ranks.remote_command(host, r, plan, sys.executable, str(ROOT), args),
+                    *ranks.remote_command(host, r, plan, sys.executable, str(ROOT), args, env=where),
                     stdin=asyncio.subprocess.DEVNULL, start_new_session=True)
             self.ranks.append((r, host, proc))
             # held here: the loop keeps only a weak reference to a task
@@ -164,7 +185,7 @@ class WorkerProcess:
             self._watchers.append(watch)
         log.info("model %s: started ranks 1..%d of its group (%s)", self.cfg.name, len(dist.hosts) - 1,
                  ", ".join(f"{r}: {h} pid {p.pid}" for r, h, p in self.ranks))
-        return {**env, **plan.env(0, paths)}, ["--doorbell", plan.doorbell]
+        return {**env, **plan.env(0, paths), **secret}, ["--doorbell", plan.doorbell]
 
     async def _watch_rank(self, r: int, host: str, proc) -> None:
         """A rank that exits takes the group down: rank 0 is killed with the reason, so the

@@ -108,6 +108,13 @@ def follower_args(rank: int, model_json: str, cache_dir: Path, doorbell: str, ex
             "--cache-dir", str(cache_dir), *extra]
 
 
+def secret_command(host: str) -> list[str]:
+    """The ssh command that puts a group's secret (its stdin, no pty, so nothing echoes it) into
+    a 0600 temp file on `host` and prints the file's path; the rank reads and removes it."""
+    return ["ssh", "-o", "LogLevel=QUIET", "-o", "BatchMode=yes", host,
+            "umask 077; f=$(mktemp) && cat > \"$f\" && printf '%s' \"$f\""]
+
+
 def remote_command(host: str, rank: int, plan_: Plan, python: str, cwd: str, args: list[str],
                    env: dict[str, str] | None = None) -> list[str]:
     """The ssh command that starts one remote rank, as mlx.launch does it: the hostfile (or

@@ -36,6 +36,7 @@ class Record:
     ttft: Optional[float] = None
     tokens_per_s: Optional[float] = None
     finish_reason: Optional[str] = None
+    cache: Optional[dict] = None      # the prefix cache's outcome (tokens, tier, entry, shared, reason, detail)
     status: str = "running"           # running, ok, error, cancelled
     error: Optional[str] = None
 
@@ -100,6 +101,7 @@ class RecentRequests:
         rec.prompt_tokens, rec.cached_tokens = u["prompt_tokens"], u["cached_tokens"]
         rec.generated, rec.finish_reason = u["completion_tokens"], ev["finish_reason"]
         rec.ttft = round(t["ttft"], 4)
+        rec.cache = ev.get("cache")
         decode = t["total"] - t["ttft"]
         if rec.generated > 1 and decode > 0:
             rec.tokens_per_s = round((rec.generated - 1) / decode, 2)

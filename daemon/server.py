@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 from pathlib import Path
 
 from hypercorn.asyncio import serve
@@ -24,8 +25,22 @@ from .watch import watch_config
 log = logging.getLogger("mlxd")
 
 
+# Each connection's kernel send buffer. Autotuned, it grows to megabytes (4 MiB on Linux and
+# macOS), which a client that stops reading fills before a single write waits, and so before
+# `server.stream_write_timeout` starts counting; fixed, it is plenty for token streams.
+SEND_BUFFER = 128 << 10
+
+
+class _Config(HypercornConfig):
+    def create_sockets(self):
+        sockets = super().create_sockets()
+        for s in sockets.insecure_sockets:       # accepted connections inherit it
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+        return sockets
+
+
 def _hypercorn_config(host: str, port: int) -> HypercornConfig:
-    hc = HypercornConfig()
+    hc = _Config()
     hc.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     hc.accesslog = None
     hc.errorlog = logging.getLogger("hypercorn.error")
@@ -49,7 +64,7 @@ async def _drain(supervisor: Supervisor, deadline: float) -> None:
 async def run(config: Config, host: str, port: int, json_logs: bool = False, config_path: Path | None = None) -> int:
     supervisor = Supervisor(config, json_logs=json_logs, config_path=str(config_path) if config_path else None)
     await supervisor.start()
-    app = create_app(supervisor)
+    app = create_app(supervisor, host, port)
 
     loop = asyncio.get_running_loop()
     stopped = asyncio.Event()

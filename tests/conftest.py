@@ -135,6 +135,20 @@ def wait_until(pred, timeout: float, what):
     raise AssertionError(f"not within {timeout}s: {what() if callable(what) else what}")
 
 
+SMOL_B_CONTEXT = 512      # two_model_daemon's smol-b: small, so a test reaches its end cheaply
+
+
+def in_order(text: str, *lines: str) -> bool:
+    """Whether each of `lines` occurs in `text`, each after the one before it."""
+    at = 0
+    for line in lines:
+        at = text.find(line, at)
+        if at < 0:
+            return False
+        at += len(line)
+    return True
+
+
 def smol(name: str, **over) -> dict:
     m = {"name": name, "source": "embedded:smollm2"}
     m.update(over)
@@ -147,7 +161,7 @@ def two_model_daemon(tmp_path_factory):
     with Daemon(tmp_path_factory.mktemp("daemon"), [
         smol("smol-a", aliases=["default", "smol"], engine={"max_batch_size": 8},
              sampling={"temperature": 0.0, "max_tokens": 64}),
-        smol("smol-b", engine={"max_batch_size": 4, "prefill_step_size": 256},
+        smol("smol-b", engine={"max_batch_size": 4, "prefill_step_size": 256, "context_length": SMOL_B_CONTEXT},
              sampling={"temperature": 0.0, "max_tokens": 48}),
     ]) as d:
         yield d

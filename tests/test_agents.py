@@ -268,12 +268,23 @@ def test_completions_logprobs_is_400_not_ignored(daemon):
 
 
 def test_content_parts_developer_and_late_system_messages(client):
-    r = client.chat.completions.create(model="agent", max_tokens=8, messages=[
-        {"role": "developer", "content": "Answer in one word."},
-        {"role": "user", "content": [{"type": "text", "text": "What is the capital "}, {"type": "text", "text": "of France?"}]},
+    """Text parts joined, developer rendered as system, a late system message kept in place (SmolLM2's
+    template takes it): the same tokens as the prompt written out by hand, so that one (a plain
+    completion) is a full cache hit with the same greedy answer."""
+    chat = client.chat.completions.create(model="agent", max_tokens=8, messages=[
+        {"role": "developer", "content": "Answer in one word, dear agent."},
+        {"role": "user", "content": [{"type": "text", "text": "What is the capital "}, {"type": "text", "text": "of Peru?"}]},
         {"role": "system", "content": "Be polite."},
     ])
-    assert r.choices[0].message.content and r.choices[0].message.refusal is None
+    plain = client.completions.create(model="agent", max_tokens=8, prompt=(
+        "<|im_start|>system\nAnswer in one word, dear agent.<|im_end|>\n"
+        "<|im_start|>user\nWhat is the capital of Peru?<|im_end|>\n"
+        "<|im_start|>system\nBe polite.<|im_end|>\n<|im_start|>assistant\n"))
+    assert chat.choices[0].message.content and chat.choices[0].message.refusal is None
+    assert plain.usage.prompt_tokens == chat.usage.prompt_tokens
+    # Every prompt token but the last (always computed) is the chat request's.
+    assert plain.usage.prompt_tokens_details.cached_tokens == plain.usage.prompt_tokens - 1, plain.usage
+    assert plain.choices[0].text == chat.choices[0].message.content
 
 
 def _validates(call_name: str, arguments: str) -> dict:

@@ -15,6 +15,7 @@ import pytest
 from test_agents import SYSTEM, TOOLS, agent_daemon
 
 KEY = "sk-test-anthropic"
+PING = 0.25                  # server.stream_ping_seconds
 A_TOOLS = [{"name": t["function"]["name"], "description": t["function"]["description"],
             "input_schema": t["function"]["parameters"]} for t in TOOLS]
 A_TOOLS[0]["defer_loading"] = True           # Claude Code's unknown tool fields are ignored
@@ -36,8 +37,9 @@ def agent_messages(path="main.py") -> list[dict]:
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
-    d = agent_daemon(tmp_path_factory.mktemp("anthropic"), agent_engine={"prefill_step_size": 64},
-                     server={"auth": {"api_keys": [KEY]}, "max_body_bytes": "1MiB", "stream_ping_seconds": 1.0},
+    # One sequence at a time: a request waits while another decodes, which the ping test uses.
+    d = agent_daemon(tmp_path_factory.mktemp("anthropic"), agent_engine={"max_batch_size": 1},
+                     server={"auth": {"api_keys": [KEY]}, "max_body_bytes": "1MiB", "stream_ping_seconds": PING},
                      api_key=KEY)
     d.start()
     yield d
@@ -190,21 +192,34 @@ def test_models_list_reads_in_both_sdks(client, daemon):
     assert {m.id for m in oa.models.list()} == set(ids) and oa.models.retrieve("thinker").owned_by == "mlxd"
 
 
-def test_ping_events_during_a_long_prefill(daemon):
-    """Real clients send ?beta=true and anthropic-version; a long prefill sends `event: ping`."""
-    body = {"model": "agent", "max_tokens": 2, "stream": True, "messages": [
-        {"role": "user", "content": " ".join(f"item{i}" for i in range(400))}]}
-    pings, seen = 0, []
-    with httpx.stream("POST", f"{daemon.url}/v1/messages?beta=true", json=body, timeout=600, headers={
-            "x-api-key": KEY, "anthropic-version": "2023-06-01"}) as r:
-        assert r.status_code == 200
-        for line in r.iter_lines():
-            if line.startswith("event: "):
-                seen.append(line[7:])
+def test_ping_events_while_a_stream_waits(daemon):
+    """Real clients send ?beta=true and anthropic-version; a stream silent for stream_ping_seconds
+    (here: waiting for the only batch slot, which another request holds until this test lets go of
+    it, however fast the machine) sends `event: ping`, and its answer follows once it runs."""
+    headers = {"x-api-key": KEY, "anthropic-version": "2023-06-01"}
+    hog = {"model": "agent", "max_tokens": 4000, "stream": True, "temperature": 0.0,
+           "prompt": ", ".join(str(i) for i in range(1, 21)) + ","}     # counting on, until cancelled
+    body = {"model": "agent", "max_tokens": 2, "stream": True, "messages": [{"role": "user", "content": "Hi"}]}
+    seen, held = [], True
+    with httpx.stream("POST", f"{daemon.url}/v1/completions", json=hog, timeout=600, headers=headers) as h:
+        hog_lines = h.iter_lines()      # kept: a dropped iterator closes the response
+        next(line for line in hog_lines if '"text":' in line)     # it decodes
+        # Pings come every 0.25 s: two minutes without a byte is a hang, not a slow machine.
+        with httpx.stream("POST", f"{daemon.url}/v1/messages?beta=true", json=body, headers=headers,
+                          timeout=httpx.Timeout(600, read=120)) as r:
+            assert r.status_code == 200
+            try:
+                for line in r.iter_lines():
+                    if line.startswith("event: "):
+                        seen.append(line[7:])
+                    if seen.count("ping") == 3 and held:
+                        h.close()       # the slot is free: the waiting request runs
+                        held = False
+            except httpx.ReadTimeout:
+                pytest.fail(f"nothing for 120 s on a stream waiting for the batch slot: {seen}")
     first_block = seen.index("content_block_start")
-    pings = seen[:first_block].count("ping")
-    assert seen[0] == "message_start" and pings >= 3, seen
-    assert seen[-1] == "message_stop"
+    assert seen[0] == "message_start" and seen[:first_block].count("ping") >= 3, seen
+    assert "content_block_delta" in seen and seen[-1] == "message_stop", seen
 
 
 def test_session_noise_is_dropped_so_a_new_session_hits_the_cache(client):

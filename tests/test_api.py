@@ -10,6 +10,8 @@ import httpx
 import openai
 import pytest
 
+from conftest import SMOL_B_CONTEXT
+
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
 
@@ -119,8 +121,12 @@ def test_context_length_exceeded_is_400_with_numbers(client):
 
 
 def test_max_tokens_beyond_the_context_is_clamped(client):
-    r = client.completions.create(model="smol-a", prompt="hello", max_tokens=10_000_000, stop=["\n"])
-    assert r.choices[0].finish_reason in ("stop", "length")
+    """10M tokens asked with 40 left in smol-b's context: the answer ends there, with "length"."""
+    prompt = [28] * (SMOL_B_CONTEXT - 40)
+    r = client.completions.create(model="smol-b", prompt=prompt, max_tokens=10_000_000, temperature=0)
+    assert r.usage.prompt_tokens == len(prompt)
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 40
 
 
 def test_stop_strings_cut_the_output(client):
@@ -130,12 +136,16 @@ def test_stop_strings_cut_the_output(client):
     assert "7" in r.choices[0].text
 
 
-def test_seed_makes_sampling_repeatable(client):
-    kw = dict(model="smol-a", messages=[{"role": "user", "content": "Write a word."}], max_tokens=16,
-              temperature=1.0, top_p=0.9, seed=1234)
-    a = client.chat.completions.create(**kw).choices[0].message.content
-    b = client.chat.completions.create(**kw).choices[0].message.content
-    assert a == b
+def test_temperature_samples_and_the_seed_picks_the_draw(client):
+    kw = dict(model="smol-a", messages=[{"role": "user", "content": "Write a word."}], max_tokens=16, top_p=0.9)
+
+    def ask(**more) -> str:
+        return client.chat.completions.create(**kw, **more).choices[0].message.content
+
+    greedy = ask(temperature=0)
+    draws = [ask(temperature=1.0, seed=s) for s in range(5)]
+    assert ask(temperature=1.0, seed=3) == draws[3]              # a seed repeats its draw
+    assert len(set(draws) - {greedy}) >= 2, (greedy, draws)      # other seeds draw otherwise, not greedily
 
 
 def test_eight_concurrent_streams_across_two_models(client):

@@ -100,3 +100,15 @@ def test_output_format_fields_are_checked(tmp_path):
                        "    tool_parser: hermes\n    reasoning_parser: think\n")
     other = parse_config("models:\n  - name: a\n    source: x\n")
     assert cfg.models[0].worker_key() != other.models[0].worker_key()     # a new worker applies them
+
+
+def test_allowed_origins_are_checked(tmp_path):
+    cfg = parse_config("server:\n  allowed_origins: ['HTTP://LocalHost:3000/', 'https://app.example:443', '*']\n"
+                       "models: [{name: a, source: embedded:smollm2}]\n")
+    assert cfg.server.allowed_origins == ("http://localhost:3000", "https://app.example", "*")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("server:\n  allowed_origins: ['localhost:3000', 'http://a.example/path']\n"
+                   "models: [{name: a, source: embedded:smollm2}]\n")
+    out = subprocess.run([sys.executable, "-m", "daemon", "check", str(bad)], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "bad.yaml:2: server.allowed_origins[0]" in out.stderr and "not a web origin" in out.stderr, out.stderr

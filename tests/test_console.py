@@ -16,9 +16,15 @@ import httpx
 import pytest
 
 from conftest import ROOT, Daemon, smol
+from test_agents import THINK_TEMPLATE
 
-playwright_api = pytest.importorskip("playwright.sync_api")
-expect = playwright_api.expect
+
+def expect(*args, **kw):
+    """Playwright's expect, imported only by the browser tests (the API tests here need none)."""
+    from playwright.sync_api import expect as pw_expect
+
+    return pw_expect(*args, **kw)
+
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SHOTS = ROOT / ".cache" / "test" / "screenshots"
@@ -27,20 +33,27 @@ XSS_ALIAS = "<script>window.__pwned = 1</script>"
 LOAD = 300_000     # ms: a worker load on a busy 2-core machine
 
 
-def models() -> list[dict]:
+def models(d: Daemon) -> list[dict]:
+    """smol-b is a reasoning model: a think template (test_agents.py's) and reasoning_parser think."""
     return [smol("smol-a", aliases=["default"], sampling={"temperature": 0.0, "max_tokens": 24}),
             smol("smol-b", aliases=[XSS_ALIAS, "<img src=x onerror=window.__pwned=2>"], idle_ttl=3600,
+                 chat_template=str(d.tmp / "think.jinja"), reasoning_parser="think",
                  sampling={"temperature": 0.0, "max_tokens": 200})]
 
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
-    with Daemon(tmp_path_factory.mktemp("console"), models()) as d:
+    tmp = tmp_path_factory.mktemp("console")
+    (tmp / "think.jinja").write_text(THINK_TEMPLATE)
+    d = Daemon(tmp, [])
+    d.write_config(models(d))
+    with d:
         yield d
 
 
 @pytest.fixture(scope="module")
 def browser():
+    playwright_api = pytest.importorskip("playwright.sync_api")
     if CHROMIUM is None:
         pytest.skip("Debian's chromium is not installed (ops/setup.sh --test installs it)")
     with playwright_api.sync_playwright() as p:
@@ -120,7 +133,7 @@ def test_running_count_follows_a_streaming_request(daemon, page):
 def test_broken_config_error_shows_its_line_and_clears_once_fixed(daemon, page):
     open_console(page, daemon)
     bad = "<script>window.__pwned = 3</script>"
-    daemon.write_config(models() + [smol(bad)])
+    daemon.write_config(models(daemon) + [smol(bad)])
     text = daemon.config_path.read_text()
     line = next(i for i, ln in enumerate(text.splitlines(), 1) if "__pwned = 3" in ln)
     try:
@@ -130,7 +143,7 @@ def test_broken_config_error_shows_its_line_and_clears_once_fixed(daemon, page):
         expect(banner).to_contain_text(bad)
         assert page.evaluate("() => window.__pwned") is None
     finally:
-        daemon.write_config(models())
+        daemon.write_config(models(daemon))
     expect(banner).to_be_hidden(timeout=30_000)
     assert page.errors == []
 
@@ -157,8 +170,32 @@ def test_playground_streams_an_answer_with_cached_tokens_on_the_second_turn(daem
     assert page.errors == []
 
 
-def test_playground_shows_reasoning_collapsed_and_tool_calls(daemon, page):
-    """Rendering only: the model here emits neither, so the browser gets a canned stream."""
+def test_playground_shows_a_reasoning_models_thinking_collapsed(daemon, page):
+    """smol-b's real stream: its reasoning in the collapsed view and its answer after it, as the
+    API returns them to a client asking the same (greedy)."""
+    question = "What is the capital of France?"
+    ref = daemon.openai().chat.completions.create(model="smol-b", temperature=0, max_tokens=40, messages=[
+        {"role": "user", "content": question}]).choices[0].message
+    assert ref.model_extra["reasoning_content"], ref        # the template opened <think>: the model reasons
+    open_console(page, daemon)
+    page.click("button.tab[data-tab=playground]")
+    page.select_option("#pg-model", "smol-b")
+    page.fill("#pg-temperature", "0")
+    page.fill("#pg-max-tokens", "40")
+    page.fill("#pg-input", question)
+    page.press("#pg-input", "Enter")
+    turn = page.locator(".turn.assistant")
+    expect(turn.locator(".turn-stats")).to_have_attribute("data-cached", re.compile(r"\d+"), timeout=120_000)
+    reasoning = turn.locator("details.reasoning")
+    assert reasoning.get_attribute("open") is None                 # collapsed
+    expect(reasoning.locator(".content")).to_have_text(ref.model_extra["reasoning_content"], use_inner_text=False)
+    expect(turn.locator(":scope > .content")).to_have_text(ref.content or "", use_inner_text=False)
+    assert page.errors == []
+
+
+def test_playground_renders_tool_calls_and_markup_as_text(daemon, page):
+    """Rendering only: the playground sends no tools, so the browser gets a canned stream with a
+    call, and markup in reasoning and arguments that must stay text."""
     def chunk(delta=None, usage=None):
         body = {"choices": [{"index": 0, "delta": delta, "finish_reason": None}]} if delta else {"choices": []}
         return "data: " + json.dumps({**body, **({"usage": usage} if usage else {})}) + "\n\n"
@@ -220,7 +257,7 @@ def test_actions_api(daemon):
     r = post("/v1/models/smol-a/unload", json={"force": True})
     assert r.status_code == 400 and "force" in r.json()["error"]["message"]
     # A runtime pin lasts until the model's entry changes.
-    changed = models()
+    changed = models(daemon)
     changed[0]["sampling"]["max_tokens"] = 25
     generation = daemon.status()["config"]["generation"]
     daemon.write_config(changed)
@@ -228,11 +265,11 @@ def test_actions_api(daemon):
     while daemon.status()["config"]["generation"] == generation and time.monotonic() < deadline:
         time.sleep(0.2)
     assert daemon.model_status("smol-a")["pinned"] is False
-    daemon.write_config(models())
+    daemon.write_config(models(daemon))
 
 
 def test_console_can_be_turned_off(daemon):
-    daemon.write_config(models(), {"console": False})
+    daemon.write_config(models(daemon), {"console": False})
     try:
         deadline = time.monotonic() + 30
         while httpx.get(daemon.url + "/").status_code != 404 and time.monotonic() < deadline:
@@ -241,7 +278,7 @@ def test_console_can_be_turned_off(daemon):
         assert r.status_code == 404 and "server.console" in r.json()["error"]["message"]
         assert httpx.get(daemon.url + "/ui/events").status_code == 404
     finally:
-        daemon.write_config(models())
+        daemon.write_config(models(daemon))
     deadline = time.monotonic() + 30
     while httpx.get(daemon.url + "/").status_code != 200 and time.monotonic() < deadline:
         time.sleep(0.2)

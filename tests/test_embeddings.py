@@ -263,3 +263,32 @@ def test_ollama_keep_alive_sets_the_idle_ttl_and_zero_unloads(daemon):
     with pytest.raises(ollama.ResponseError) as e:
         c.embed(model="minilm", input="x", keep_alive="soon")
     assert e.value.status_code == 400 and "keep_alive" in e.value.error
+
+
+def test_hostile_bodies_get_a_200_or_an_error_in_the_routes_shape(daemon):
+    """Whatever JSON arrives as `input`, `dimensions` or `keep_alive`: 200 or a 4xx error object, never a 5xx."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    leaf = st.one_of(st.none(), st.booleans(), st.integers(-2, 40000), st.integers(), st.floats(allow_nan=False, allow_infinity=False),
+                     st.text(max_size=12))
+    junk = st.recursive(leaf, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=4), c, max_size=3),
+                        max_leaves=8)
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(route=st.sampled_from(["/v1/embeddings", "/api/embed"]), input=junk, extra=st.dictionaries(
+        st.sampled_from(["dimensions", "encoding_format", "truncate", "keep_alive", "user"]), junk, max_size=2))
+    def check(route, input, extra):
+        extra.pop("keep_alive", None) if route == "/v1/embeddings" else None
+        if extra.get("keep_alive") == 0:
+            extra.pop("keep_alive")            # an unload per example would only slow the run down
+        r = httpx.post(daemon.url + route, json={"model": "minilm", "input": input, **extra}, timeout=120)
+        assert r.status_code in (200, 400), (r.status_code, r.text)
+        body = r.json()
+        if r.status_code == 400:
+            err = body["error"]
+            assert isinstance(err, str) if route == "/api/embed" else isinstance(err["message"], str)
+        elif route == "/v1/embeddings":
+            assert len(body["data"]) >= 1
+    check()
+    assert daemon.model_status("minilm")["restarts"] == 0

@@ -260,3 +260,10 @@ def test_keep_alive_nonsense_is_a_400(value):
     with pytest.raises(APIError) as e:
         parse(value)
     assert e.value.status == 400 and e.value.param == "keep_alive"
+
+
+def test_inputs_far_apart_in_length_are_not_padded_together():
+    e = engine(window=64)
+    e.submit({"id": "a", "embed": {"input": [text(1), text(40), text(38), text(2)]}})     # 3, 42, 40, 4 tokens
+    run(e)
+    assert sorted(map(sorted, e.embedder.batches)) == [[3, 4], [40, 42]]

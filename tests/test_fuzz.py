@@ -165,16 +165,30 @@ def test_non_object_bodies(http, raw):
     assert_openai_error(r)
 
 
-@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded",
-                                          "multipart/form-data; boundary=x", None])
-def test_content_types(http, content_type):
-    """The body is parsed as JSON whatever the header says (as OpenAI's server does)."""
+@pytest.mark.parametrize("content_type, browser, status", [
+    ("application/json; charset=utf-8", True, 200),
+    (None, False, 200),                                   # httpx content=, urllib: no type named
+    ("application/x-www-form-urlencoded", False, 200),    # curl -d's default
+    (None, True, 415),                                    # a browser must say JSON
+    ("application/x-www-form-urlencoded", True, 415),
+    ("text/plain", False, 415),                           # what a page sends without a preflight
+    ("multipart/form-data; boundary=x", False, 415),
+])
+def test_content_types(http, content_type, browser, status):
+    """A JSON route wants application/json (a page's simple requests cannot send it); a client
+    that is not a browser may also name no type or curl's default and is read as JSON."""
     headers = {"Content-Type": content_type} if content_type else {}
+    if browser:
+        headers["Sec-Fetch-Site"] = "same-origin"
     r = http.post("/v1/completions", content=json.dumps(completion(max_tokens=2)), headers=headers)
-    assert r.status_code == 200, r.text
+    assert r.status_code == status, r.text
+    if status == 415:
+        assert_openai_error(r)
+        assert r.json()["error"]["code"] == "unsupported_media_type"
 
 
 def test_form_body_is_a_400(http):
+    """A real form body (curl -d's type, from a script) gets past the type check and is not JSON."""
     r = http.post("/v1/completions", data={"model": MODEL, "prompt": "hi"})
     assert r.status_code == 400
     assert_openai_error(r)

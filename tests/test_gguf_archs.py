@@ -93,11 +93,46 @@ def test_quantized_import_keeps_blocks_packed(files, cache, name, bits):
 
 
 def test_quantized_import_dequantizes_k_quants(files, cache, caplog):
+    """Q4_K, Q5_0 and Q6_K have no lossless MLX layout: they come out as float16 matrices,
+    whose forward pass (in float32) is the numpy reference's over the file itself."""
     caplog.set_level("INFO", logger="mlxd.gguf")
     resolved = resolve_model(str(files["llama3"]), dtype="quantized", cache_dir=cache)
     config = json.loads((resolved.path / "config.json").read_text())
     assert "quantization" not in config  # no Q8_0/Q4_0/Q4_1 matrix in this file
     assert "Q4_K x6" in caplog.text and "Q6_K x" in caplog.text and "Q5_0 x4" in caplog.text
+    model, _ = _load(resolved.path)
+    assert model.layers[0].mlp.down_proj.weight.dtype == mx.float16      # a Q6_K matrix, dequantized
+    model.set_dtype(mx.float32)
+    ids = _ids(model)
+    # The reference over the file's weights as the import stores them: rounded to float16
+    # (rope_freqs goes to config.json as float32).
+    meta, weights = numpy_forward.read(files["llama3"])
+    rounded = {k: v if k == "rope_freqs.weight" else v.astype(np.float16).astype(np.float32) for k, v in weights.items()}
+    ref = numpy_forward.logits(files["llama3"], ids, loaded=(meta, rounded))
+    ours = np.array(model(mx.array(ids)[None])[0])
+    err = np.abs(ours - ref).max() / np.abs(ref).max()
+    # Measured 3e-6; the unrounded reference is 5e-3 away, a wrong scale or sub-block far more.
+    assert err < 1e-4, err
+    assert (ours.argmax(-1) == ref.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("name, bits", [("qwen3", 8), ("mistral", 4)])
+def test_quantized_import_in_float16_activations(files, cache, name, bits):
+    """What Metal runs (tests elsewhere switch CPU runs to float32, where MLX's float16
+    quantized matmul is slow): packed Q8_0/Q4_0 weights with float16 activations throughout,
+    held to the numpy reference within float16's rounding."""
+    model, _ = _load(resolve_model(str(files[name]), dtype="quantized", cache_dir=cache).path)
+    q_proj = model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, nn.QuantizedLinear) and q_proj.bits == bits and q_proj.scales.dtype == mx.float16
+    ids = _ids(model)
+    logits = model(mx.array(ids)[None])[0]
+    assert logits.dtype == mx.float16
+    ours, ref = np.array(logits.astype(mx.float32)), numpy_forward.logits(files[name], ids)
+    err = np.abs(ours - ref).max() / np.abs(ref).max()
+    # Measured 9e-3 (Q8_0) and 1.1e-2 (Q4_0), 23 and 24 of 24 top-1 agreeing (CPU); float32
+    # activations are 1e-3 away, bfloat16 ones or a float16 overflow far more.
+    assert err < 3e-2, err
+    assert np.mean(ours.argmax(-1) == ref.argmax(-1)) >= 0.875
 
 
 def test_llama3_rope_freqs_become_longrope(files, cache):

@@ -245,6 +245,25 @@ def test_uncompilable_grammar_and_cancel_while_compiling(engine):
     assert done["finish_reason"] == "cancelled" and not engine.parked and not engine.busy
 
 
+class Eager(Compiler):
+    """The real compiler, but each compile has finished (or failed) by the time `compile` returns."""
+
+    def compile(self, *args):
+        fut = super().compile(*args)
+        fut.exception(timeout=60)
+        return fut
+
+
+def test_grammar_error_that_finished_before_start_is_a_400(engine):
+    from daemon.worker.__main__ import handle
+
+    engine.compiler = Eager(engine.tokenizer, engine._vocab_size())
+    bad = {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}}
+    err = handle(engine, {"op": "submit", "id": "bad", "messages": [{"role": "user", "content": "Hi"}], **bad})
+    assert (err["op"], err["status"], err["param"]) == ("error", 400, "response_format") and "nope" in err["message"]
+    assert engine.internal_errors == 0 and not engine.parked
+
+
 def test_matcher_failure_fails_only_its_request(engine, lm, compiler):
     submit(engine, "free", max_tokens=24)
     submit(engine, "json", max_tokens=48, **SMALL)

@@ -4,11 +4,13 @@ converge like any model. Plus the pure logic: config validation and the remote c
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -52,16 +54,32 @@ def complete(c: OpenAI, model: str, prompt, **kw):
     return r.choices[0].text, r.choices[0].finish_reason, r.usage.completion_tokens
 
 
+def layer_count(st: dict) -> int:
+    return json.loads((Path(st["worker"]["path"]) / "config.json").read_text())["num_hidden_layers"]
+
+
+def stages_on_disk(d: Daemon) -> set[str]:
+    """The stage tags of the prefix-cache namespaces the ranks opened ("...-r1of2-L0-14")."""
+    return {"-".join(p.name.split("-")[-3:]) for p in (d.cache_dir / "prefix").iterdir() if "-r" in p.name}
+
+
 def test_group_gives_the_single_process_tokens(group, client):
     st = group.model_status("grp")
-    assert st["worker"]["group"] == {"rank": 0, "size": 2, "stage": st["worker"]["group"]["stage"]}
+    # No split: the layers are halved, and rank 0 runs the last half.
+    n = layer_count(st)
+    assert st["worker"]["group"] == {"rank": 0, "size": 2, "stage": f"r0of2-L{n // 2}-{n - 1}"}
+    assert stages_on_disk(group) == {f"r0of2-L{n // 2}-{n - 1}", f"r1of2-L0-{n // 2 - 1}"}
     (rank1,) = st["worker"]["ranks"]
     assert rank1["rank"] == 1 and alive(rank1["pid"])
     for p in PROMPTS:
         assert complete(client, "grp", p) == complete(client, "one", p)
     # A seeded sampled request draws the same numbers on every rank (and as one process does).
-    kw = dict(temperature=0.9, seed=1234, max_tokens=12)
-    assert complete(client, "grp", PROMPTS[0], **kw) == complete(client, "one", PROMPTS[0], **kw)
+    kw = dict(temperature=0.9, max_tokens=12)
+    assert complete(client, "grp", PROMPTS[0], seed=1234, **kw) == complete(client, "one", PROMPTS[0], seed=1234, **kw)
+    # ...and it is sampled, not greedy: other seeds draw other tokens on the group.
+    greedy = complete(client, "grp", PROMPTS[0], max_tokens=12)[0]
+    draws = {complete(client, "grp", PROMPTS[0], seed=s, **kw)[0] for s in range(4)}
+    assert len(draws - {greedy}) >= 2, (greedy, draws)
     # A grammar masks the logits on every rank alike.
     fmt = {"type": "json_schema", "json_schema": {"name": "p", "schema": {
         "type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}}}
@@ -176,15 +194,15 @@ def test_killing_rank_1_mid_stream_fails_the_stream_and_the_group_comes_back(gro
 def test_reload_of_the_group_entry_restarts_every_rank(group, client):
     st = group.model_status("grp")
     old = [st["pid"], st["worker"]["ranks"][0]["pid"]]
+    assert st["worker"]["group"]["stage"] != "r0of2-L16-29"
     group.write_config(models(split=[14, 16]))
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        st = group.model_status("grp")
-        if st["state"] == "ready" and st["pid"] not in (None, old[0]):
-            break
-        time.sleep(0.3)
-    assert st["pid"] != old[0]
+    st = group.wait_restarted("grp", old[0], timeout=300)     # raises unless ready in a new process
+    assert st["pid"] is not None and st["pid"] != old[0] and st["worker"]["ranks"][0]["pid"] != old[1]
+    # The new split took effect: rank 0 runs the last 14 layers, rank 1 the first 16.
+    n = layer_count(st)
+    assert st["worker"]["group"]["stage"] == f"r0of2-L{n - 14}-{n - 1}"
     assert complete(client, "grp", PROMPTS[3]) == complete(client, "one", PROMPTS[3])
+    assert f"r1of2-L0-{n - 14 - 1}" in stages_on_disk(group)
     deadline = time.monotonic() + 60
     while any(alive(p) for p in old) and time.monotonic() < deadline:
         time.sleep(0.2)

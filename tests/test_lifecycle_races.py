@@ -261,7 +261,7 @@ def test_count_tokens_is_behind_the_rate_limit_and_the_models_request_slots():
                                       "engine: {max_batch_size: 1, max_waiting: 0}}]\n"), spawn=farm.spawn)
         await sup.start()
         await until(lambda: sup.get("m").state == "ready")
-        client = create_app(sup).test_client()
+        client = create_app(sup, port=80).test_client()   # the test client sends "Host: localhost"
         body = {"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
         busy = sup.get("m").generate({"messages": []})
         await anext(busy)                                  # the one slot is taken

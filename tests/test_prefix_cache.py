@@ -6,10 +6,12 @@ answer must equal (greedy decoding).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import httpx
@@ -188,11 +190,25 @@ def test_restart_keeps_the_cache_and_corrupt_files_are_discarded(tmp_path):
             # The damaged entries held nearly the whole prompt; at most the system prompt that
             # `follow` (stored just now) shares with the other conversation may hit.
             assert usage.prompt_tokens_details.cached_tokens < 32
-        stats = cache_stats(d)
+        stats = wait_for_writes(d)
         assert stats["disk"]["corrupt"] == 2
-        assert all(f not in namespace_files(d) or f.stat().st_size > 0 for f in files)
+        # The damaged entries are gone, file and record; a file under a damaged name is only
+        # ever a sound entry written since (its record's size and CRC-32 match its bytes).
+        for f in files:
+            record = f.with_suffix(".json")
+            if f.exists() or record.exists():
+                assert sound(f), f
     finally:
         d.stop()
+
+
+def sound(f: Path) -> bool:
+    """An entry as the disk format defines one: a record whose size and CRC-32 are its file's."""
+    try:
+        record, data = json.loads(f.with_suffix(".json").read_text()), f.read_bytes()
+    except (OSError, ValueError):
+        return False
+    return record["size"] == len(data) and record["crc32"] == zlib.crc32(data)
 
 
 def test_changed_fingerprint_ignores_the_old_cache(tmp_path):
@@ -244,6 +260,11 @@ def test_disk_budget_is_respected(tmp_path):
         d.stop()
 
 
+def writing(d: Daemon) -> bool:
+    """A write is in flight: queued or being written (pending_writes), or its temp file is there."""
+    return bool(list((d.cache_dir / "prefix").glob("*/*.tmp*"))) or cache_stats(d)["disk"]["pending_writes"] > 0
+
+
 def test_kill_while_writing_leaves_nothing_that_loads_wrong(tmp_path):
     d = Daemon(tmp_path, models())
     d.start()
@@ -253,7 +274,9 @@ def test_kill_while_writing_leaves_nothing_that_loads_wrong(tmp_path):
         for msgs in prompts:
             pid = d.model_status("cached")["pid"]
             chat(c, "cached", msgs, max_tokens=2)
-            os.kill(pid, signal.SIGKILL)          # the writer is busy with a large entry now
+            # The entry (tens of MB) is queued before the answer is sent: the kill lands mid-write.
+            assert writing(d), "no write in flight to kill"
+            os.kill(pid, signal.SIGKILL)
             d.wait_restarted("cached", pid)
         for msgs in prompts:
             got, usage = chat(c, "cached", msgs, max_tokens=12)

@@ -96,9 +96,11 @@ def test_a_shard_under_another_ranks_name_is_discarded_never_served(model, tmp_p
     r1.close()
 
 
-def test_a_follower_drops_entries_only_when_rank_0_does(model, tmp_path):
+def test_a_follower_keeps_its_own_memory_budget_and_drops_what_rank_0_does(model, tmp_path):
     """Memory tier only: rank 0 evicts by LRU and drops the earlier turn a longer one covers;
-    the follower keeps both until told, then discards what rank 0's evicted_keys() lists."""
+    the follower never covers on its own, evicts its oldest past its own memory budget
+    (defect 2: it used to keep every memory-only entry), and discards what rank 0's
+    evicted_keys() lists."""
     turn1, turn2 = TOKENS[:40], TOKENS[:40] + [7] * 30
     others = [[i] * 3 + TOKENS[:40] for i in (1, 2)]
     p = {tuple(t): shards(model, t) for t in (turn1, turn2, *others)}
@@ -114,8 +116,8 @@ def test_a_follower_drops_entries_only_when_rank_0_does(model, tmp_path):
     assert lead.evicted_keys() == [k1, k2]
     assert lead.evicted_keys() == []                       # drained
     assert [lead.has_key(k) for k in (k1, k2, ka, kb)] == [False, False, True, True]
-    assert all(follower.has_key(k) for k in (k1, k2, ka, kb))
-    assert follower.fetch_key(k2, 70)[0].offset == 70
+    assert follower.memory_bytes <= follower.memory_budget and follower.counters["memory_evictions"] >= 1
+    assert not follower.has_key(k1) and follower.has_key(ka) and follower.has_key(kb)   # the oldest went
     for k in (k1, k2):
         follower.discard(k)
     assert [follower.has_key(k) for k in (k1, k2, ka, kb)] == [False, False, True, True]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import time
@@ -9,13 +10,14 @@ from concurrent.futures import Future
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 import pytest
 from mlx_lm.models.cache import RotatingKVCache, make_prompt_cache
 
 from conftest import TEST_CACHE
 from daemon.models import resolve_model
 from daemon.worker.disk_cache import RECORD_GRACE
-from daemon.worker.prefix_cache import BLOCK, PrefixCache, block_hashes
+from daemon.worker.prefix_cache import BLOCK, PrefixCache, _key, block_hashes
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +73,21 @@ def test_untrimmable_cache_is_reused_only_whole(model, tmp_path):
     pc.close()
 
 
+def test_an_untrimmable_entry_known_only_from_disk_is_found_whole(model, tmp_path):
+    """Its record names 2 full blocks of its 80 tokens; the key settles the other 16, so after a
+    restart it is a hit at its full length (it used to be matched at 64, and an untrimmable
+    entry is no use at 64)."""
+    pc = new_cache(model, tmp_path)
+    pc.store(TOKENS, prefill(model, TOKENS, [RotatingKVCache(max_size=64, keep=4) for _ in model.layers]))
+    pc.close()
+    again = new_cache(model, tmp_path)
+    assert all(e.tokens is None and not e.trimmable for e in again.entries.values())
+    assert again.fetch(TOKENS[:70] + [1, 2])[1] == 0         # diverges inside it: still never served
+    cache, n, tier = again.fetch(TOKENS + [5, 6])
+    assert (n, tier) == (len(TOKENS), "disk") and cache[0].offset == len(TOKENS)
+    again.close()
+
+
 def test_disk_entries_are_found_after_a_restart_and_loaded_on_demand(model, tmp_path):
     pc = new_cache(model, tmp_path)
     for i in range(40):
@@ -84,6 +101,24 @@ def test_disk_entries_are_found_after_a_restart_and_loaded_on_demand(model, tmp_
     cache, n, tier = again.fetch(probe)
     assert (n, tier) == (38, "disk") and cache[0].offset == 38
     assert again.stats()["memory"]["entries"] == 1       # promoted
+    again.close()
+
+
+def test_a_lookup_hashes_the_prompt_once_however_many_disk_candidates(model, tmp_path, monkeypatch):
+    """Defect 8: each disk-only candidate re-hashed the whole prompt on the engine thread."""
+    import daemon.worker.prefix_cache as mod
+
+    pc = new_cache(model, tmp_path)
+    for i in range(5):
+        toks = TOKENS + [i + 1] * 20
+        pc.store(toks, prefill(model, toks, make_prompt_cache(model)))
+    pc.close()
+    again = new_cache(model, tmp_path)
+    assert sum(e.tokens is None for e in again.entries.values()) == 5       # disk-only, all candidates
+    calls = []
+    monkeypatch.setattr(mod, "block_hashes", lambda *a, **kw: calls.append(a) or block_hashes(*a, **kw))
+    cache, n, tier = again.fetch(TOKENS + [3] * 20 + [9])
+    assert (n, tier) == (100, "disk") and len(calls) == 1
     again.close()
 
 
@@ -131,6 +166,29 @@ def test_two_workers_sharing_a_namespace_do_not_spoil_each_other(model, tmp_path
     second.close()
 
 
+def test_namespaces_never_match_in_memory_under_one_block_or_on_disk(model, tmp_path):
+    pc = new_cache(model, tmp_path)
+    short = TOKENS[:10]                                  # under one block: found by looking at memory
+    for toks in (TOKENS, short):
+        pc.store(toks, prefill(model, toks, make_prompt_cache(model)), ns="alice")
+    assert pc.fetch(TOKENS + [1], ns="alice")[1] == len(TOKENS)
+    assert pc.fetch(short + [1], ns="alice")[1] == len(short)
+    for ns in ("", "bob"):
+        assert pc.fetch(TOKENS + [1], ns=ns)[1] == 0
+        assert pc.fetch(short + [1], ns=ns)[1] == 0
+    # Bob's longer turn of the same tokens supersedes nothing of Alice's.
+    longer = TOKENS + [5, 6, 7]
+    pc.store(longer, prefill(model, longer, make_prompt_cache(model)), ns="bob")
+    assert pc.fetch(TOKENS + [1], ns="alice")[1] == len(TOKENS)
+    assert pc.fetch(longer + [1], ns="bob")[1] == len(longer)
+    pc.close()
+    again = new_cache(model, tmp_path)                   # the disk tier: indexed, read on demand
+    assert again.fetch(TOKENS + [1], ns="")[1] == 0
+    assert again.fetch(longer + [1], ns="alice")[1:] == (len(TOKENS), "disk")    # Alice's own, not Bob's longer one
+    assert again.fetch(longer + [1], ns="bob")[1:] == (len(longer), "disk")
+    again.close()
+
+
 def test_block_hashes_chain():
     a = block_hashes(list(range(3 * BLOCK + 5)))
     b = block_hashes(list(range(2 * BLOCK)) + [0] * BLOCK)
@@ -174,16 +232,30 @@ def test_a_disk_hit_is_read_off_the_calling_thread(model, tmp_path):
 def test_the_write_queue_is_bounded_in_bytes(model, tmp_path):
     """Past `write_buffer` queued bytes an entry is not written (counted); it is still served from
     memory, and the disk entries it would have superseded stay."""
-    pc = new_cache(model, tmp_path, write_buffer=1)
+    pc = new_cache(model, tmp_path)
+    # A disk that does not answer: the writer blocks opening the first entry's record, a FIFO,
+    # until this test reads it, so that entry stays queued whatever the disk's speed.
+    stuck = [0] + TOKENS
+    fifo = pc.disk.dir / f"{_key(np.asarray(stuck, np.int32))}.json.tmp.{os.getpid()}"
+    os.mkfifo(fifo)
+    stuck_cache = prefill(model, stuck, make_prompt_cache(model))
+    pc.store(stuck, stuck_cache)
     convs = [[i] + TOKENS for i in (1, 2, 3)]
     caches = [prefill(model, t, make_prompt_cache(model)) for t in convs]
-    for t, c in zip(convs, caches):      # back to back: the first is still being written (fsync)
+    nbytes = [sum(c.nbytes for c in cache) for cache in [stuck_cache, *caches]]
+    pc.disk.write_buffer = nbytes[0] + nbytes[1]       # room for the first conversation only
+    for t, c in zip(convs, caches):
         pc.store(t, c)
     s = pc.stats()["disk"]
-    assert s["dropped_writes"] == 2 and 0 < s["queue_bytes"] <= sum(c.nbytes for c in caches[0])
+    assert s["dropped_writes"] == 2 and s["queue_bytes"] == nbytes[0] + nbytes[1] and s["pending_writes"] == 2
     assert all(pc.fetch(t + [7])[2] == "memory" for t in convs)
+    with open(fifo, "rb") as f:                        # the disk answers
+        assert json.loads(f.read())["n_tokens"] == len(stuck)
     pc.disk.flush()
-    assert pc.stats()["disk"]["entries"] == 1 and pc.stats()["disk"]["queue_bytes"] == 0
+    s = pc.stats()["disk"]
+    # The FIFO cannot be fsynced (EINVAL): that entry is a write error, and its files are gone.
+    assert s["write_errors"] == 1 and not list(pc.disk.dir.glob(f"{fifo.name.split('.')[0]}*"))
+    assert s["entries"] == 1 and s["queue_bytes"] == 0 and s["pending_writes"] == 0
     # A dropped write supersedes nothing: the durable first turn stays findable on disk.
     longer = convs[0] + [400, 401, 402]
     pc.disk.write_buffer = 1

@@ -28,7 +28,35 @@ def test_recent_requests_ring_keeps_the_last_ones_and_their_outcome():
     assert out[1] | {"id": 0, "time": 0} == {
         "id": 0, "time": 0, "model": "m", "surface": "chat.completions", "prompt_tokens": 10, "cached_tokens": 4,
         "generated": 5, "progress": None, "ttft": 0.5, "tokens_per_s": 4.0, "finish_reason": "stop",
-        "status": "ok", "error": None}
+        "status": "ok", "error": None, "cache": None}
+
+
+def test_a_cache_outcome_reaches_the_ring_and_the_miss_counter():
+    """The worker's `done.cache` (pure logic here; the worker's side is tests/test_checkpoints.py)."""
+    from prometheus_client import generate_latest
+
+    from daemon.metrics import Metrics
+
+    m = Metrics()
+    m.model_added("m")
+    outcome = {"tokens": 512, "tier": "memory", "entry": "e1", "shared": 600, "nearest": "e2",
+               "reason": "untrimmable", "detail": "entry e2 shares 600 tokens ..."}
+    done = {"op": "done", "finish_reason": "stop", "usage": {"prompt_tokens": 700, "completion_tokens": 2,
+            "cached_tokens": 512}, "timings": {"ttft": 0.5, "total": 1.5, "queue": 0.0, "prefill": 0.5},
+            "cache": outcome}
+
+    async def run():
+        async for ev in m.recent.track("m", {"messages": []}, _events({"op": "started", "prompt_tokens": 700,
+                                                                        "cached_tokens": 512}, done)):
+            if ev["op"] == "done":
+                m.request_done("m", ev, cache_enabled=True)
+        m.request_done("m", {**done, "cache": {**outcome, "reason": None}}, cache_enabled=True)
+
+    asyncio.run(run())
+    assert m.recent.records()[0]["cache"] == outcome
+    text = generate_latest(m.registry).decode()
+    assert 'mlxd_prefix_cache_misses_total{model="m",reason="untrimmable"} 1.0' in text
+    assert 'mlxd_prefix_cache_misses_total{model="m",reason="cold"} 0.0' in text     # present from the start
 
 
 def test_live_generated_and_tokens_per_s_follow_the_real_worker_stream(tmp_path):

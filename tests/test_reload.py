@@ -13,7 +13,7 @@ import pytest
 import yaml
 from openai import OpenAI
 
-from conftest import Daemon, smol, wait_until
+from conftest import Daemon, in_order, smol, wait_until
 
 A = smol("a", sampling={"temperature": 0.0, "max_tokens": 4})
 
@@ -85,14 +85,13 @@ def test_twenty_edits_under_load_leave_model_a_untouched(daemon):
             text = content if isinstance(content, str) else yaml.safe_dump(
                 {"server": {"port": daemon.port, "cache_dir": str(daemon.cache_dir), "drain_timeout": 20},
                  "models": content}, sort_keys=False)
-            t0 = time.monotonic()
             save_atomically(daemon.config_path, text)
-            if isinstance(content, str):
-                wait_until(visible, 2.0, f"edit {i}: error visible")
+            if isinstance(content, str):        # deadlines bound a hang only (a loaded machine is slow)
+                wait_until(visible, 60.0, f"edit {i}: error visible")
+                assert daemon.status()["config"]["generation"] == gen      # nothing applied
             else:
-                wait_until(lambda: daemon.status()["config"]["generation"] > gen, 2.0, f"edit {i} applied")
-                wait_until(visible, 60.0, f"edit {i} visible")  # 2 s + a worker's load time
-            assert time.monotonic() - t0 < 62
+                wait_until(lambda: daemon.status()["config"]["generation"] > gen, 60.0, f"edit {i} applied")
+                wait_until(visible, 300.0, f"edit {i} visible")            # a worker's load time
         time.sleep(0.5)
     assert load.failed == []
     assert load.ok > 20
@@ -111,7 +110,7 @@ def test_bad_edits_are_harmless(daemon, bad, expect):
     good = daemon.config_path.read_text()
     gen = daemon.status()["config"]["generation"]
     daemon.config_path.write_text(bad)                       # written in place
-    err = wait_until(lambda: daemon.status()["config"]["last_error"], 3.0, "error reported")
+    err = wait_until(lambda: daemon.status()["config"]["last_error"], 60.0, "error reported")
     assert expect in err
     assert daemon.status()["config"]["generation"] == gen
     metrics = httpx.get(f"{daemon.url}/metrics", timeout=10).text
@@ -120,22 +119,22 @@ def test_bad_edits_are_harmless(daemon, bad, expect):
         model="a", max_tokens=2, messages=[{"role": "user", "content": "Hi"}])
     assert r.choices[0].message.content is not None
     daemon.config_path.write_text(good.replace("max_tokens: 4", "max_tokens: 5"))
-    wait_until(lambda: daemon.status()["config"]["last_error"] is None, 3.0, "good save applied")
+    wait_until(lambda: daemon.status()["config"]["last_error"] is None, 60.0, "good save applied")
     assert daemon.model_status("a")["pid"] == pid   # a sampling default: applied live
 
 
 def test_deleted_config_keeps_serving_and_reload_triggers(daemon):
     good = daemon.config_path.read_text()
     daemon.config_path.unlink()
-    assert "cannot read config" in wait_until(lambda: daemon.status()["config"]["last_error"], 3.0, "error")
+    assert "cannot read config" in wait_until(lambda: daemon.status()["config"]["last_error"], 60.0, "error")
     assert daemon.model_status("a")["state"] == "ready"
     daemon.config_path.write_text(good.replace("max_tokens: 4", "max_tokens: 6"))
-    wait_until(lambda: daemon.status()["config"]["last_error"] is None, 3.0, "recreated file applied")
+    wait_until(lambda: daemon.status()["config"]["last_error"] is None, 60.0, "recreated file applied")
     gen = daemon.status()["config"]["generation"]
     r = httpx.post(f"{daemon.url}/admin/reload", timeout=30)
     assert r.status_code == 200 and r.json()["generation"] == gen + 1
     daemon.proc.send_signal(signal.SIGHUP)
-    wait_until(lambda: daemon.status()["config"]["generation"] == gen + 2, 3.0, "SIGHUP reload")
+    wait_until(lambda: daemon.status()["config"]["generation"] == gen + 2, 60.0, "SIGHUP reload")
 
 
 def test_symlinked_config_is_followed(tmp_path):
@@ -148,7 +147,7 @@ def test_symlinked_config_is_followed(tmp_path):
     d.start()
     try:
         real.write_text(real.read_text().replace("name: a", "name: a\n  aliases: [linked]"))
-        wait_until(lambda: "linked" in models_ids(d), 3.0, "edit through the symlink applied")
+        wait_until(lambda: "linked" in models_ids(d), 60.0, "edit through the symlink applied")
     finally:
         d.stop()
 
@@ -162,7 +161,7 @@ def test_removed_model_drains_in_flight_requests(daemon):
                                             messages=[{"role": "user", "content": "Tell me a story."}])
     first = next(iter(stream))
     daemon.write_config([A], server={"drain_timeout": 300})   # ample: the machine may be slow
-    wait_until(lambda: "b" not in models_ids(daemon), 3.0, "b no longer routed")
+    wait_until(lambda: "b" not in models_ids(daemon), 60.0, "b no longer routed")
     rest = list(stream)
     assert first.choices[0].delta.role == "assistant"
     assert rest[-1].choices[0].finish_reason in ("stop", "length")
@@ -192,7 +191,7 @@ def live(tmp_path_factory):
 def reconfigure(d: Daemon, models=(LIVE,), **server) -> None:
     gen = d.status()["config"]["generation"]
     d.write_config(list(models), {**BASE, **server})
-    wait_until(lambda: d.status()["config"]["generation"] > gen, 10, f"config with {server} applied")
+    wait_until(lambda: d.status()["config"]["generation"] > gen, 60, f"config with {server} applied")
 
 
 def client_of(d: Daemon, key: str = "x") -> OpenAI:
@@ -280,12 +279,14 @@ def test_drain_timeout_applies_live(live):
     wait_until(lambda: "b" in models_ids(live) and live.model_status("b")["state"] == "ready", 120, "b ready")
     stream = client_of(live).chat.completions.create(model="b", max_tokens=2000, stream=True, messages=STORY)
     next(iter(stream))
-    t0 = time.monotonic()
+    before = len(live.log_path.read_text(errors="replace"))
     reconfigure(live, [LIVE], drain_timeout=1)            # the removal uses the new deadline
     with pytest.raises(openai.APIError, match="cancelled"):
         for _ in stream:
             pass
-    assert time.monotonic() - t0 < 30
+    log = live.log_path.read_text(errors="replace")[before:]
+    assert in_order(log, "model b draining: waiting up to 1s for 1 in flight",
+                    "model b: drain deadline reached; cancelling 1 request(s)")
     reconfigure(live)
 
 
@@ -294,13 +295,14 @@ def test_shutdown_timeout_applies_live(live):
     reconfigure(live, shutdown_timeout=1)
     stream = client_of(live).chat.completions.create(model="a", max_tokens=2000, stream=True, messages=STORY)
     next(iter(stream))
-    t0 = time.monotonic()
+    before = len(live.log_path.read_text(errors="replace"))
     live.proc.send_signal(signal.SIGTERM)
     with pytest.raises(openai.APIError, match="cancelled"):
         for _ in stream:
             pass
-    assert live.proc.wait(60) == 0
-    assert time.monotonic() - t0 < 30
+    assert live.proc.wait(300) == 0
+    log = live.log_path.read_text(errors="replace")[before:]
+    assert in_order(log, "waiting up to 1s for 1 in flight", "deadline reached; cancelling 1 request(s)")
 
 
 def test_chat_template_file_edited_in_place_restarts_the_model(tmp_path):

@@ -181,11 +181,18 @@ def test_prefix_cache_stores_the_same_tokens_as_without(daemon, client):
 
 
 def test_seeded_sampling_is_reproducible(daemon, client):
+    """Drafts accepted by sampling (not argmax): a seed repeats its draw, other seeds draw
+    otherwise, and neither is the greedy answer."""
     before = counters(daemon)
-    kw = dict(model="spec", messages=PROMPTS[4], temperature=0.7, seed=1234, max_tokens=40)
-    a = client.chat.completions.create(**kw).choices[0].message.content
-    b = client.chat.completions.create(**kw).choices[0].message.content
-    assert a == b and a
+    kw = dict(model="spec", messages=PROMPTS[4], max_tokens=40)
+
+    def ask(**more) -> str:
+        return client.chat.completions.create(**kw, **more).choices[0].message.content
+
+    greedy = ask(temperature=0)
+    draws = [ask(temperature=1.0, seed=s) for s in range(4)]
+    assert ask(temperature=1.0, seed=2) == draws[2] and draws[2]
+    assert len(set(draws) - {greedy}) >= 2, (greedy, draws)
     accepted_after(daemon, before)
 
 

@@ -4,7 +4,10 @@ Claude Code and other Anthropic clients (`ANTHROPIC_BASE_URL`) reach the same re
 as the OpenAI routes: the request becomes the worker's payload (messages in the chat
 template's shape, tools as functions, `tool_choice` in OpenAI's forms so grammar enforces
 `any` and `tool`), and the worker's typed events become content blocks. Streams send
-`event: ping` while a long prefill runs: these clients ignore SSE comments.
+`event: ping` while a long prefill runs: these clients ignore SSE comments. A stream that
+waits longer than a ping's period for the worker (a model's load, a grammar compile) sends
+`message_start` and a ping at once; its prompt's usage then comes in `message_delta`,
+which always carries the full usage (cumulative, as Anthropic's does).
 """
 
 from __future__ import annotations
@@ -128,6 +131,8 @@ class MessagesRequest(CountTokensRequest):
     top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
     top_k: Optional[Count] = Field(None, ge=1)
     stream: bool = False
+    cache_salt: Optional[str] = Field(None, min_length=1, max_length=256, description=(
+        "Requests reuse only cached prefixes of requests with the same salt (and, with API keys, the same key)."))
 
 
 # -- request -> payload -------------------------------------------------------------------
@@ -287,18 +292,23 @@ def _event(kind: str, data: dict) -> bytes:
     return f"event: {kind}\ndata: {json.dumps({'type': kind, **data}, ensure_ascii=False)}\n\n".encode()
 
 
-async def _stream(run: rq.Run, meta: dict, stops: list[str], every: float) -> AsyncIterator[bytes]:
+async def _stream(run: rq.Run, meta: dict, stops: list[str]) -> AsyncIterator[bytes]:
+    started = run.started or ev_.Started(id="", prompt_tokens=0, cached_tokens=0, max_tokens=0)
     yield _event("message_start", {"message": {**meta, "content": [], "stop_reason": None, "stop_sequence": None,
-                                               "usage": _usage(run.started, 0)}})
+                                               "usage": _usage(started, 0)}})
+    if run.started is None:
+        yield _event("ping", {})           # the worker has not answered yet (a load, a grammar)
     index, open_kind, open_call = -1, None, None
 
     def close():
         return _event("content_block_stop", {"index": index}) if open_kind else b""
 
     try:
-        async for ev in rq.heartbeat(run.events, every):
+        async for ev in run.events:
             if ev is None or isinstance(ev, ev_.Progress):
                 yield _event("ping", {})
+            elif isinstance(ev, ev_.Started):
+                started = ev
             elif isinstance(ev, (ev_.Text, ev_.Reasoning)):
                 kind = "text" if isinstance(ev, ev_.Text) else "thinking"
                 if open_kind != kind:
@@ -322,7 +332,7 @@ async def _stream(run: rq.Run, meta: dict, stops: list[str], every: float) -> As
                 yield close()
                 reason, seq = _stop(ev, stops)
                 yield _event("message_delta", {"delta": {"stop_reason": reason, "stop_sequence": seq},
-                                               "usage": _usage(run.started, ev.usage["completion_tokens"])})
+                                               "usage": _usage(started, ev.usage["completion_tokens"])})
                 yield _event("message_stop", {})
                 return
     except APIError as e:
@@ -336,11 +346,12 @@ async def messages():
     rq.check_open()
     body = await rq.body(MessagesRequest)
     handle = rq.model(body.model)
-    run = await rq.start(handle, {**_payload(body, handle), "surface": "messages"})
+    run = await rq.start(handle, {**_payload(body, handle), "surface": "messages"}, body.cache_salt,
+                         stream=body.stream)
     meta = {"id": "msg_" + uuid.uuid4().hex[:24], "type": "message", "role": "assistant", "model": handle.name}
     stops = list(body.stop_sequences or [])
     if body.stream:
-        return sse_response(_stream(run, meta, stops, rq.supervisor().config.server.stream_ping_seconds))
+        return sse_response(_stream(run, meta, stops))
     return await _collect(run, meta, stops)
 
 

@@ -13,17 +13,23 @@ from .actions import bp as actions_bp
 from .anthropic import bp as anthropic_bp
 from .cache import bp as cache_bp
 from .console import bp as console_bp, is_public
+from .deadline import with_write_deadline
 from .embeddings import bp as embeddings_bp
 from .errors import APIError, shape_of
+from .guard import install as install_guard, warn_wildcard
 from .limits import RateLimiter
 from .openai import bp as openai_bp
 from .openapi import bp as openapi_bp
 from .responses import Store, bp as responses_bp
 
 
-def create_app(supervisor) -> Quart:
+def create_app(supervisor, host: str | None = None, port: int | None = None) -> Quart:
+    """`host`/`port`: the address mlxd is bound to (default: the config's), which Host headers must name."""
     app = Quart("mlxd")
     app.config["SUPERVISOR"] = supervisor
+    server = supervisor.config.server
+    install_guard(app, lambda: supervisor.config.server, host or server.host, server.port if port is None else port,
+                  lambda code: supervisor.metrics.refused.labels(code).inc())
     limiter = app.config["LIMITER"] = RateLimiter(None, None)
 
     def apply_server_settings(server) -> None:
@@ -32,7 +38,11 @@ def create_app(supervisor) -> Quart:
         limiter.configure(server.rate_limit.requests_per_minute, server.rate_limit.tokens_per_minute)
     apply_server_settings(supervisor.config.server)
     supervisor.listeners.append(apply_server_settings)
+    supervisor.listeners.append(warn_wildcard)
+    warn_wildcard(supervisor.config.server)
     app.config["RESPONSES"] = Store(lambda: supervisor.config.server.responses_store)
+    app.asgi_app = with_write_deadline(app.asgi_app, lambda: supervisor.config.server.stream_write_timeout,
+                                       lambda model: supervisor.metrics.write_timeouts.labels(model).inc())
 
     def render(e: APIError):
         return e.response(shape_of(request.path))

@@ -2,8 +2,10 @@
 
 Streaming waits for the worker's first event before sending headers, so a request the
 worker refuses (context too long, template error) still gets a proper 4xx, not a 200
-stream with an error inside. During a long prefill, SSE comment lines keep proxies and
-clients from timing out.
+stream with an error inside; but no longer than `server.stream_ping_seconds`: a stream
+that waits on a model's load, a grammar compile or a held request starts with a
+`: keep-alive` comment, and a refusal after it is an error inside the stream. During a
+long prefill, SSE comment lines keep proxies and clients from timing out.
 
 The worker's events arrive typed (`daemon/events.py`): text, reasoning, a tool call's start
 and its argument deltas, logprobs. They map one to one onto chunk deltas, or are gathered
@@ -94,15 +96,15 @@ async def _complete(kind: str):
         payload.update(body.tool_payload())
     else:
         payload["prompt"] = body.prompt
-    run = await rq.start(handle, payload)
+    run = await rq.start(handle, payload, body.cache_salt, stream=body.stream)
     rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
     meta = {"id": rid, "created": int(time.time()), "model": handle.name}
-    current_app.logger.debug("request %s on %s: %d prompt tokens, %d cached", rid, handle.name,
-                             run.started.prompt_tokens, run.started.cached_tokens)
+    if run.started is not None:
+        current_app.logger.debug("request %s on %s: %d prompt tokens, %d cached", rid, handle.name,
+                                 run.started.prompt_tokens, run.started.cached_tokens)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        every = rq.supervisor().config.server.stream_ping_seconds
-        return sse_response(_stream(kind, run.events, meta, include_usage, every))
+        return sse_response(_stream(kind, run, meta, include_usage))
     return await _collect(kind, run.events, meta)
 
 
@@ -175,7 +177,7 @@ def _chat_delta(ev) -> dict:
 _OUTPUT = (ev_.Text, ev_.Reasoning, ev_.ToolCall, ev_.ToolArgs)
 
 
-async def _stream(kind: str, events: AsyncIterator[ev_.Event], meta: dict, include_usage: bool, every: float):
+async def _stream(kind: str, run: rq.Run, meta: dict, include_usage: bool):
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
     def chunk(delta: dict, finish=None, logprobs=None):
@@ -185,10 +187,12 @@ async def _stream(kind: str, events: AsyncIterator[ev_.Event], meta: dict, inclu
             choice = {"index": 0, "text": delta.get("content", ""), "logprobs": None, "finish_reason": finish}
         return _sse({**meta, "object": obj, "choices": [choice]})
 
+    if run.started is None:
+        yield b": keep-alive\n\n"            # the worker has not answered yet (a load, a grammar, a queue)
     if kind == "chat":
         yield chunk({"role": "assistant", "content": ""})
     try:
-        async for ev in rq.heartbeat(events, every):
+        async for ev in run.events:
             if ev is None:
                 yield b": waiting\n\n"
             elif isinstance(ev, _OUTPUT):

@@ -139,8 +139,11 @@ _RESPONSES = {
 _ERRORS = {
     400: "Invalid request: bad JSON, or a field's value (named in `error.param`).",
     401: "Missing or wrong API key.",
+    403: "Refused before any route ran: a Host that is not this daemon's (DNS rebinding), "
+         "an Origin not in `server.allowed_origins`, or a cross-site action.",
     404: "No such model.",
     413: "Request body too large.",
+    415: "The body is not labelled `application/json`.",
     429: "The model's queue is full, or the key's rate limit is reached; retry after `Retry-After` seconds.",
     503: "The model's worker is unavailable, or mlxd is shutting down.",
     504: "The request took longer than `server.request_timeout`.",
@@ -153,7 +156,7 @@ def _json(schema: dict, description: str = "OK") -> dict:
 
 def _op(summary: str, ok: dict, errors=(401,), body: str | None = None, error="Error", **extra) -> dict:
     op = {"summary": summary, "responses": {"200": ok}, **extra}
-    for code in errors:
+    for code in sorted({*errors, 403} | ({415} if body else set())):   # the origin guard's, on every route
         op["responses"][str(code)] = _json(_ref(error), _ERRORS[code])
     if body:
         op["requestBody"] = {"required": True, "content": {"application/json": {"schema": _ref(body)}}}

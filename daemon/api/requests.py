@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from quart import current_app, g, request
 from .. import events as ev_
 from ..process import RequestTimeout, WorkerGone
 from ..lifecycle.handle import ModelAtCapacity, ModelUnavailable
+from .deadline import MODEL_KEY
 from .errors import APIError, from_validation, model_not_found
 
 
@@ -139,10 +141,14 @@ async def _typed(events: AsyncIterator[dict]) -> AsyncIterator[ev_.Event]:
 
 @dataclass
 class Run:
-    """An admitted request the worker accepted: its `started` event and the events after it."""
+    """An admitted request: the worker's `started` event and the events after it. A stream
+    whose `started` did not come within `server.stream_ping_seconds` (the model loads, a
+    grammar compiles, the request is held) has `started` None and begins at once: the
+    `Started` event comes later among its events, and a refusal as an error inside it.
+    A stream's events carry None for each keep-alive due."""
     handle: object
-    started: ev_.Started
-    events: AsyncIterator[ev_.Event]
+    started: Optional[ev_.Started]
+    events: AsyncIterator[Optional[ev_.Event]]
 
 
 def check_serves(handle, wants: str) -> None:
@@ -160,16 +166,35 @@ def check_serves(handle, wants: str) -> None:
     raise APIError(400, msg, code="model_not_supported", param="model")
 
 
-async def start(handle, payload: dict) -> Run:
+def cache_namespace(handle, salt: Optional[str]) -> str:
+    """The request's prefix cache namespace: its API key's (unless the model shares across
+    keys) and its `cache_salt`'s; "" for neither. A hash, never the key: it travels to the
+    worker and seeds the cache's hashes, which go to disk."""
+    key = None if handle.cfg.prefix_cache.share_across_keys else g.get("api_key")
+    if not key and salt is None:
+        return ""
+    key_id = hashlib.sha256(key.encode()).hexdigest()[:32] if key else None
+    return hashlib.blake2b(json.dumps([key_id, salt]).encode(), digest_size=16, person=b"mlxd-cache-ns").hexdigest()
+
+
+async def start(handle, payload: dict, cache_salt: Optional[str] = None, stream: bool = False) -> Run:
     """Admit the request, submit it, and wait for the worker's answer, so that a refused
-    prompt is a proper 4xx before any stream begins."""
+    prompt is a proper 4xx before any stream begins, unless a stream would wait for longer
+    than a keep-alive's period: then its headers go now, so proxies do not drop it."""
     check_serves(handle, "embedding" if "embed" in payload else "chat")
     key = _admit()
+    request.scope[MODEL_KEY] = handle.name       # a write timeout is counted for this model
+    if "embed" not in payload and (ns := cache_namespace(handle, cache_salt)):     # embeddings cache nothing
+        payload = {**payload, "cache_ns": ns}
     sup = supervisor()
     events = _typed(_charged(handle.generate(payload, sup.config.server.request_timeout), key,
                              current_app.config["LIMITER"]))
+    if stream:
+        events = heartbeat(events, sup.config.server.stream_ping_seconds)
     try:
         async for ev in events:
+            if ev is None:
+                return Run(handle, None, events)
             if isinstance(ev, ev_.Started):
                 return Run(handle, ev, events)
         raise APIError(500, "the worker ended the request without an answer", type_="server_error")

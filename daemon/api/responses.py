@@ -139,6 +139,8 @@ class ResponsesRequest(BaseModel):
     store: bool = True
     previous_response_id: Optional[str] = None
     stream: bool = False
+    cache_salt: Optional[str] = Field(None, min_length=1, max_length=256, description=(
+        "Requests reuse only cached prefixes of requests with the same salt (and, with API keys, the same key)."))
 
 
 # -- request -> payload -------------------------------------------------------------------
@@ -338,7 +340,7 @@ async def _collect(turn: _Turn, run: rq.Run, store):
     return jsonify(turn.done(ev, store))
 
 
-async def _stream(turn: _Turn, run: rq.Run, store, every: float) -> AsyncIterator[bytes]:
+async def _stream(turn: _Turn, run: rq.Run, store) -> AsyncIterator[bytes]:
     seq = 0
 
     def event(kind: str, data: dict) -> bytes:
@@ -348,8 +350,10 @@ async def _stream(turn: _Turn, run: rq.Run, store, every: float) -> AsyncIterato
 
     yield event("response.created", {"response": turn.envelope})
     yield event("response.in_progress", {"response": turn.envelope})
+    if run.started is None:
+        yield b": keep-alive\n\n"            # the worker has not answered yet (a load, a grammar)
     try:
-        async for ev in rq.heartbeat(run.events, every):
+        async for ev in run.events:
             if ev is None or isinstance(ev, ev_.Progress):
                 yield b": waiting\n\n"
             elif isinstance(ev, ev_.Done):
@@ -375,8 +379,9 @@ async def responses():
     handle = rq.model(body.model)
     history = _history(body)
     turn = _Turn(body, handle, history)
-    run = await rq.start(handle, {**_payload(body, handle, history), "surface": "responses"})
+    run = await rq.start(handle, {**_payload(body, handle, history), "surface": "responses"}, body.cache_salt,
+                         stream=body.stream)
     store = current_app.config["RESPONSES"]
     if body.stream:
-        return sse_response(_stream(turn, run, store, rq.supervisor().config.server.stream_ping_seconds))
+        return sse_response(_stream(turn, run, store))
     return await _collect(turn, run, store)

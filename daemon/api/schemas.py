@@ -48,6 +48,8 @@ class _Body(BaseModel):
     stream: bool = False
     stream_options: Optional["StreamOptions"] = None
     n: Count = Field(1, ge=1, le=1, description="Only one choice per request is supported.")
+    cache_salt: Optional[str] = Field(None, min_length=1, max_length=256, description=(
+        "Requests reuse only cached prefixes of requests with the same salt (and, with API keys, the same key)."))
 
     @field_validator("stop")
     @classmethod

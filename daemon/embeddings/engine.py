@@ -8,7 +8,8 @@ console treat an embedding model like any other.
 
 Batching: every input of every waiting request is an item; each step takes the oldest
 waiting item and the items nearest to it in length, as many as fit `batch_tokens` padded,
-so short inputs never pay for long ones and the oldest request always moves.
+and padding stays under a fifth of the batch, so short inputs never pay for long ones and the
+oldest request always moves.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from .spec import EmbedSpec
 log = logging.getLogger("mlxd.embeddings")
 
 MAX_INPUTS = 2048        # OpenAI's limit per request
+MAX_PADDING = 0.2        # of a batch's padded tokens at most
 
 
 @dataclass
@@ -191,16 +193,27 @@ class EmbedEngine:
     # -- the step ---------------------------------------------------------------------------
 
     def _pick(self) -> list[Item]:
-        """The oldest item and its neighbours in length, while the padded batch fits batch_tokens."""
+        """The oldest item and its neighbours in length, while the padded batch fits batch_tokens
+        and padding stays under MAX_PADDING of it (a CPU gains little from a wider batch, and
+        attention's cost grows with the square of the padded length)."""
         q, budget = self.queue, self.settings.batch_tokens
         anchor = min(range(len(q)), key=lambda k: q[k].seq)
         lo, hi = anchor, anchor + 1           # q[lo:hi] is the batch; sorted, so q[hi-1] is the longest
+        real = q[anchor].length
+
+        def fits(longest: int, rows: int, tokens: int) -> bool:
+            padded = longest * rows
+            return padded <= budget and padded - tokens <= MAX_PADDING * padded
+
         while True:
-            grow_lo = lo > 0 and q[hi - 1].length * (hi - lo + 1) <= budget
-            grow_hi = hi < len(q) and q[hi].length * (hi - lo + 1) <= budget
+            rows = hi - lo + 1
+            grow_lo = lo > 0 and fits(q[hi - 1].length, rows, real + q[lo - 1].length)
+            grow_hi = hi < len(q) and fits(q[hi].length, rows, real + q[hi].length)
             if grow_lo and (not grow_hi or q[anchor].length - q[lo - 1].length <= q[hi].length - q[anchor].length):
                 lo -= 1
+                real += q[lo].length
             elif grow_hi:
+                real += q[hi].length
                 hi += 1
             else:
                 break

@@ -31,7 +31,9 @@ class Embedder:
 
     def __init__(self, path: Path, spec: EmbedSpec, dtype: str):
         self.spec = spec
-        self.dtype = mx.float32 if dtype in ("auto", "float32") else getattr(mx, dtype)
+        # float32 on a CPU device (MLX's CPU half-precision kernels are slow); the weights' own dtype on Metal
+        on_cpu = not mx.metal.is_available()
+        self.dtype = mx.float32 if on_cpu or dtype in ("auto", "float32", "quantized") else getattr(mx, dtype)
         if spec.arch == "bert":
             from .bert import Bert
             self.model = Bert(path, self.dtype)
@@ -44,7 +46,7 @@ class Embedder:
             if not callable(inner):
                 raise SpecError(f"mlx-lm's {spec.model_type} model has no inner model whose hidden states "
                                 "could be pooled; it cannot serve embeddings")
-            if dtype not in ("auto", "quantized"):
+            if dtype != "quantized" or on_cpu:
                 model.set_dtype(self.dtype)
             self.model = model
             self.vocab_size = int(config.get("vocab_size") or model.args.vocab_size)

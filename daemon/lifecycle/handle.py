@@ -305,9 +305,12 @@ class ModelHandle:
         self.retire()
         if self.state == "ready":
             self._transition("draining")
+            log.info("model %s draining: waiting up to %.0fs for %d in flight", self.name, timeout, self.in_flight)
             deadline = time.monotonic() + timeout
             while self.in_flight and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
+            if self.in_flight:
+                log.warning("model %s: drain deadline reached; cancelling %d request(s)", self.name, self.in_flight)
         await self.stop()
 
     async def _poll_stats(self, worker: Worker) -> Optional[str]:

@@ -62,7 +62,7 @@ class CancelPending:
 
 @dataclass(frozen=True)
 class Update:
-    """Only live settings changed (aliases, sampling, max_waiting): the routed handle takes the entry."""
+    """Only live settings changed (aliases, sampling, max_waiting, share_across_keys): the routed handle takes the entry."""
     cfg: ModelConfig
 
 

@@ -9,6 +9,7 @@ The worker exits when the daemon's end of the socket closes, so it never outlive
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -102,7 +103,7 @@ def load(cfg: ModelConfig, cache_dir, *, total_disk_budget=None, orphan_ttl=7 * 
         max_batch_size=cfg.engine.max_batch_size, prefill_batch_size=cfg.engine.prefill_batch_size,
         prefill_step_size=cfg.engine.prefill_step_size, context_length=_context_length(model, cfg),
         default_max_tokens=cfg.sampling.max_tokens, prefix_cache=prefix_cache,
-        reasoning_parser=cfg.reasoning_parser,
+        reasoning_parser=cfg.reasoning_parser, checkpoint_every=cfg.prefix_cache.checkpoint_every,
         speculative=cfg.engine.speculative.model_dump() if cfg.engine.speculative else None, **extra)
     info = {
         "pid": os.getpid(), "path": str(resolved.path), "kind": resolved.kind, "dtype": resolved.dtype, "serves": "chat",
@@ -140,7 +141,8 @@ def load_embedding(cfg: ModelConfig, resolved, t0: float):
 def stats(engine) -> dict:
     import mlx.core as mx
 
-    out = {"running": engine.running, "waiting": engine.waiting,
+    preparing = engine.preparer.count if getattr(engine, "preparer", None) is not None else 0
+    out = {"running": engine.running, "waiting": engine.waiting + preparing,
            "memory_bytes": mx.get_active_memory(), "peak_memory_bytes": mx.get_peak_memory(),
            "internal_errors": engine.internal_errors, "batch_resets": engine.batch_resets}
     if engine.prefix_cache is not None:
@@ -160,6 +162,10 @@ def handle(engine, msg: dict) -> Optional[dict]:
 
     op = msg["op"]
     try:
+        if op == "prepared":            # a submit the preparer has rendered and tokenized
+            if "error" in msg:
+                raise msg["error"]
+            return engine.submit(msg["msg"], msg["prepared"])
         if op == "submit":
             return engine.submit(msg)
         if op == "cancel":
@@ -176,22 +182,50 @@ def handle(engine, msg: dict) -> Optional[dict]:
                 return {"op": "token_count", "seq": msg.get("seq"),
                         "error": {"message": str(e), "code": e.code, "param": e.param}}
     except RequestError as e:
-        return {"op": "error", "id": msg.get("id"), "message": str(e), "code": e.code, "param": e.param, "status": 400}
+        rid = msg.get("id") or msg.get("msg", {}).get("id")
+        return {"op": "error", "id": rid, "message": str(e), "code": e.code, "param": e.param, "status": 400}
     except Exception as e:   # a bug or a bad cache entry: that request fails, the worker goes on
         log.exception("%s failed", op)
         engine.internal_errors += 1
-        if op == "submit":
-            return internal_error(msg.get("id"), e)
+        if op in ("submit", "prepared"):
+            return internal_error(msg.get("id") or msg["msg"]["id"], e)
         if op == "count_tokens":
             return {"op": "token_count", "seq": msg.get("seq"),
                     "error": {"message": f"internal error: {type(e).__name__}: {e}", "code": "internal_error"}}
     return None
 
 
+def _cancel_all(engine) -> list[dict]:
+    ids = engine.request_ids() if hasattr(engine, "request_ids") else \
+        [*engine.uid_of, *engine.parked, *(h.active.id for h in engine.held)]
+    return [engine.cancel(rid) for rid in ids]
+
+
 def serve(chan: SyncChannel, engine) -> None:
+    """The main thread: frames from the inbox, then an engine step, until shutdown. Prompts are
+    rendered and tokenized on the preparer's threads (`prepare.py`), never here."""
+    from .prepare import Preparer
+
     inbox: queue.Queue = queue.Queue()
     engine.wake = lambda: inbox.put({"op": "wake"})      # a disk read or a grammar for a parked request is done
+    # An embedding engine has no prompt to render: its submits are handled here, as before.
+    preparer = engine.preparer = Preparer(engine, inbox.put) if hasattr(engine, "prepare") else None
     threading.Thread(target=_reader, args=(chan, inbox), daemon=True).start()
+    try:
+        _serve(chan, engine, inbox, preparer)
+    except ConnectionError as e:        # the daemon died with requests in flight: keep their caches
+        log.warning("the daemon's end of the socket is gone (%s); finishing the cache writes and exiting", e)
+        _cancel_all(engine)
+        if hasattr(engine, "shutdown"):
+            engine.shutdown()
+    finally:
+        if preparer is not None:
+            preparer.close()
+        if getattr(engine, "prefix_cache", None) is not None:
+            engine.prefix_cache.close()      # always: a daemon gone mid-request must not lose the disk queue
+
+
+def _serve(chan: SyncChannel, engine, inbox: queue.Queue, preparer) -> None:
     while True:
         msgs = []
         try:
@@ -203,18 +237,30 @@ def serve(chan: SyncChannel, engine) -> None:
         out: list[dict] = []
         for msg in msgs:
             if msg is None or msg["op"] == "shutdown":
-                ids = engine.request_ids() if hasattr(engine, "request_ids") else \
-                    [*engine.uid_of, *engine.parked, *(h.active.id for h in engine.held)]
-                for rid in ids:
-                    out.append(engine.cancel(rid))
-                chan.send_many(out)
-                try:
-                    if hasattr(engine, "shutdown"):
-                        engine.shutdown()    # the group's other ranks store what was cancelled, then exit
-                finally:
-                    if engine.prefix_cache is not None:
-                        engine.prefix_cache.close()
+                out += _cancel_all(engine)       # each stores its cache
+                with contextlib.suppress(ConnectionError):
+                    chan.send_many(out)          # a daemon that died has nobody to hear it
+                if hasattr(engine, "shutdown"):
+                    engine.shutdown()            # the group's other ranks store what was cancelled, then exit
                 return
+            op = msg["op"]
+            if preparer is None:
+                pass
+            elif op == "submit":
+                preparer.submit(msg)
+                continue
+            elif op == "count_tokens":
+                preparer.count_tokens(msg)
+                continue
+            elif op == "cancel" and preparer.cancel(msg["id"]):
+                continue
+            elif op == "prepared" and not preparer.taken(msg["msg"]["id"]):
+                continue                      # cancelled while it was being prepared
+            if op == "reply":
+                if msg["frame"].pop("internal", False):
+                    engine.internal_errors += 1
+                out.append(msg["frame"])
+                continue
             if (reply := handle(engine, msg)) is not None:
                 out.append(reply)
         chan.send_many(out)
@@ -250,12 +296,16 @@ def main(argv=None) -> int:
             import mlx.core as mx
 
             from .group import Bells
-            bells = Bells(args.doorbell, len(cfg.distributed.hosts) - 1)   # bound before the others connect
+            from .transport import secret_from_env
+            secret = secret_from_env()
+            bells = Bells(args.doorbell, len(cfg.distributed.hosts) - 1, secret)   # bound before the others connect
             group = mx.distributed.init(backend=cfg.distributed.backend, strict=True)
         engine, info = load(cfg, Path(args.cache_dir), total_disk_budget=args.cache_disk_budget,
                             orphan_ttl=args.cache_orphan_ttl, group=group, bells=bells)
         if bells is not None:
+            from .group import verify_ring
             bells.gather()
+            verify_ring(secret)
     except BaseException as e:
         traceback.print_exc()
         chan.send({"op": "fatal", "message": f"{type(e).__name__}: {e}" if not _is_group_failure(e) else str(e)})
@@ -282,9 +332,11 @@ def follow(cfg: ModelConfig, args) -> int:
     """Ranks 1..n-1: load this rank's layers, report to rank 0's doorbell, then follow its steps."""
     import mlx.core as mx
 
-    from .group import Bell, Follower
+    from .group import Bell, Follower, verify_ring
+    from .transport import secret_from_env
 
     rank = int(os.environ["MLX_RANK"])
+    secret = secret_from_env()
     group = mx.distributed.init(backend=cfg.distributed.backend, strict=True)
     error = None
     try:
@@ -293,13 +345,14 @@ def follow(cfg: ModelConfig, args) -> int:
     except Exception as e:
         traceback.print_exc()
         error = f"{type(e).__name__}: {e}"
-    bell = Bell(args.doorbell, rank)
+    bell = Bell(args.doorbell, rank, secret)
     bell.report(error)
     if error:
         return 1
+    verify_ring(secret)
     log.info("model %s rank %d of %d ready: %s", cfg.name, rank, group.size(), json.dumps(info))
     try:
-        Follower(engine, bell).run()
+        Follower(engine, bell, secret).run()
     finally:
         if engine.prefix_cache is not None:
             engine.prefix_cache.close()

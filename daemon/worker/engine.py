@@ -19,19 +19,21 @@ import logging
 import time
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 import mlx.core as mx
-from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import KVCache, can_trim_prompt_cache, make_prompt_cache
 from mlx_lm.sample_utils import greedy_sampler
 from mlx_lm.tool_parsers import json_tools
 
 from ..events import Done, Error, Logprob, Progress, Started
+from . import checkpoints as ckpt
 from . import tools as toolfmt
+from .batch import Batch, Waiting
 from .grammar import Compiler, GrammarError, GrammarProcessor, reasoning_end, request_grammar, tool_call_grammar
 from .output import THINK, Markers, Output, initial_state, state_machine
+from .prepare import Prepared, char_limit
 from .sampling import make_sampler
 from .speculative import SpecBatch
 
@@ -67,27 +69,12 @@ class Active:
     generated: int = 0
     cache_tier: Optional[str] = None
     cache_key: Optional[str] = None
+    cache: Optional[dict] = None            # the prefix cache's Outcome, on the wire
+    cache_ns: str = ""                      # the prefix cache namespace the daemon named (key, cache_salt)
     itl: list = field(default_factory=list)
     top_logprobs: Optional[int] = None      # None: no logprobs asked for
     grammar: Optional[GrammarProcessor] = None
     sampler: Any = None                     # set for a request that decodes speculatively
-
-
-@dataclass
-class Parked:
-    """A request not in the batch yet: its grammar compiles, or its cached prefix is read from
-    disk, off the engine's thread."""
-    active: Active
-    tokens: list[int]
-    sampler: Any
-    grammar: Optional[Future] = None    # the compiler's Future of the request's matcher
-    read: Any = None                    # the prefix cache's Future for the read
-    spec: tuple = ()                    # make_sampler's arguments (a group's other ranks build the same)
-    wanted: Optional[tuple] = None      # the grammar and its field, when constrained
-
-    @property
-    def waiting_on(self) -> Future:
-        return self.grammar if self.grammar is not None else self.read
 
 
 @dataclass
@@ -104,7 +91,8 @@ class Engine:
     def __init__(self, model, tokenizer, *, max_batch_size: int, prefill_batch_size: int,
                  prefill_step_size: int, context_length: int, default_max_tokens: int,
                  prefix_cache: Any = None, reasoning_parser: Optional[str] = None,
-                 speculative: Optional[dict] = None, stream: Any = None):
+                 speculative: Optional[dict] = None, stream: Any = None, record: bool = False,
+                 checkpoint_every: Optional[int] = 2048):
         self.model = model
         self.stream = stream        # a group's ranks must run every collective on one stream
         self.tokenizer = tokenizer
@@ -112,9 +100,12 @@ class Engine:
         self.default_max_tokens = default_max_tokens
         self.prefix_cache = prefix_cache
         self.eos = set(tokenizer.eos_token_ids)
+        self.char_limit = char_limit(tokenizer, context_length)    # longer prompts cannot fit
         self.max_batch_size, self.prefill_batch_size, self.prefill_step_size = \
             max_batch_size, prefill_batch_size, prefill_step_size
-        self.gen = self._new_generator()
+        self.batch = Batch(model, max_tokens=default_max_tokens, stop_tokens=[[t] for t in sorted(self.eos)],
+                           completion_batch_size=max_batch_size, prefill_batch_size=prefill_batch_size,
+                           prefill_step_size=prefill_step_size, stream=stream, record=record)
         # Prompt-lookup speculation: only on plain KV caches, since rejected draft tokens must
         # leave the cache (rotating windows and recurrent state cannot be trimmed back).
         fresh = make_prompt_cache(model)
@@ -123,11 +114,15 @@ class Engine:
         if speculative and not plain:
             log.warning("speculative decoding is off for this model: its KV cache cannot be trimmed")
         self.spec: Optional[SpecBatch] = self._new_spec()
-        self.held: deque[Parked] = deque()     # beyond max_batch_size while speculative rows decode apart
+        # A cache that cannot be trimmed is usable only at the length it was taken at: such a
+        # model keeps snapshots at the places the next request will share (checkpoints.py).
+        self.checkpointing = prefix_cache is not None and not plain
+        self.checkpoint_every = checkpoint_every
+        self.held: deque[Waiting] = deque()    # beyond max_batch_size while speculative rows decode apart
         self.active: dict[int, Active] = {}
         self.uid_of: dict[str, int] = {}
         self.decoding: set[int] = set()
-        self.parked: dict[str, Parked] = {}    # waiting for their grammar or their cached prefix
+        self.parked: dict[str, Waiting] = {}   # waiting for their grammar or their cached prefix
         self.wake = lambda: None               # called (from another thread) when a parked request can start
         self.compiler: Optional[Compiler] = None
         self.internal_errors = 0
@@ -147,17 +142,7 @@ class Engine:
         elif reasoning_parser == "none":
             self.think = None
         self._machines: dict[Markers, Any] = {}
-
-    def _new_generator(self) -> BatchGenerator:
-        return BatchGenerator(
-            self.model,
-            max_tokens=self.default_max_tokens,
-            stop_tokens=[[t] for t in sorted(self.eos)],
-            completion_batch_size=self.max_batch_size,
-            prefill_batch_size=min(self.prefill_batch_size, self.max_batch_size),
-            prefill_step_size=self.prefill_step_size,
-            stream=self.stream,
-        )
+        self.think_tokens = list(tokenizer.encode(self.think[0], add_special_tokens=False)) if self.think else []
 
     def _new_spec(self) -> Optional[SpecBatch]:
         if self.speculative is None:
@@ -170,14 +155,16 @@ class Engine:
 
     # -- requests ---------------------------------------------------------------------
 
-    def render(self, msg: dict) -> str:
-        """The chat template's prompt text, with tools, history calls and template kwargs."""
+    def render(self, msg: dict, messages: Optional[list] = None, generation_prompt: bool = True) -> str:
+        """The chat template's prompt text, with tools, history calls and template kwargs (of
+        `messages` in place of the request's, or without the generation prompt: checkpoints)."""
         tools = msg.get("tools") or None
+        messages = msg["messages"] if messages is None else messages
         try:
             if self.native_tools:
-                messages = toolfmt.native_messages(msg["messages"])
+                messages = toolfmt.native_messages(messages)
             else:
-                messages = toolfmt.fallback_messages(msg["messages"], tools)
+                messages = toolfmt.fallback_messages(messages, tools)
         except toolfmt.BadArguments as e:
             raise RequestError(str(e), param=e.param) from None
         kwargs = dict(msg.get("chat_template_kwargs") or {})
@@ -188,26 +175,30 @@ class Engine:
             kwargs["tools"] = tools
         try:
             try:
-                return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
-                                                          **kwargs)
+                return self.tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt,
+                                                          tokenize=False, **kwargs)
             except Exception:
                 merged = toolfmt.merge_system(messages)
                 if merged == messages:
                     raise
                 # A template that insists on one leading system message gets them all, in order.
-                return self.tokenizer.apply_chat_template(merged, add_generation_prompt=True, tokenize=False,
-                                                          **kwargs)
+                return self.tokenizer.apply_chat_template(merged, add_generation_prompt=generation_prompt,
+                                                          tokenize=False, **kwargs)
         except Exception as e:  # jinja raises for roles/contents a template rejects
             raise RequestError(f"chat template rejected the messages: {e}", param="messages") from None
 
-    def tokenize(self, msg: dict) -> tuple[list[int], str]:
-        """The prompt's tokens, and its text for chat requests ("" otherwise)."""
+    def tokenize(self, msg: dict, max_chars: Optional[int] = None) -> tuple[list[int], str]:
+        """The prompt's tokens, and its text for chat requests ("" otherwise). A text longer
+        than `max_chars` is refused before it is tokenized (see `prepare.char_limit`)."""
         if "messages" in msg:
             text = self.render(msg)
             if not isinstance(text, str):
                 raise RequestError("chat_template_kwargs made the template return no text", param="chat_template_kwargs")
+            self._check_chars(text, max_chars, "messages")
             return list(self.tokenizer.encode(text, add_special_tokens=False)), text
         prompt = msg.get("prompt", "")
+        if isinstance(prompt, str):
+            self._check_chars(prompt, max_chars, "prompt")
         if isinstance(prompt, list):
             vocab = getattr(getattr(self.model, "args", None), "vocab_size", None) or len(self.tokenizer)
             bad = next((t for t in prompt if not 0 <= int(t) < vocab), None)
@@ -216,6 +207,27 @@ class Engine:
                                    param="prompt")
             return [int(t) for t in prompt], ""
         return list(self.tokenizer.encode(prompt)), ""
+
+    def checkpoint_positions(self, msg: dict, tokens: list[int]) -> tuple[int, ...]:
+        """Where this prompt's prefill keeps snapshots (`checkpoints.py`); none for a model whose
+        cache trims, since one entry serves every prefix of itself."""
+        if not self.checkpointing:
+            return ()
+        system_end = last_end = think_start = None
+        if "messages" in msg:
+            msgs = msg["messages"]
+            n_sys = next((i for i, m in enumerate(msgs) if m.get("role") not in ("system", "developer")), len(msgs))
+            encode = lambda text: self.tokenizer.encode(text, add_special_tokens=False)   # noqa: E731
+            with contextlib.suppress(Exception):     # best effort: a template that cannot say has none
+                if n_sys or msg.get("tools"):
+                    head = encode(self.render(msg, msgs[:n_sys] + [{"role": "user", "content": ""}], False))
+                    n = ckpt.common_length(head, tokens)
+                    system_end = n if n < len(head) else None
+                last_end = ckpt.common_length(encode(self.render(msg, generation_prompt=False)), tokens)
+            if self.think_tokens:
+                think_start = ckpt.find_last(tokens, self.think_tokens, len(tokens) - ckpt.THINK_WINDOW)
+        return ckpt.positions(len(tokens), system_end=system_end, last_end=last_end, think_start=think_start,
+                              every=self.checkpoint_every)
 
     def output(self, msg: dict, prompt_text: str) -> Output:
         """How this request's tokens become events: plain text, or chat with reasoning and tools."""
@@ -275,15 +287,21 @@ class Engine:
     def _vocab_size(self) -> int:
         return getattr(getattr(self.model, "args", None), "vocab_size", None) or len(self.tokenizer)
 
-    def submit(self, msg: dict) -> Optional[dict]:
-        """Queue a request; returns its `started` event (usage known up front), or None while
-        its cached prefix is read from disk (it starts at a later step, see `step`)."""
-        rid = msg["id"]
+    def _check_chars(self, text: str, max_chars: Optional[int], param: str) -> None:
+        if max_chars is not None and len(text) > max_chars:
+            raise RequestError(
+                f"This model's maximum context length is {self.context_length} tokens. However, your "
+                f"prompt has {len(text)} characters, more than that many tokens can hold. Please reduce the prompt.",
+                code="context_length_exceeded", param=param)
+
+    def prepare(self, msg: dict) -> Prepared:
+        """A request's prompt rendered, tokenized and checked against the context. Touches no
+        engine state, so the worker runs it off the engine's thread (`prepare.py`)."""
         if "embed" in msg:
             raise RequestError("this model is a language model, not an embedding model: it serves chat and "
                                "completions; embeddings need a model entry with kind: embedding (or a "
                                "sentence-transformers directory)", code="model_not_supported", param="model")
-        tokens, prompt_text = self.tokenize(msg)
+        tokens, prompt_text = self.tokenize(msg, max_chars=self.char_limit)
         if not tokens:
             raise RequestError("the prompt is empty", param="prompt")
         room = self.context_length - len(tokens)
@@ -294,7 +312,14 @@ class Engine:
                 code="context_length_exceeded", param="messages" if "messages" in msg else "prompt")
         # Agents ask for more than any local context holds (opencode: 32000); the answer is
         # cut at the context's end with finish_reason "length", as if they had asked for that.
-        max_tokens = min(int(msg.get("max_tokens") or self.default_max_tokens), room)
+        return Prepared(tokens, prompt_text, min(int(msg.get("max_tokens") or self.default_max_tokens), room))
+
+    def submit(self, msg: dict, prepared: Optional[Prepared] = None) -> Optional[dict]:
+        """Queue a request (prepared here unless `prepared` is given); returns its `started`
+        event (usage known up front), or None while it is parked (it starts at a later step,
+        see `step`)."""
+        rid = msg["id"]
+        tokens, prompt_text, max_tokens = prepared if prepared is not None else self.prepare(msg)
         out = self.output(msg, prompt_text)
         try:
             wanted = self.grammar(msg)
@@ -302,21 +327,25 @@ class Engine:
             raise RequestError(str(e), param=e.param) from None
         spec = self.sampling(msg)
         a = Active(id=rid, uid=None, prompt_tokens=len(tokens), cached_tokens=0, max_tokens=max_tokens,
-                   out=out, t_submit=time.perf_counter(),
+                   out=out, t_submit=time.perf_counter(), cache_ns=str(msg.get("cache_ns") or ""),
                    top_logprobs=int(msg.get("top_logprobs") or 0) if msg.get("logprobs") else None)
-        p = Parked(a, tokens, make_sampler(*spec), spec=spec, wanted=wanted)
+        p = Waiting(a, tokens, make_sampler(*spec), spec=spec, wanted=wanted,
+                    checkpoints=self.checkpoint_positions(msg, tokens))
         if wanted is not None:
             if self.compiler is None:
                 self.compiler = Compiler(self.tokenizer, self._vocab_size())
             p.grammar = self.compiler.compile(*wanted)
-        return self._start(p)
+        try:
+            return self._start(p)
+        except GrammarError as e:       # it compiled (and failed) before `_start` looked: still a 400
+            raise RequestError(str(e), param=e.param) from None
 
     def sampling(self, msg: dict) -> tuple:
         """make_sampler's arguments for a request."""
         return (float(msg.get("temperature", 0.0)), float(msg.get("top_p", 1.0)), msg.get("seed"),
                 int(msg.get("top_k") or 0))
 
-    def _start(self, p: Parked) -> Optional[dict]:
+    def _start(self, p: Waiting) -> Optional[dict]:
         """Insert a request into the batch on top of its cached prefix; park it (None) while
         its grammar compiles or that prefix is read from disk, so the engine keeps stepping
         everyone else. A grammar that does not compile raises GrammarError."""
@@ -333,15 +362,20 @@ class Engine:
             return None
         cache, n_cached, tier = None, 0, None
         if self.prefix_cache is not None:
-            got = self.prefix_cache.fetch_nowait(p.tokens)
+            got = self.prefix_cache.fetch_nowait(p.tokens, ns=p.active.cache_ns)
             if isinstance(got, Future):
                 p.read = got
                 self.parked[p.active.id] = p
                 got.add_done_callback(lambda _: self.wake())
                 return None
             cache, n_cached, tier = got
+            outcome = self.prefix_cache.last_outcome
             if tier and not self.shared(self.prefix_cache.last_key, n_cached):
                 cache, n_cached, tier = None, 0, None
+                outcome = replace(outcome, tokens=0, tier=None, entry=None, reason="unshared",
+                                  detail=f"entry {outcome.entry} is missing on a rank of the group")
+            p.active.cache = outcome.wire()
+            log.debug("request %s: prefix cache %s", p.active.id, p.active.cache)
         a, tokens = p.active, p.tokens
         a.cache_key = self.prefix_cache.last_key if tier else None
         if self.spec is not None and a.grammar is None:
@@ -361,25 +395,22 @@ class Engine:
         """Whether a cache hit can be used (a group's every rank must serve its shard of that length)."""
         return True
 
-    def _insert(self, p: Parked, cache, n_cached: int) -> int:
-        extra = {"logits_processors": [[p.active.grammar]]} if p.active.grammar is not None else {}
+    def _insert(self, p: Waiting, cache, n_cached: int) -> int:
         # A request decoded speculatively leaves the BatchGenerator when its prompt ends, and
         # the one token the BatchGenerator samples there is dropped: it draws greedily.
         sampler = greedy_sampler if p.active.sampler is not None else p.sampler
-        (uid,) = self.gen.insert(
-            [p.tokens[n_cached:]], max_tokens=[p.active.max_tokens], caches=[cache],
-            all_tokens=[list(p.tokens[:n_cached])], samplers=[sampler], **extra)
-        return uid
+        return self.batch.insert(p.tokens, n_cached=n_cached, cache=cache, max_tokens=p.active.max_tokens,
+                                 sampler=sampler, processor=p.active.grammar, checkpoints=p.checkpoints,
+                                 key=p.active.cache_key if cache is not None else None, spec=p.spec, wanted=p.wanted)
 
     def _remove(self, uid: int, caches: bool = False):
         """Take a sequence out of the batch; its (cache, tokens) when asked for."""
-        return self.gen.remove([uid], return_prompt_caches=caches).get(uid) if caches else self.gen.remove([uid])
-
-    def _next(self):
-        return self.gen.next()
+        return self.batch.remove(uid, caches)
 
     def clear_cache(self) -> int:
-        return self.prefix_cache.clear() if self.prefix_cache is not None else 0
+        n = self.prefix_cache.clear() if self.prefix_cache is not None else 0
+        self.batch.log("clear")
+        return n
 
     def cancel(self, rid: str) -> Optional[dict]:
         if (p := self.parked.pop(rid, None)) is not None:
@@ -398,7 +429,7 @@ class Engine:
         else:
             cache = self._remove(uid, caches=True)
         a = self._forget(uid)
-        self._store(uid, cache)
+        self._store(uid, cache, a.cache_ns)
         return self._done(a, "cancelled")
 
     @property
@@ -436,10 +467,12 @@ class Engine:
         events = []
         t0 = time.perf_counter()
         try:
-            prompt_resps, gen_resps = self._next()
+            prompt_resps, gen_resps, checkpoints = self.batch.step()
         except Exception as e:
             return events + self.reset(e)
         now = time.perf_counter()
+        for c in checkpoints:
+            self._checkpoint(c)
         for p in prompt_resps:
             a = self.active.get(p.uid)
             if a is None:
@@ -535,7 +568,7 @@ class Engine:
         events.extend(e.wire() for e in out)
         if reason is not None:
             self._forget(r.uid)
-            self._store(r.uid, cache)
+            self._store(r.uid, cache, a.cache_ns)
             events.append(self._done(a, reason))
         return events
 
@@ -547,7 +580,7 @@ class Engine:
             return r.prompt_cache, r.all_tokens
         return self._remove(r.uid, caches=True)
 
-    def _admit(self, p: Parked) -> list[dict]:
+    def _admit(self, p: Waiting) -> list[dict]:
         try:
             return [ev] if (ev := self._start(p)) is not None else []
         except Exception as e:
@@ -591,8 +624,7 @@ class Engine:
                 except Exception:
                     log.exception("dropping prefix cache entry %s failed", a.cache_key)
             events.append(self._internal_error(a.id, e))
-        self.gen.close()
-        self.gen = self._new_generator()
+        self.batch.reset()
         self.spec = self._new_spec()
         return events
 
@@ -608,19 +640,38 @@ class Engine:
         self.decoding.discard(uid)
         return a
 
-    def _store(self, uid: int, cache_and_tokens) -> Optional[str]:
+    def _store(self, uid: int, cache_and_tokens, ns: str = "") -> Optional[str]:
         """Best effort: the request's answer is complete, so a failure here costs only reuse.
-        The entry's key when it was stored."""
+        The entry's key (in namespace `ns`) when it was stored."""
         if self.prefix_cache is None or not cache_and_tokens:
             return None
         cache, tokens = cache_and_tokens
         if cache and tokens:
             try:
-                return self.prefix_cache.store(list(tokens), cache)
+                key = self.prefix_cache.store(list(tokens), cache, ns)
             except Exception:
                 self.prefix_cache.counters["store_errors"] += 1
                 log.exception("storing a finished request's cache failed; serving goes on")
+                return None
+            if key is not None:
+                self.batch.log("store", uid, ns)     # a group's other ranks keep what rank 0 keeps
+            return key
         return None
+
+    def _checkpoint(self, c) -> None:
+        """Keep a prompt's cache at a checkpoint it just passed (best effort, like `_store`)."""
+        if self.prefix_cache is None:
+            return
+        a = self.active.get(c.uid)
+        ns = a.cache_ns if a is not None else ""
+        try:
+            key = self.prefix_cache.store(c.tokens, c.cache, ns)
+        except Exception:
+            self.prefix_cache.counters["store_errors"] += 1
+            log.exception("storing a checkpoint failed; serving goes on")
+            return
+        if key is not None:
+            self.batch.log("checkpoint", c.uid, len(c.tokens), ns)
 
     def _logprob(self, a: Active, r) -> Logprob:
         lp, top = r.logprobs, []
@@ -634,7 +685,7 @@ class Engine:
         now = time.perf_counter()
         start = a.t_prefill_start or now
         return Done(
-            a.id, reason, cache_tier=a.cache_tier, itl=a.itl, stop_sequence=a.out.text.matched,
+            a.id, reason, cache_tier=a.cache_tier, cache=a.cache, itl=a.itl, stop_sequence=a.out.text.matched,
             usage={"prompt_tokens": a.prompt_tokens, "completion_tokens": a.generated,
                    "cached_tokens": a.cached_tokens},
             timings={"queue": start - a.t_submit,

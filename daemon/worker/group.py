@@ -4,11 +4,12 @@ Each rank holds only its layers (`load_stage`) and its own `BatchGenerator`; a d
 one pipelined forward pass through all of them, so every rank must insert and remove the same
 sequences in the same order before each `next()`. Rank 0 (the model's worker, the only one
 that talks to the daemon) tokenizes, resolves the prefix cache and records every change it
-makes to its batch as an operation; before each step it broadcasts them (a pickled list,
-`all_sum` as mlx_lm.server's `_share_object`) and the followers apply them:
+makes to its batch as an operation; before each step it broadcasts them (a JSON list sealed
+with the group's secret, `transport.py`; `all_sum` as mlx_lm.server's `_share_object`) and
+the followers check and apply them:
 
     insert(uid, tokens, cached length, cache key, max_tokens, sampler args, grammar)
-    remove(uid, keep cache)   store(uid)   evict(keys)   clear   has(key)   memory
+    remove(uid, keep cache)   store(uid, ns)   evict(keys)   clear   has(key)   memory
     step   shutdown
 
 Samplers are rebuilt from their arguments on every rank (an unseeded sampled request gets a
@@ -17,14 +18,14 @@ seed from rank 0), and every rank computes the same logits, so they sample the s
 A rank waiting in a collective spins a core, so nobody waits in one while idle: before each
 broadcast rank 0 writes a byte to each follower's doorbell (a TCP connection to rank 0), and
 a follower sleeps in `recv` on it. The doorbell also carries each follower's load result
-(a JSON line) and tells a follower that rank 0 is gone (EOF), so it exits.
+(a JSON line) and tells a follower that rank 0 is gone (EOF), so it exits. Every doorbell
+connection and the ring itself prove the group's secret first (`transport.py`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import pickle
 import secrets
 import socket
 import time
@@ -33,9 +34,10 @@ from typing import Optional
 import mlx.core as mx
 
 from ..ranks import is_local
-from .engine import Engine, Parked
+from .engine import Engine
 from .grammar import Compiler, GrammarProcessor, reasoning_end
 from .sampling import make_sampler
+from .transport import Opener, Sealer, TransportError, follower_handshake, leader_handshake, ring_tag
 
 log = logging.getLogger("mlxd.group")
 
@@ -50,16 +52,28 @@ class GroupFailed(BaseException):
 # -- the broadcast ---------------------------------------------------------------------------
 
 
-def share(obj=None):
-    """Rank 0 sends `obj` (a picklable object), the others receive it: mlx_lm.server's scheme."""
+def share(data: bytes = b"") -> bytes:
+    """Rank 0 sends `data`, the others receive it: mlx_lm.server's scheme, on sealed bytes."""
     if mx.distributed.init().rank() == 0:
-        data = mx.array(memoryview(pickle.dumps(obj)), dtype=mx.uint8)
-        mx.eval(mx.distributed.all_sum(data.size))
-        mx.eval(mx.distributed.all_sum(data))
-        return obj
+        arr = mx.array(memoryview(data), dtype=mx.uint8)
+        mx.eval(mx.distributed.all_sum(arr.size))
+        mx.eval(mx.distributed.all_sum(arr))
+        return data
     size = mx.distributed.all_sum(0).item()
-    data = mx.distributed.all_sum(mx.zeros(size, dtype=mx.uint8))
-    return pickle.loads(memoryview(data))
+    return bytes(memoryview(mx.distributed.all_sum(mx.zeros(size, dtype=mx.uint8))))
+
+
+def verify_ring(secret: bytes) -> None:
+    """Every rank shows its tag over the ring and checks everyone else's: a stranger who took a
+    rank's place in the ring (its port, first) fails the group before any step is sent."""
+    group = mx.distributed.init()
+    n, me = group.size(), group.rank()
+    table = mx.zeros((n, 32), dtype=mx.int32)
+    table[me] = mx.array(list(ring_tag(secret, me, n)), dtype=mx.int32)
+    got = mx.distributed.all_sum(table).tolist()
+    for r, row in enumerate(got):
+        if bytes(row) != ring_tag(secret, r, n):
+            raise GroupFailed(f"rank {r} of the ring does not hold the group's secret; refusing to serve with it")
 
 
 def all_true(flag: bool) -> bool:
@@ -83,19 +97,28 @@ def _addr(endpoint: str) -> tuple[str, int]:
 class Bells:
     """Rank 0's doorbells: one connection per follower."""
 
-    def __init__(self, endpoint: str, followers: int):
+    def __init__(self, endpoint: str, followers: int, secret: bytes):
+        self.secret = secret
         host, port = _addr(endpoint)
         self.server = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
         self.followers = followers
         self.socks: list[socket.socket] = []
 
     def gather(self, timeout: float = CONNECT_TIMEOUT) -> None:
-        """Wait for every follower's load result; GroupFailed naming the rank that failed."""
-        self.server.settimeout(timeout)
+        """Wait for every follower's load result; GroupFailed naming the rank that failed.
+        A connection that does not prove the group's secret is closed and not counted."""
+        deadline = time.monotonic() + timeout
         try:
-            for _ in range(self.followers):
-                sock, _ = self.server.accept()
-                sock.settimeout(timeout)
+            while len(self.socks) < self.followers:
+                self.server.settimeout(max(deadline - time.monotonic(), 0.001))
+                sock, peer = self.server.accept()
+                sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                try:
+                    leader_handshake(sock, self.secret)
+                except (TransportError, OSError) as e:
+                    log.warning("doorbell: refused a connection from %s: %s", peer[0], e)
+                    sock.close()
+                    continue
                 line = sock.makefile("rb").readline()
                 sock.settimeout(None)
                 self.socks.append(sock)
@@ -120,7 +143,7 @@ class Bells:
 class Bell:
     """A follower's doorbell: a blocking read that sleeps while rank 0 is idle."""
 
-    def __init__(self, endpoint: str, rank: int, timeout: float = 60.0):
+    def __init__(self, endpoint: str, rank: int, secret: bytes, timeout: float = 60.0):
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -130,6 +153,11 @@ class Bell:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
+        try:
+            follower_handshake(self.sock, secret)   # rank 0 of this group, not whoever listens there
+        except BaseException:
+            self.sock.close()
+            raise
         self.sock.settimeout(None)
         self.rank = rank
 
@@ -148,20 +176,22 @@ class Bell:
 
 
 class LeaderEngine(Engine):
-    """The engine on rank 0: every change to its batch is recorded and broadcast before a step."""
+    """The engine on rank 0: its `Batch` records every change (`record=True`), and the log goes
+    out to the followers before each step."""
 
     def __init__(self, *args, bells: Bells, hosts: tuple[str, ...], **kw):
-        super().__init__(*args, stream=mx.default_stream(mx.default_device()), **kw)
+        super().__init__(*args, stream=mx.default_stream(mx.default_device()), record=True, **kw)
         self.bells = bells
+        self.sealer = Sealer(bells.secret)
         self.hosts = hosts
-        self.ops: list[tuple] = []
+        self.batch.before_step = self._send
 
     def _send(self, *extra: tuple) -> None:
         self._evicted()
-        ops, self.ops = [*self.ops, *extra], []
+        ops = [*self.batch.take_ops(), *extra]
         try:
             self.bells.ring()
-            share(ops)
+            share(self.sealer.seal(ops))
         except GroupFailed:
             raise
         except Exception as e:
@@ -170,12 +200,12 @@ class LeaderEngine(Engine):
     def _evicted(self) -> None:
         pc = self.prefix_cache
         if pc is not None and (keys := pc.evicted_keys()):
-            self.ops.append(("evict", list(keys)))
+            self.batch.log("evict", list(keys))
 
     def flush(self) -> None:
         """Send what is pending now (the group goes idle: followers store what finished)."""
         self._evicted()
-        if self.ops:
+        if self.batch.ops:
             self._send()
 
     def shutdown(self) -> None:
@@ -204,33 +234,6 @@ class LeaderEngine(Engine):
         self.prefix_cache.discard(key)       # the others drop theirs with the next round's evictions
         return False
 
-    def _insert(self, p: Parked, cache, n_cached: int) -> int:
-        uid = super()._insert(p, cache, n_cached)
-        key = self.prefix_cache.last_key if cache is not None else None
-        self.ops.append(("insert", uid, p.tokens, n_cached, key, p.active.max_tokens, p.spec, p.wanted))
-        return uid
-
-    def _remove(self, uid: int, caches: bool = False):
-        out = super()._remove(uid, caches)
-        self.ops.append(("remove", uid, caches))
-        return out
-
-    def _store(self, uid: int, cache_and_tokens) -> Optional[str]:
-        key = super()._store(uid, cache_and_tokens)
-        if key is not None:                  # the others keep what rank 0 keeps, nothing more
-            self.ops.append(("store", uid))
-            self._evicted()
-        return key
-
-    def clear_cache(self) -> int:
-        n = super().clear_cache()
-        self.ops.append(("clear",))
-        return n
-
-    def _next(self):
-        self._send(("step",))
-        return self.gen.next()
-
     def reset(self, e: Exception) -> list[dict]:
         raise GroupFailed(f"the group's batch failed ({type(e).__name__}: {e})") from e
 
@@ -239,53 +242,78 @@ class LeaderEngine(Engine):
 
 
 class Follower:
-    """A rank without a daemon: applies rank 0's operations to its own engine, step by step."""
+    """A rank without a daemon: replays rank 0's operation log through its own engine's `Batch`."""
 
-    def __init__(self, engine: Engine, bell: Bell):
+    OPS = ("insert", "remove", "store", "checkpoint", "evict", "clear", "memory", "has", "step")
+
+    def __init__(self, engine: Engine, bell: Bell, secret: bytes):
         self.engine = engine
         self.bell = bell
+        self.opener = Opener(secret)
         self.kept: dict[int, tuple] = {}     # uid -> (cache, tokens) of sequences that just left the batch
+        self.checkpoints: dict[tuple, tuple] = {}   # (uid, n_tokens) -> (cache, tokens) passed in the last step
+        self.store_errors = 0
 
     def run(self) -> None:
         while self.bell.wait():
-            for op in share():
+            try:
+                ops = self.opener.open(share())
+            except TransportError as e:
+                raise GroupFailed(f"rank {self.bell.rank} refused a step broadcast: {e}") from None
+            for op in ops:
                 if op[0] == "shutdown":
                     mx.eval(mx.distributed.all_sum(1))
                     return
+                if op[0] not in self.OPS:
+                    raise GroupFailed(f"rank {self.bell.rank} got an unknown operation {op[0]!r}")
                 getattr(self, "_" + op[0])(*op[1:])
         log.error("rank 0 of the group is gone; exiting")
 
-    def _insert(self, uid, tokens, n_cached, key, max_tokens, spec, wanted) -> None:
+    def _insert(self, uid, tokens, n_cached, key, max_tokens, spec, wanted, checkpoints=()) -> None:
         e = self.engine
         cache = None
         if key is not None:
             cache = e.prefix_cache.fetch_key(key, n_cached)
             if cache is None:
                 raise GroupFailed(f"prefix cache entry {key} vanished on rank {self.bell.rank}")
-        extra = {}
+        proc = None
         if wanted is not None:
             if e.compiler is None:
                 e.compiler = Compiler(e.tokenizer, e._vocab_size())
             proc = GrammarProcessor(e.compiler.compile(*wanted).result(), e._vocab_size(), e.tokenizer.eos_token_id,
                                     reasoning_end(e.tokenizer, tokens) if e.think else None)
-            extra["logits_processors"] = [[proc]]
-        (mine,) = e.gen.insert([tokens[n_cached:]], max_tokens=[max_tokens], caches=[cache],
-                               all_tokens=[list(tokens[:n_cached])], samplers=[make_sampler(*spec)], **extra)
+        mine = e.batch.insert(tokens, n_cached=n_cached, cache=cache, max_tokens=max_tokens,
+                              sampler=make_sampler(*spec), processor=proc, checkpoints=checkpoints)
         if mine != uid:
             raise GroupFailed(f"rank {self.bell.rank} is out of step (uid {mine}, rank 0 has {uid})")
 
     def _remove(self, uid, caches) -> None:
-        if caches:
-            got = self.engine.gen.remove([uid], return_prompt_caches=True).get(uid)
-            if got:
-                self.kept[uid] = got
-        else:
-            self.engine.gen.remove([uid])
+        got = self.engine.batch.remove(uid, caches)
+        if got:
+            self.kept[uid] = got
 
-    def _store(self, uid) -> None:
+    def _store(self, uid, ns="") -> None:
+        """Best effort, as on rank 0: a failure costs this entry's reuse (rank 0's `has` check
+        finds the shard missing), never the rank."""
         got = self.kept.pop(uid, None)
         if got is not None and got[0] and got[1]:
-            self.engine.prefix_cache.store(list(got[1]), got[0])
+            pc = self.engine.prefix_cache
+            try:
+                pc.store(list(got[1]), got[0], ns)     # the same key as rank 0's
+            except Exception:
+                self.store_errors += 1
+                pc.counters["store_errors"] += 1
+                log.exception("rank %d: storing a finished request's cache failed; serving goes on", self.bell.rank)
+
+    def _checkpoint(self, uid, n_tokens, ns="") -> None:
+        got = self.checkpoints.pop((uid, n_tokens), None)
+        if got is not None:
+            try:
+                self.engine.prefix_cache.store(got[1], got[0], ns)
+            except Exception:
+                self.store_errors += 1
+                self.engine.prefix_cache.counters["store_errors"] += 1
+                log.exception("rank %d: storing a checkpoint failed; serving goes on", self.bell.rank)
 
     def _evict(self, keys) -> None:
         for k in keys:
@@ -302,7 +330,10 @@ class Follower:
 
     def _step(self) -> None:
         self.kept.clear()            # rank 0 stored what it wanted before this step
-        _, responses = self.engine.gen.next()
+        self.checkpoints.clear()
+        _, responses, checkpoints = self.engine.batch.step()
+        for c in checkpoints:
+            self.checkpoints[(c.uid, len(c.tokens))] = (c.cache, c.tokens)
         for r in responses:
             if r.finish_reason is not None:
                 self.kept[r.uid] = (r.prompt_cache, r.all_tokens)

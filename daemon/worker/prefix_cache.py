@@ -5,7 +5,13 @@ Lookups go through chained block hashes (as in vLLM): block i's hash covers toke
 prefix from below; the exact common prefix is then measured on the tokens themselves.
 An entry can be reused for any prefix of itself when its cache is trimmable (plain KV);
 caches that cannot be trimmed (rotating windows, recurrent state) are reused only as a
-whole and only when they are a strict prefix of the request, so output never changes.
+whole and only when they are a strict prefix of the request, so output never changes (a
+wrapped window can still give back the one token it holds beyond what the next attends
+to: `trim_room`). For those the engine also stores checkpoints mid-prefill
+(`checkpoints.py`), ordinary entries; a lookup goes from the deepest shared block to
+shallower ones while the deeper entries cannot serve, so the nearest checkpoint is found.
+Each lookup leaves an `Outcome`: what it served and, for less than the cache shares with
+the prompt, why (`events.CACHE_MISS_REASONS`).
 
 The memory tier holds mlx-lm cache objects under an LRU byte budget; the disk tier
 (`disk_cache.DiskTier`) keeps every stored entry too, written behind the request, and is
@@ -24,6 +30,12 @@ another stage is discarded as corrupt, never served (the shapes would match; the
 be garbage). Rank 0 resolves prefixes and decides what goes; the followers (`follower=True`)
 never drop an entry on their own, serve rank 0's hits by key (`fetch_key`) and drop what
 rank 0's `evicted_keys()` says it dropped.
+
+Namespaces (`ns`, named by the daemon per API key and `cache_salt`) seed the chained block
+hashes and every entry's key, so entries of two namespaces never share a block or a key
+and can never match; the sub-block fallback, which looks at memory entries one by one,
+compares their namespace. The empty namespace hashes exactly as before, so existing disk
+entries stay valid.
 """
 
 from __future__ import annotations
@@ -40,14 +52,16 @@ from typing import Optional
 import mlx.core as mx
 import mlx_lm
 import numpy as np
-from mlx_lm.models.cache import KVCache, QuantizedKVCache, can_trim_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache, can_trim_prompt_cache
 
+from ..events import CACHE_MISS_REASONS as REASONS  # noqa: F401  (Outcome.reason is one of them)
 from .disk_cache import DiskTier
 
 log = logging.getLogger("mlxd.prefix_cache")
 
 BLOCK = 32
 FORMAT_VERSION = 1
+EVICTED_BLOCKS = 1 << 16     # block hashes of evicted entries remembered, to say "evicted"
 
 
 def namespace(fingerprint: str, kv_bits: Optional[int], stage=None) -> str:
@@ -58,20 +72,25 @@ def namespace(fingerprint: str, kv_bits: Optional[int], stage=None) -> str:
     return f"{ns}-{stage.tag}" if stage is not None else ns
 
 
-def block_hashes(tokens, n_blocks: Optional[int] = None) -> list[str]:
-    """Chained hashes of the full blocks of `tokens` (a hash commits to all before it)."""
+def _seed(ns: str) -> bytes:
+    return hashlib.blake2b(ns.encode(), digest_size=12, person=b"mlxd-cache-ns").digest() if ns else b""
+
+
+def block_hashes(tokens, n_blocks: Optional[int] = None, ns: str = "") -> list[str]:
+    """Chained hashes of the full blocks of `tokens` (a hash commits to all before it, and
+    to the namespace)."""
     arr = np.asarray(tokens, dtype=np.int64)
     n = len(arr) // BLOCK if n_blocks is None else min(n_blocks, len(arr) // BLOCK)
-    out, prev = [], b""
+    out, prev = [], _seed(ns)
     for i in range(n):
         prev = hashlib.blake2b(prev + arr[i * BLOCK:(i + 1) * BLOCK].tobytes(), digest_size=12).digest()
         out.append(prev.hex())
     return out
 
 
-def _key(tokens: np.ndarray) -> str:
-    """An entry's name: a hash of its whole int32 token sequence."""
-    return hashlib.blake2b(tokens.tobytes(), digest_size=16).hexdigest()
+def _key(tokens: np.ndarray, ns: str = "") -> str:
+    """An entry's name: a hash of its namespace and its whole int32 token sequence."""
+    return hashlib.blake2b(_seed(ns) + tokens.tobytes(), digest_size=16).hexdigest()
 
 
 def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -99,8 +118,85 @@ def dequantize(cache: list) -> list:
     return out
 
 
+def trim_room(cache: list) -> int:
+    """How many tokens off its end `cache` can give back exactly: any number for plain KV (and
+    a window that has not wrapped), none for recurrent state, and for a wrapped window what it
+    holds beyond the window's last W-1 tokens, plus one (see `_trim_wrapped`)."""
+    return min((_layer_room(c) for c in cache), default=0)
+
+
+def _layer_room(c) -> int:
+    if isinstance(c, RotatingKVCache):
+        keys, _, offset, keep, max_size, _ = c.state
+        if offset < max_size:
+            return offset
+        return 0 if keep or keys is None else max(0, keys.shape[2] - max_size + 1)
+    return c.offset if c.is_trimmable() else 0
+
+
+def trim(cache: list, n: int) -> None:
+    """Cut the last `n` tokens off every layer (n within `trim_room`)."""
+    for c in cache:
+        if isinstance(c, RotatingKVCache) and not c.is_trimmable():
+            _trim_wrapped(c, n)
+        else:
+            c.trim(n)
+
+
+def compact(cache: list) -> list:
+    """A wrapped window taken mid-prefill holds up to a prefill chunk more than its window
+    (RotatingKVCache keeps W + S - 1 through a chunk of S): a checkpoint keeps the last W,
+    which is all a next token reads, so it costs its window and not up to twice that."""
+    for c in cache:
+        if isinstance(c, RotatingKVCache) and not c.is_trimmable() and not c.keep and c.keys is not None \
+                and c.keys.shape[2] > c.max_size:
+            _trim_wrapped(c, 0)
+            keys, values, offset, keep, max_size, _ = c.state
+            c.state = (mx.contiguous(keys[..., -max_size:, :]), mx.contiguous(values[..., -max_size:, :]),
+                       offset, keep, max_size, max_size)
+    return cache
+
+
+def _trim_wrapped(c: RotatingKVCache, n: int) -> None:
+    """A wrapped window of W holds W tokens once a decode step has run, one more than a next
+    token attends to (it overwrites the oldest before attending; a prefill chunk drops it
+    first), so it can give back one token exactly, and a window filled by a prefill chunk
+    holds that many more. The buffer is rebuilt in time order from the public state, with the
+    slot of the oldest token, which nothing reads, kept so that the window stays full
+    (BatchRotatingKVCache.merge takes a wrapped cache's last W entries)."""
+    keys, values, offset, keep, max_size, idx = c.state
+    length = keys.shape[2]
+    if idx != length:       # in time order: the oldest at idx, as RotatingKVCache rotates (keep is 0)
+        keys = mx.concatenate([keys[..., idx:, :], keys[..., :idx, :]], axis=2) if idx < offset else keys[..., :idx, :]
+        values = (mx.concatenate([values[..., idx:, :], values[..., :idx, :]], axis=2) if idx < offset
+                  else values[..., :idx, :])
+    rest = keys.shape[2] - n
+    keys, values = keys[..., :rest, :], values[..., :rest, :]
+    if rest < max_size:
+        pad = max_size - rest
+        keys = mx.concatenate([mx.zeros_like(keys[..., :pad, :]), keys], axis=2)
+        values = mx.concatenate([mx.zeros_like(values[..., :pad, :]), values], axis=2)
+    c.state = (keys, values, offset - n, keep, max_size, keys.shape[2])
+
+
 def cache_nbytes(cache: list) -> int:
     return sum(c.nbytes for c in cache)
+
+
+@dataclass
+class Outcome:
+    """What the prefix cache did for one request, for the person asking why a turn was slow."""
+    tokens: int = 0                  # prompt tokens served
+    tier: Optional[str] = None       # memory or disk
+    entry: Optional[str] = None      # the key served from
+    shared: int = 0                  # the longest prefix any entry the cache knows shares with the prompt
+    nearest: Optional[str] = None    # that entry
+    reason: Optional[str] = None     # one of REASONS when tokens < shared, or nothing was found
+    detail: str = ""
+
+    def wire(self) -> dict:
+        return {"tokens": self.tokens, "tier": self.tier, "entry": self.entry, "shared": self.shared,
+                "nearest": self.nearest, "reason": self.reason, "detail": self.detail}
 
 
 @dataclass
@@ -110,10 +206,12 @@ class Entry:
     n_tokens: int
     blocks: list[str]
     trimmable: bool
+    room: int = 0                  # tokens it can give back exactly when not trimmable (a wrapped window: 1)
     cache: Optional[list] = None   # in memory when not None
     nbytes: int = 0
     on_disk: bool = False
     stage: Optional[str] = None    # the layers it holds, in a pipeline group (Stage.tag)
+    ns: Optional[str] = None       # its namespace; None: not known (indexed from disk, not yet read)
 
 
 class PrefixCache:
@@ -136,16 +234,20 @@ class PrefixCache:
                          "memory_hit_tokens": 0, "disk_hit_tokens": 0, "misses": 0,
                          "memory_evictions": 0, "stores": 0, "store_errors": 0, "too_large_for_memory": 0}
         self.last_key: Optional[str] = None     # the entry the last hit came from
+        self.last_outcome = Outcome()           # what the last lookup found, and why not more
+        self.evicted_blocks: OrderedDict[str, None] = OrderedDict()   # of entries the budgets dropped
+        self._unreadable: Optional[str] = None  # an entry whose read failed during this lookup
         self.reads: dict[str, Future] = {}       # disk entries being read off the engine thread
         self._loader: Optional[ThreadPoolExecutor] = None
         self.disk: Optional[DiskTier] = None
         if disk_budget > 0:
             self.disk = DiskTier(Path(root), namespace(fingerprint, kv_bits, stage), disk_budget,
                                  orphan_ttl=orphan_ttl, total_budget=total_disk_budget, write_buffer=write_buffer,
-                                 stage=self.stage, evict=not follower, track_evictions=self._track)
+                                 stage=self.stage, evict=not follower, track_evictions=True)
             for meta in self.disk.load_index():
                 self._index(Entry(key=meta["key"], tokens=None, n_tokens=meta["n_tokens"], blocks=meta["blocks"],
-                                  trimmable=meta["trimmable"], on_disk=True, stage=meta.get("stage")))
+                                  trimmable=meta["trimmable"], room=meta.get("room", 0), on_disk=True,
+                                  stage=meta.get("stage")))
 
     # -- index ------------------------------------------------------------------------
 
@@ -166,34 +268,45 @@ class PrefixCache:
                 if not keys:
                     del self.by_block[h]
 
-    def _candidates(self, tokens: np.ndarray, hashes: list[str]) -> list[Entry]:
-        """Entries sharing the deepest block with the request; else those in memory (a short
-        prefix, under one block, can only be found by looking)."""
-        for h in reversed(hashes):
-            keys = self.by_block.get(h)
+    def _candidates(self, hashes: list[str], ns: str):
+        """Entries by the depth of the block they share with the request, deepest first, as
+        (depth in tokens, entries not given yet); else those in memory (a short prefix, under
+        one block, can only be found by looking). An entry not given by depth d shares fewer
+        than d tokens, so a caller holding a hit that long can stop."""
+        seen: set[str] = set()
+        for i in range(len(hashes) - 1, -1, -1):
+            keys = self.by_block.get(hashes[i])
             if keys:
-                return [self.entries[k] for k in keys]
-        return list(self.memory.values())
+                new = [self.entries[k] for k in keys - seen if k in self.entries]
+                seen |= keys
+                yield (i + 1) * BLOCK, new
+        if not seen:
+            yield 0, [e for e in self.memory.values() if e.ns == ns]
 
     # -- lookup -----------------------------------------------------------------------
 
-    def fetch(self, tokens: list[int]) -> tuple[Optional[list], int, Optional[str]]:
-        """A fresh cache for the longest usable prefix of `tokens` (at most len-1), its length, its tier.
+    def fetch(self, tokens: list[int], ns: str = "") -> tuple[Optional[list], int, Optional[str]]:
+        """A fresh cache for the longest usable prefix of `tokens` (at most len-1) among the
+        entries of namespace `ns`, its length, its tier.
         A disk hit is read on this thread: the engine uses `fetch_nowait`."""
-        return self._fetch(tokens, wait=True)
+        return self._fetch(tokens, wait=True, ns=ns)
 
-    def fetch_nowait(self, tokens: list[int]) -> "tuple[Optional[list], int, Optional[str]] | Future":
+    def fetch_nowait(self, tokens: list[int], ns: str = "") -> "tuple[Optional[list], int, Optional[str]] | Future":
         """As `fetch`, but when the best hit must be read from disk first, the read starts on the
         loader thread and its Future comes back instead: call again once it is done."""
-        return self._fetch(tokens, wait=False)
+        return self._fetch(tokens, wait=False, ns=ns)
 
-    def _fetch(self, tokens, wait: bool):
+    def _fetch(self, tokens, wait: bool, ns: str):
         arr = np.asarray(tokens, dtype=np.int32)
         limit = len(arr) - 1   # the last prompt token must be computed to get logits
+        self._unreadable = None
+        self._ns = ns
+        self._sync_disk()
         while True:
-            best = self._best(arr, limit)
+            best, shared, nearest = self._best(arr, limit, ns)
             self.last_key = None
             if best is None:
+                self._explain(arr, 0, None, None, shared, nearest)
                 return self._hit(tokens, None, 0, None)
             if best.cache is not None:
                 src, src_tokens, tier = best.cache, best.tokens, "memory"
@@ -203,23 +316,66 @@ class PrefixCache:
                 return loaded
             if loaded is None or self.entries.get(best.key) is not best:   # corrupt, vanished or cleared
                 self._unindex(best)
+                self._unreadable = best.key
                 continue
             src_tokens, src = loaded
+            best.ns = ns              # found by blocks seeded with ns: it is of ns
             self._install(best, src_tokens, src)     # served from the read alone when too large for memory
             tier = "disk"
             break
         n = min(common_prefix(src_tokens, arr), limit)
-        if not (n == best.n_tokens or (best.trimmable and n > 0)):
+        if not self._usable(best, n):
+            self._explain(arr, 0, None, None, max(shared, n), best.key)
             return self._hit(tokens, None, 0, None)
         cache = copy.deepcopy(src) if src is best.cache else src
         if n < best.n_tokens:
-            trim_prompt_cache(cache, best.n_tokens - n)
+            trim(cache, best.n_tokens - n)
         if best.cache is not None:
             self.memory.move_to_end(best.key)
         if best.on_disk and self.disk is not None:
             self.disk.touch(best.key)
         self.last_key = best.key
+        self._explain(arr, n, tier, best.key, max(shared, n), nearest if shared > n else best.key)
         return self._hit(tokens, dequantize(cache) if self.kv_bits else cache, n, tier)
+
+    def _explain(self, arr: np.ndarray, n: int, tier, key, shared: int, nearest) -> None:
+        """The lookup's `Outcome`: what it served and, for less than the cache shares, why."""
+        o = Outcome(tokens=n, tier=tier, entry=key, shared=shared, nearest=nearest)
+        evicted = self._evicted_depth(arr)
+        if shared > n:
+            o.reason = "untrimmable"
+            o.detail = (f"entry {nearest} shares {shared} tokens with the prompt, but its cache cannot be trimmed "
+                        f"(sliding window or recurrent state); " +
+                        (f"served the nearest checkpoint, {n} tokens" if n else "no checkpoint at or before that"))
+        elif self._unreadable is not None and n == 0:
+            o.reason = "unreadable"
+            o.detail = f"entry {self._unreadable} could not be read from disk (gone or corrupt)"
+        elif evicted > n:
+            o.reason = "evicted"
+            o.detail = f"an entry sharing at least {evicted} tokens was evicted by the cache budgets"
+        elif n == 0:
+            o.reason = "cold"
+            o.detail = "nothing cached shares a prefix with this prompt"
+        else:
+            o.detail = f"{n} tokens from entry {key} ({tier})" + (
+                f"; the prompt diverges from it at token {n}" if n < len(arr) - 1 else "")
+        self.last_outcome = o
+
+    def _evicted_depth(self, arr: np.ndarray) -> int:
+        if not self.evicted_blocks:
+            return 0
+        hashes = block_hashes(arr, ns=getattr(self, "_ns", ""))
+        for i in range(len(hashes) - 1, -1, -1):
+            if hashes[i] in self.evicted_blocks:
+                return (i + 1) * BLOCK
+        return 0
+
+    def _note_evicted(self, e: Entry) -> None:
+        for h in e.blocks:
+            self.evicted_blocks[h] = None
+            self.evicted_blocks.move_to_end(h)
+        while len(self.evicted_blocks) > EVICTED_BLOCKS:
+            self.evicted_blocks.popitem(last=False)
 
     def _hit(self, tokens, cache, n: int, tier: Optional[str]):
         self.counters["queries"] += 1
@@ -232,22 +388,38 @@ class PrefixCache:
         self.counters[f"{tier}_hit_tokens"] += n
         return cache, n, tier
 
-    def _best(self, arr: np.ndarray, limit: int) -> Optional[Entry]:
-        best, best_n = None, 0
-        for e in self._candidates(arr, block_hashes(arr)):
-            if e.tokens is None:
-                # Known from disk only: its block depth bounds its prefix until it is loaded.
-                n = min(self._block_depth(e, arr), e.n_tokens)
-            else:
-                n = common_prefix(e.tokens, arr)
-            n = min(n, limit)
-            usable = n == e.n_tokens or (e.trimmable and n > 0)
-            if usable and (n > best_n or (n == best_n and best is not None and best.cache is None)):
-                best, best_n = e, n
-        return best
+    def _best(self, arr: np.ndarray, limit: int, ns: str) -> tuple[Optional[Entry], int, Optional[str]]:
+        """The usable entry sharing the longest prefix (an untrimmable one only whole), and the
+        longest prefix any entry shares with the request and that entry's key (for the reason
+        when they differ). Deeper entries are looked at first; a checkpoint of a shorter
+        prefix is found when the deeper ones cannot serve."""
+        best, best_n, shared, nearest = None, 0, 0, None
+        hashes = block_hashes(arr, ns=ns)      # once per lookup: each candidate's depth is read off them
+        for depth, entries in self._candidates(hashes, ns):
+            if best is not None and best_n >= depth + BLOCK - 1:
+                break      # nothing further shares as much
+            for e in entries:
+                n = self._disk_prefix(e, arr, hashes, ns) if e.tokens is None else common_prefix(e.tokens, arr)
+                n = min(n, limit)
+                if n > shared:
+                    shared, nearest = n, e.key
+                usable = self._usable(e, n)
+                if usable and (n > best_n or (n == best_n and best is not None and best.cache is None)):
+                    best, best_n = e, n
+        return best, shared, nearest
 
-    def _block_depth(self, e: Entry, arr: np.ndarray) -> int:
-        hashes = block_hashes(arr, len(e.blocks))
+    def _disk_prefix(self, e: Entry, arr: np.ndarray, hashes: list[str], ns: str) -> int:
+        """How much of `arr` an entry known only from disk shares, as far as its record tells:
+        its whole length when every block agrees and its key (the hash of all its tokens)
+        matches, since an untrimmable entry is usable only whole; else its block depth, a
+        lower bound until it is loaded."""
+        depth = min(self._block_depth(e, hashes), e.n_tokens)
+        if depth == len(e.blocks) * BLOCK and e.n_tokens <= len(arr) and _key(arr[:e.n_tokens], ns) == e.key:
+            return e.n_tokens
+        return depth
+
+    def _block_depth(self, e: Entry, hashes: list[str]) -> int:
+        """How many of `e`'s blocks the prompt (its chained block hashes) shares."""
         depth = 0
         for mine, theirs in zip(hashes, e.blocks):
             if mine != theirs:
@@ -291,29 +463,34 @@ class PrefixCache:
 
     # -- store ------------------------------------------------------------------------
 
-    def store(self, tokens: list[int], cache: list) -> Optional[str]:
-        """Keep the KV of a finished request (prompt + completion) for the next turn; its key."""
+    def store(self, tokens: list[int], cache: list, ns: str = "") -> Optional[str]:
+        """Keep the KV of a finished request (prompt + completion) for the next turn of its
+        namespace `ns`; its key."""
         if not tokens or not cache:
             return None
         arr = np.asarray(tokens, dtype=np.int32)
-        key = _key(arr)
+        key = _key(arr, ns)
         old = self.entries.get(key)
         if old is not None and old.cache is not None:
             self.memory.move_to_end(key)
             return key
         trimmable = can_trim_prompt_cache(cache)
+        if not trimmable:
+            cache = compact(cache)
+        room = 0 if trimmable else trim_room(cache)
         if self.kv_bits:
             cache = quantize(cache, self.kv_bits)
         mx.eval([c.state for c in cache])
-        e = Entry(key=key, tokens=arr, n_tokens=len(arr), blocks=block_hashes(arr), trimmable=trimmable,
-                  cache=cache, nbytes=cache_nbytes(cache), on_disk=old is not None and old.on_disk, stage=self.stage)
+        e = Entry(key=key, tokens=arr, n_tokens=len(arr), blocks=block_hashes(arr, ns=ns), trimmable=trimmable,
+                  room=room, cache=cache, nbytes=cache_nbytes(cache), on_disk=old is not None and old.on_disk,
+                  stage=self.stage, ns=ns)
         if old is not None:
             self._unindex(old)
         covered = self._covered(e) if trimmable and not self.follower else []   # a follower's go when rank 0's do
         superseded = [c.key for c in covered if c.on_disk]
         if self.disk is not None and not e.on_disk:
             # Marked before it joins memory: an entry too large for memory lives on disk only.
-            e.on_disk = self.disk.write(key, arr, cache, {"blocks": e.blocks, "trimmable": trimmable},
+            e.on_disk = self.disk.write(key, arr, cache, {"blocks": e.blocks, "trimmable": trimmable, "room": room},
                                         supersedes=superseded)
         elif self.disk is not None and superseded:
             self.disk.supersede(superseded)          # e is durable already
@@ -332,7 +509,7 @@ class PrefixCache:
         e's blocks shares all of e's tokens up to there; its key settles the partial tail.
         Entries under one block have no block to be found by; those in memory are looked at."""
         def prefix_of_e(c: Entry) -> bool:
-            return c.n_tokens < e.n_tokens and c.key == _key(e.tokens[:c.n_tokens])
+            return c.n_tokens < e.n_tokens and c.key == _key(e.tokens[:c.n_tokens], e.ns)
 
         out = [c for c in self.memory.values() if not c.blocks and prefix_of_e(c)]
         for depth, h in enumerate(e.blocks, start=1):
@@ -348,7 +525,7 @@ class PrefixCache:
         if e.key in self.memory:
             self.memory.move_to_end(e.key)
             return
-        if e.nbytes > self.memory_budget and (e.on_disk or not self.follower):
+        if e.nbytes > self.memory_budget:
             self.counters["too_large_for_memory"] += 1
             self._evict_memory(e)      # on disk only, or (no disk) not kept at all
             return
@@ -357,8 +534,12 @@ class PrefixCache:
         for old in list(self.memory.values()):      # oldest first
             if self.memory_bytes <= self.memory_budget:
                 break
-            if old is e or (self.follower and not old.on_disk):
-                continue     # a follower's entry in memory only goes when rank 0 drops it
+            if old is e:
+                continue
+            # A follower too: its memory is bounded by its own budget. An entry it drops that
+            # rank 0 still holds fails rank 0's `has` round, so the request prefills instead.
+            if not old.on_disk:
+                self._note_evicted(old)
             self._evict_memory(old)
             self.counters["memory_evictions"] += 1
 
@@ -392,8 +573,11 @@ class PrefixCache:
         return e.cache is not None or (e.on_disk and self.disk is not None and self.disk.has(key))
 
     @staticmethod
-    def _serves(e: Entry, n_tokens: int) -> bool:
-        return 0 < n_tokens <= e.n_tokens and (n_tokens == e.n_tokens or e.trimmable)
+    def _usable(e: Entry, n: int) -> bool:
+        """Whether entry `e` can serve its first `n` tokens: whole, or cut exactly (`trim_room`)."""
+        return 0 < n <= e.n_tokens and (n == e.n_tokens or e.trimmable or e.n_tokens - n <= e.room)
+
+    _serves = _usable
 
     def fetch_key(self, key: str, n_tokens: int) -> Optional[list]:
         """A fresh cache of the first `n_tokens` of entry `key` (rank 0's hit), read from disk
@@ -414,21 +598,27 @@ class PrefixCache:
             self.memory.move_to_end(key)
         cache = copy.deepcopy(src) if src is e.cache else src
         if n_tokens < e.n_tokens:
-            trim_prompt_cache(cache, e.n_tokens - n_tokens)
+            trim(cache, e.n_tokens - n_tokens)
         if e.on_disk and self.disk is not None:
             self.disk.touch(key)
         return dequantize(cache) if self.kv_bits else cache
 
+    def _sync_disk(self) -> None:
+        """Forget what the disk budget evicted (on the writer thread) and is in memory no more."""
+        if self.disk is None:
+            return
+        for key in self.disk.take_evicted():
+            e = self.entries.get(key)
+            if e is not None and e.on_disk:
+                e.on_disk = False
+                if e.cache is None:
+                    self._note_evicted(e)
+                    self._unindex(e)
+
     def evicted_keys(self) -> list[str]:
         """Rank 0 of a group: the keys it dropped (from both tiers) since the last call, for
         the followers to `discard`. Entries stored again since are not in it."""
-        if self.disk is not None:
-            for key in self.disk.take_evicted():      # the disk budget's, on the writer thread
-                e = self.entries.get(key)
-                if e is not None and e.on_disk:
-                    e.on_disk = False
-                    if e.cache is None:
-                        self._unindex(e)
+        self._sync_disk()
         out = [k for k in dict.fromkeys(self._evicted) if k not in self.entries]
         self._evicted.clear()
         return out

@@ -287,6 +287,7 @@ class Soak:
         self.disk_over: set[str] = set()
         self.daemon_over = self.dead = self.finished = self.stop_traffic = False
         self.tmpfs = ""
+        self.unavailable: dict[str, str] = {}     # fault kind -> why it cannot be injected here
 
     def now(self) -> float:
         return round(time.monotonic() - self.t0, 2)
@@ -710,6 +711,10 @@ class Soak:
         self.tmpfs = "" if why else f"{self.plan.tmpfs_mib} MiB"
         self.storage = f"tmpfs of {self.plan.tmpfs_mib} MiB" if not why else \
             f"a plain directory (tmpfs not mounted: {why}); the fill fault is skipped, small disk budgets remain"
+        if why and "fill" in self.plan.faults:
+            self.unavailable["fill"] = f"no tmpfs to fill ({why})"
+            print(f"soak: WARNING: the disk-full fault (fill) cannot run: tmpfs not mounted: {why}",
+                  file=sys.stderr, flush=True)
         self.d = Daemon(self.tmp, [])
         try:
             self.apply_models(base_models(self.plan))
@@ -747,6 +752,7 @@ class Soak:
             "requests": len(self.requests), "outcomes": dict(Counter(r["outcome"] for r in self.requests)),
             "by_model": {m: dict(c) for m, c in sorted(by_model.items())},
             "faults_injected": dict(sorted(injected.items())), "faults_total": sum(injected.values()),
+            "faults_unavailable": self.unavailable,
             "greedy": dict(self.greedy_checks),
             "bounds": {"worker_rss_mib": {n: round(self.worker_bound_mib(n)) for n in self.batch},
                        "daemon_rss_mib": 400,
@@ -797,6 +803,7 @@ def markdown(s: dict, command: str) -> str:
     lines += [f"| {m} | " + ", ".join(f"{k}: {v}" for k, v in sorted(c.items())) + " |" for m, c in s["by_model"].items()]
     lines += ["", "| fault | injected |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in s["faults_injected"].items()]
+    lines += [f"| {k} | **not available**: {why} |" for k, why in s.get("faults_unavailable", {}).items()]
     g = s["greedy"]
     lines += ["", f"Greedy identity on `{CTL}`: {g.get('cold', 0)} cold answers, "
                   f"{g.get('identical_cache_hit', 0)} later answers identical with a cache hit, "

@@ -328,11 +328,14 @@ function renderRequests(reqs) {
     const status = r.status === "running"
       ? (r.progress ? `prefill ${r.progress[0]}/${r.progress[1]}` : r.generated ? "decoding" : "started")
       : r.status;
-    const cells = [clock(r.time), r.model, r.surface, num(r.prompt_tokens), num(r.cached_tokens), r.generated,
+    // The prefix cache's outcome: why this request got less than the cache shares with it.
+    const miss = r.cache && r.cache.reason ? ` (${r.cache.reason})` : "";
+    const cells = [clock(r.time), r.model, r.surface, num(r.prompt_tokens), num(r.cached_tokens) + miss, r.generated,
       r.ttft !== null ? r.ttft.toFixed(3) + " s" : "–", num(r.tokens_per_s, 1), r.finish_reason || "–", status];
     cells.forEach((c, i) => {
       const td = el("td", i >= 3 && i <= 7 ? "n" : null, c);
       if (i === 9 && r.error) td.title = r.error;
+      if (i === 4 && r.cache && r.cache.detail) td.title = r.cache.detail;
       tr.append(td);
     });
     if (r.progress) {
