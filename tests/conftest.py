@@ -6,6 +6,7 @@ first run pays for the GGUF import; prefix caches are fresh per daemon.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -123,6 +124,31 @@ class Daemon:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             return self.proc.wait()
+
+
+
+class OnDemandDaemon(Daemon):
+    """Up once /health answers: its models load on demand, so none is `ready` at start."""
+
+    def wait_ready(self, timeout: float = 300) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                return httpx.get(f"{self.url}/health", timeout=5).json()
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise TimeoutError(self.tail())
+
+
+def alive(pid: int) -> bool:
+    """Whether a process with this pid still exists (a test's view of a worker or rank)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def wait_until(pred, timeout: float, what):

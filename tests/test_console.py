@@ -15,7 +15,7 @@ import time
 import httpx
 import pytest
 
-from conftest import ROOT, Daemon, smol
+from conftest import ROOT, Daemon, OnDemandDaemon, smol
 from test_agents import THINK_TEMPLATE
 
 
@@ -285,24 +285,11 @@ def test_console_can_be_turned_off(daemon):
     assert httpx.get(daemon.url + "/").status_code == 200
 
 
-class OpenDaemon(Daemon):
-    """Up once it answers /health: its model loads on demand, so nothing is ever `ready`."""
-
-    def wait_ready(self, timeout: float = 300) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.tail()}")
-            try:
-                return httpx.get(f"{self.url}/health", timeout=5).json()
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        raise TimeoutError(self.tail())
 
 
 def test_a_key_is_required_when_configured(tmp_path, page):
     key = "sk-console-test-7f3a"
-    d = OpenDaemon(tmp_path, [smol("lazy", preload=False)], {"auth": {"api_keys": [key]}}, api_key=key)
+    d = OnDemandDaemon(tmp_path, [smol("lazy", preload=False)], {"auth": {"api_keys": [key]}}, api_key=key)
     d.start()
     try:
         assert httpx.get(d.url + "/").status_code == 200           # the page itself holds no data

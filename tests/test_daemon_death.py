@@ -7,19 +7,12 @@ the disk queue, before the worker exits.
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 
-from conftest import Daemon, smol, wait_until
+from conftest import Daemon, alive, smol, wait_until
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def test_the_in_flight_entry_reaches_disk_when_the_daemon_is_killed(tmp_path):

@@ -17,19 +17,13 @@ import openai
 import pytest
 from openai import OpenAI
 
-from conftest import Daemon
+from conftest import Daemon, alive
 from daemon import ranks
 from daemon.config import ConfigError, Distributed, parse_config
 
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7, 8], [40, 41, 42], [100 + i for i in range(37)], [7] * 20]
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def models(**group) -> list[dict]:

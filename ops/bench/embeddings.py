@@ -30,7 +30,6 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
 from common import ROOT, cpu_seconds, env_with, load_now, median, mlxd, publish, wait_quiet  # noqa: E402
 
 ST_PYTHON = ROOT / ".venv-bench" / "sentence-transformers" / "bin" / "python"

@@ -39,7 +39,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[2]))   # this checkout's
 import common  # noqa: E402
 from common import (Server, cpu_seconds, load_now, median, mlx_lm_server, mlxd, model_dir, publish,  # noqa: E402
                     wait_quiet)
-from prefix import fmt, log_digest, ratio, settle, warm_up  # noqa: E402
+from prefix import fmt, log_digest, ratio, settle  # noqa: E402
 from speculative_edit import EDITS, copied, edit_messages  # noqa: E402
 
 MAX_TOKENS = 700          # the code is ~480 tokens; room for its fences and a few sentences around it
