@@ -249,6 +249,22 @@ def test_ollama_embed_and_embeddings(daemon, client):
     assert e.value.status_code == 400 and "not an embedding model" in e.value.error
 
 
+def test_ollama_options_that_would_change_nothing_are_refused_not_ignored(daemon, client):
+    import ollama
+
+    c = ollama.Client(host=daemon.url)
+    ref = client.embeddings.create(model="minilm", input=SENTENCES[0], encoding_format="float")
+    placed = c.embed(model="minilm", input=SENTENCES[0], options={"num_thread": 2, "use_mmap": True})
+    assert np.allclose(placed.embeddings[0], ref.data[0].embedding, atol=1e-6)
+    for route, options in (("embed", {"temperature": 0.5}), ("embeddings", {"num_ctx": 64})):
+        with pytest.raises(ollama.ResponseError) as e:
+            if route == "embed":
+                c.embed(model="minilm", input=SENTENCES[0], options=options)
+            else:
+                c.embeddings(model="minilm", prompt=SENTENCES[0], options=options)
+        assert e.value.status_code == 400 and next(iter(options)) in e.value.error
+
+
 def test_ollama_keep_alive_sets_the_idle_ttl_and_zero_unloads(daemon):
     import ollama
 

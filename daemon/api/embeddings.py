@@ -127,6 +127,20 @@ class OllamaEmbeddings(BaseModel):
     keep_alive: Any = None
 
 
+# Ollama's runtime options that place or size the computation; mlxd sets these in its config,
+# and none of them changes a vector, so they are accepted. Any other option (sampling, num_ctx)
+# would change nothing here either, and is refused rather than silently ignored.
+HARDWARE_OPTIONS = frozenset({"num_thread", "num_gpu", "main_gpu", "num_batch", "use_mmap",
+                              "use_mlock", "low_vram", "numa", "vocab_only"})
+
+
+def _check_options(options: Optional[dict]) -> None:
+    for key in sorted(set(options or {}) - HARDWARE_OPTIONS):
+        raise APIError(400, f"option '{key}' is not supported on an embedding request "
+                            f"(accepted: {', '.join(sorted(HARDWARE_OPTIONS))}; the window is the model's, "
+                            "set truncate to choose cutting or refusing)", param=f"options.{key}")
+
+
 def _ollama_model(name: str):
     rq.check_open()
     handle = rq.supervisor().get(name)
@@ -154,6 +168,7 @@ async def _ollama(handle, inputs: list, keep_alive, **kw):
 @bp.post("/api/embed")
 async def ollama_embed():
     body = await rq.body(OllamaEmbed)
+    _check_options(body.options)
     handle = _ollama_model(body.model)
     inputs = [] if body.input in (None, "", []) else _inputs(body.input)
     vectors, done, total = await _ollama(handle, inputs, body.keep_alive, truncate=body.truncate,
@@ -168,6 +183,7 @@ async def ollama_embed():
 async def ollama_embeddings():
     """Ollama's older route: one `prompt`, one `embedding`."""
     body = await rq.body(OllamaEmbeddings)
+    _check_options(body.options)
     handle = _ollama_model(body.model)
     inputs = [body.prompt] if body.prompt else []
     vectors, _, _ = await _ollama(handle, inputs, body.keep_alive, truncate=True)
