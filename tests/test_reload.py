@@ -225,10 +225,10 @@ def test_max_body_bytes_applies_live(live):
 def test_rate_limits_apply_live(live):
     c = client_of(live)
     reconfigure(live, rate_limit={"requests_per_minute": 2})
-    for _ in range(2):
-        c.chat.completions.create(model="a", messages=HI)
+    for _ in range(2):                  # one token each, so the bucket (1 back per 30 s) cannot refill between them
+        c.chat.completions.create(model="a", max_tokens=1, messages=HI)
     with pytest.raises(openai.RateLimitError) as e:
-        c.chat.completions.create(model="a", messages=HI)
+        c.chat.completions.create(model="a", max_tokens=1, messages=HI)
     assert e.value.body["code"] == "rate_limit_exceeded"
     reconfigure(live)
     assert c.chat.completions.create(model="a", messages=HI).choices[0].message.content is not None
