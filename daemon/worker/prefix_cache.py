@@ -300,13 +300,13 @@ class PrefixCache:
         arr = np.asarray(tokens, dtype=np.int32)
         limit = len(arr) - 1   # the last prompt token must be computed to get logits
         self._unreadable = None
-        self._ns = ns
         self._sync_disk()
+        hashes = block_hashes(arr, ns=ns)      # once per lookup: each candidate's depth is read off them
         while True:
-            best, shared, nearest = self._best(arr, limit, ns)
+            best, shared, nearest = self._best(arr, hashes, limit, ns)
             self.last_key = None
             if best is None:
-                self._explain(arr, 0, None, None, shared, nearest)
+                self._explain(arr, hashes, 0, None, None, shared, nearest)
                 return self._hit(tokens, None, 0, None)
             if best.cache is not None:
                 src, src_tokens, tier = best.cache, best.tokens, "memory"
@@ -325,7 +325,7 @@ class PrefixCache:
             break
         n = min(common_prefix(src_tokens, arr), limit)
         if not self._usable(best, n):
-            self._explain(arr, 0, None, None, max(shared, n), best.key)
+            self._explain(arr, hashes, 0, None, None, max(shared, n), best.key)
             return self._hit(tokens, None, 0, None)
         cache = copy.deepcopy(src) if src is best.cache else src
         if n < best.n_tokens:
@@ -335,13 +335,13 @@ class PrefixCache:
         if best.on_disk and self.disk is not None:
             self.disk.touch(best.key)
         self.last_key = best.key
-        self._explain(arr, n, tier, best.key, max(shared, n), nearest if shared > n else best.key)
+        self._explain(arr, hashes, n, tier, best.key, max(shared, n), nearest if shared > n else best.key)
         return self._hit(tokens, dequantize(cache) if self.kv_bits else cache, n, tier)
 
-    def _explain(self, arr: np.ndarray, n: int, tier, key, shared: int, nearest) -> None:
+    def _explain(self, arr: np.ndarray, hashes: list[str], n: int, tier, key, shared: int, nearest) -> None:
         """The lookup's `Outcome`: what it served and, for less than the cache shares, why."""
         o = Outcome(tokens=n, tier=tier, entry=key, shared=shared, nearest=nearest)
-        evicted = self._evicted_depth(arr)
+        evicted = self._evicted_depth(hashes)
         if shared > n:
             o.reason = "untrimmable"
             o.detail = (f"entry {nearest} shares {shared} tokens with the prompt, but its cache cannot be trimmed "
@@ -361,10 +361,9 @@ class PrefixCache:
                 f"; the prompt diverges from it at token {n}" if n < len(arr) - 1 else "")
         self.last_outcome = o
 
-    def _evicted_depth(self, arr: np.ndarray) -> int:
+    def _evicted_depth(self, hashes: list[str]) -> int:
         if not self.evicted_blocks:
             return 0
-        hashes = block_hashes(arr, ns=getattr(self, "_ns", ""))
         for i in range(len(hashes) - 1, -1, -1):
             if hashes[i] in self.evicted_blocks:
                 return (i + 1) * BLOCK
@@ -388,13 +387,12 @@ class PrefixCache:
         self.counters[f"{tier}_hit_tokens"] += n
         return cache, n, tier
 
-    def _best(self, arr: np.ndarray, limit: int, ns: str) -> tuple[Optional[Entry], int, Optional[str]]:
+    def _best(self, arr: np.ndarray, hashes: list[str], limit: int, ns: str) -> tuple[Optional[Entry], int, Optional[str]]:
         """The usable entry sharing the longest prefix (an untrimmable one only whole), and the
         longest prefix any entry shares with the request and that entry's key (for the reason
         when they differ). Deeper entries are looked at first; a checkpoint of a shorter
         prefix is found when the deeper ones cannot serve."""
         best, best_n, shared, nearest = None, 0, 0, None
-        hashes = block_hashes(arr, ns=ns)      # once per lookup: each candidate's depth is read off them
         for depth, entries in self._candidates(hashes, ns):
             if best is not None and best_n >= depth + BLOCK - 1:
                 break      # nothing further shares as much
