@@ -1,0 +1,1 @@
+"""The prefix cache, as a package: block format (`blocks`), and the tiers that store it."""
