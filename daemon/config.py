@@ -128,6 +128,9 @@ class PrefixCache(_Strict):
         "For models whose cache cannot be trimmed (sliding windows, recurrent state): keep a snapshot every "
         "this many tokens of a long prefill, so a prompt that diverges deep inside a cached one re-prefills "
         "at most this many tokens. Each costs one snapshot of the cache in the budgets."))
+    block_tokens: int = Field(256, ge=32, le=1 << 16, multiple_of=32, description=(
+        "Tokens per stored KV block. Entries sharing a prefix share its blocks, so a finer block shares more of "
+        "a partly shared prefix; a coarser one restores with fewer pieces. A multiple of 32."))
     share_across_keys: bool = Field(False, description=(
         "With server.auth.api_keys set, requests of different keys reuse each other's cached prefixes. "
         "Off (default): each key's entries are its own, so no key learns another's prompts from "

@@ -97,7 +97,7 @@ def test_disk_entries_are_found_after_a_restart_and_loaded_on_demand(model, tmp_
     pc.close()                                           # flushes the writer
     again = new_cache(model, tmp_path)
     assert again.stats()["disk"]["entries"] == 40 and again.stats()["memory"]["entries"] == 0
-    assert all(e.cache is None and e.tokens is None for e in again.entries.values())   # index only
+    assert all(e.mem is None and e.tokens is None for e in again.entries.values())   # index only
     probe = [6] * 3 + TOKENS[:35] + [9, 9]
     cache, n, tier = again.fetch(probe)
     assert (n, tier) == (38, "disk") and cache[0].offset == 38

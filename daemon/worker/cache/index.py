@@ -81,7 +81,7 @@ class Entry:
     blocks: list[str]
     trimmable: bool
     room: int = 0                  # tokens it can give back exactly when not trimmable (a wrapped window: 1)
-    cache: Optional[list] = None   # in memory when not None
+    mem: Optional[object] = None   # its `memory.Stored` when in memory
     nbytes: int = 0
     on_disk: bool = False
     stage: Optional[str] = None    # the layers it holds, in a pipeline group (Stage.tag)

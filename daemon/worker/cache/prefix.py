@@ -40,7 +40,6 @@ entries stay valid.
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -53,7 +52,8 @@ from mlx_lm.models.cache import can_trim_prompt_cache
 
 from ..disk_cache import DiskTier
 from .index import BLOCK, Entry, Outcome, _key, block_hashes, common_prefix, namespace
-from .kv import cache_nbytes, compact, dequantize, quantize, trim, trim_room
+from .kv import compact, dequantize, quantize, trim, trim_room
+from .memory import BlockPool
 
 log = logging.getLogger("mlxd.prefix_cache")
 
@@ -64,7 +64,7 @@ class PrefixCache:
     def __init__(self, model, *, fingerprint: str, root: Path, memory_budget: int, disk_budget: int,
                  kv_bits: Optional[int] = None, orphan_ttl: float = 7 * 86400,
                  total_disk_budget: Optional[int] = None, write_buffer: int = 512 << 20,
-                 stage=None, follower: bool = False):
+                 stage=None, follower: bool = False, block_tokens: int = 256):
         self.model = model
         self.stage = stage.tag if stage is not None else None
         self.follower = follower
@@ -75,7 +75,8 @@ class PrefixCache:
         self.entries: dict[str, Entry] = {}
         self.by_block: dict[str, set[str]] = {}
         self.memory: OrderedDict[str, Entry] = OrderedDict()   # LRU order, oldest first
-        self.memory_bytes = 0
+        self.pool = BlockPool(block_tokens)   # the memory tier's KV blocks, shared between entries
+        self._own_bytes = 0                   # the memory entries' tails and untrimmable layers
         self.counters = {"queries": 0, "query_tokens": 0, "hits": 0, "hit_tokens": 0,
                          "memory_hit_tokens": 0, "disk_hit_tokens": 0, "misses": 0,
                          "memory_evictions": 0, "stores": 0, "store_errors": 0, "too_large_for_memory": 0}
@@ -154,8 +155,8 @@ class PrefixCache:
             if best is None:
                 self._explain(arr, hashes, 0, None, None, shared, nearest)
                 return self._hit(tokens, None, 0, None)
-            if best.cache is not None:
-                src, src_tokens, tier = best.cache, best.tokens, "memory"
+            if best.mem is not None:
+                src, src_tokens, tier = None, best.tokens, "memory"
                 break
             loaded = self._read(best, wait)
             if isinstance(loaded, Future):
@@ -173,10 +174,8 @@ class PrefixCache:
         if not self._usable(best, n):
             self._explain(arr, hashes, 0, None, None, max(shared, n), best.key)
             return self._hit(tokens, None, 0, None)
-        cache = copy.deepcopy(src) if src is best.cache else src
-        if n < best.n_tokens:
-            trim(cache, best.n_tokens - n)
-        if best.cache is not None:
+        cache = self._restore(best, n) if src is None else self._cut(src, best, n)
+        if best.mem is not None:
             self.memory.move_to_end(best.key)
         if best.on_disk and self.disk is not None:
             self.disk.touch(best.key)
@@ -248,7 +247,7 @@ class PrefixCache:
                 if n > shared:
                     shared, nearest = n, e.key
                 usable = self._usable(e, n)
-                if usable and (n > best_n or (n == best_n and best is not None and best.cache is None)):
+                if usable and (n > best_n or (n == best_n and best is not None and best.mem is None)):
                     best, best_n = e, n
         return best, shared, nearest
 
@@ -302,8 +301,29 @@ class PrefixCache:
     def _install(self, e: Entry, tokens: np.ndarray, cache: list) -> None:
         """A disk read joins the memory tier when it fits."""
         e.tokens = tokens
-        e.cache, e.nbytes = cache, cache_nbytes(cache)
+        e.mem = self.pool.split(cache, e.n_tokens, e.blocks)
+        e.nbytes = self.pool.logical_bytes(e.mem)
         self._remember(e)
+
+    @property
+    def memory_bytes(self) -> int:
+        """Unique bytes in memory: every block once, plus the entries' own tails and states."""
+        return self.pool.nbytes + self._own_bytes
+
+    def _restore(self, e: Entry, n: int) -> list:
+        """A fresh cache of the first `n` tokens of memory entry `e`: its blocks and tail
+        assembled per plain layer, its other layers copied and cut (within `trim_room`)."""
+        cache = self.pool.assemble(e.mem, n)
+        if n < e.n_tokens:
+            trim([c for c, plain in zip(cache, e.mem.layout.plain) if not plain], e.n_tokens - n)
+        return cache
+
+    @staticmethod
+    def _cut(cache: list, e: Entry, n: int) -> list:
+        """A cache just read from disk (nobody else holds it), cut to its first `n` tokens."""
+        if n < e.n_tokens:
+            trim(cache, e.n_tokens - n)
+        return cache
 
     # -- store ------------------------------------------------------------------------
 
@@ -315,7 +335,7 @@ class PrefixCache:
         arr = np.asarray(tokens, dtype=np.int32)
         key = _key(arr, ns)
         old = self.entries.get(key)
-        if old is not None and old.cache is not None:
+        if old is not None and old.mem is not None:
             self.memory.move_to_end(key)
             return key
         trimmable = can_trim_prompt_cache(cache)
@@ -325,8 +345,11 @@ class PrefixCache:
         if self.kv_bits:
             cache = quantize(cache, self.kv_bits)
         mx.eval([c.state for c in cache])
-        e = Entry(key=key, tokens=arr, n_tokens=len(arr), blocks=block_hashes(arr, ns=ns), trimmable=trimmable,
-                  room=room, cache=cache, nbytes=cache_nbytes(cache), on_disk=old is not None and old.on_disk,
+        blocks = block_hashes(arr, ns=ns)
+        # Split first: its blocks are held before the entries it covers let go of theirs.
+        mem = self.pool.split(cache, len(arr), blocks)
+        e = Entry(key=key, tokens=arr, n_tokens=len(arr), blocks=blocks, trimmable=trimmable,
+                  room=room, mem=mem, nbytes=self.pool.logical_bytes(mem), on_disk=old is not None and old.on_disk,
                   stage=self.stage, ns=ns)
         if old is not None:
             self._unindex(old)
@@ -374,7 +397,7 @@ class PrefixCache:
             self._evict_memory(e)      # on disk only, or (no disk) not kept at all
             return
         self.memory[e.key] = e
-        self.memory_bytes += e.nbytes
+        self._own_bytes += e.mem.own_bytes
         for old in list(self.memory.values()):      # oldest first
             if self.memory_bytes <= self.memory_budget:
                 break
@@ -389,8 +412,10 @@ class PrefixCache:
 
     def _evict_memory(self, e: Entry) -> None:
         if self.memory.pop(e.key, None) is not None:
-            self.memory_bytes -= e.nbytes
-        e.cache, e.nbytes = None, 0
+            self._own_bytes -= e.mem.own_bytes
+        if e.mem is not None:
+            self.pool.release(e.mem)
+        e.mem, e.nbytes = None, 0
         if not e.on_disk:
             self._unindex(e)
         elif self.disk is not None:
@@ -414,7 +439,7 @@ class PrefixCache:
         e = self.entries.get(key)
         if e is None or (n_tokens is not None and not self._serves(e, n_tokens)):
             return False
-        return e.cache is not None or (e.on_disk and self.disk is not None and self.disk.has(key))
+        return e.mem is not None or (e.on_disk and self.disk is not None and self.disk.has(key))
 
     @staticmethod
     def _usable(e: Entry, n: int) -> bool:
@@ -430,19 +455,16 @@ class PrefixCache:
         e = self.entries.get(key)
         if e is None or not self._serves(e, n_tokens):
             return None
-        src = e.cache
-        if src is None:
+        if e.mem is None:
             loaded = self._read(e, wait=True)
             if loaded is None or self.entries.get(key) is not e:
                 self._unindex(e)
                 return None
-            src = loaded[1]
             self._install(e, *loaded)
+            cache = self._cut(loaded[1], e, n_tokens)
         else:
             self.memory.move_to_end(key)
-        cache = copy.deepcopy(src) if src is e.cache else src
-        if n_tokens < e.n_tokens:
-            trim(cache, e.n_tokens - n_tokens)
+            cache = self._restore(e, n_tokens)
         if e.on_disk and self.disk is not None:
             self.disk.touch(key)
         return dequantize(cache) if self.kv_bits else cache
@@ -455,7 +477,7 @@ class PrefixCache:
             e = self.entries.get(key)
             if e is not None and e.on_disk:
                 e.on_disk = False
-                if e.cache is None:
+                if e.mem is None:
                     self._note_evicted(e)
                     self._unindex(e)
 
@@ -477,7 +499,8 @@ class PrefixCache:
         self.entries.clear()
         self.by_block.clear()
         self.memory.clear()
-        self.memory_bytes = 0
+        self.pool.clear()
+        self._own_bytes = 0
         self._evicted.clear()              # the followers are told to clear, not to evict
         if self.disk is not None:
             self.disk.clear()
@@ -486,8 +509,8 @@ class PrefixCache:
     def stats(self) -> dict:
         disk = self.disk.stats() if self.disk is not None else {"entries": 0, "bytes": 0}
         return {
-            "memory": {"entries": len(self.memory), "bytes": self.memory_bytes, "budget": self.memory_budget},
-            "disk": disk,
+            "memory": self._memory_stats(),
+            "disk": {**disk, **_whole_entry_sharing(disk)},
             "entries": len(self.entries),
             "kv_bits": self.kv_bits,
             "stage": self.stage,
@@ -499,3 +522,17 @@ class PrefixCache:
             self._loader.shutdown(wait=False, cancel_futures=True)
         if self.disk is not None:
             self.disk.close()
+
+
+    def _memory_stats(self) -> dict:
+        logical = sum(e.nbytes for e in self.memory.values())
+        unique = self.memory_bytes
+        return {"entries": len(self.memory), "bytes": unique, "budget": self.memory_budget,
+                "block_tokens": self.pool.block_tokens, "unique_blocks": len(self.pool), "unique_bytes": unique,
+                "logical_bytes": logical, "sharing_ratio": round(logical / unique, 3) if unique else 1.0}
+
+
+def _whole_entry_sharing(disk: dict) -> dict:
+    """The whole-entry disk tier shares nothing: every entry is its own file."""
+    b = disk.get("bytes", 0)
+    return {"unique_blocks": 0, "unique_bytes": b, "logical_bytes": b, "sharing_ratio": 1.0}
