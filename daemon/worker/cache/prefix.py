@@ -174,7 +174,8 @@ class PrefixCache:
         if not self._usable(best, n):
             self._explain(arr, hashes, 0, None, None, max(shared, n), best.key)
             return self._hit(tokens, None, 0, None)
-        cache = self._restore(best, n) if src is None else self._cut(src, best, n)
+        # Once installed, a disk hit is served from the pool too: its own layers are kept, not cut.
+        cache = self._restore(best, n) if best.mem is not None else self._cut(src, best, n)
         if best.mem is not None:
             self.memory.move_to_end(best.key)
         if best.on_disk and self.disk is not None:
@@ -398,10 +399,15 @@ class PrefixCache:
             return
         self.memory[e.key] = e
         self._own_bytes += e.mem.own_bytes
+        self._fit(self.memory_budget, keep=e)
+
+    def _fit(self, budget: int, keep: Optional[Entry] = None) -> None:
+        """Evict the least recently used memory entries until the unique bytes fit `budget`;
+        an entry's blocks go only with the last entry holding them (`BlockPool`)."""
         for old in list(self.memory.values()):      # oldest first
-            if self.memory_bytes <= self.memory_budget:
+            if self.memory_bytes <= budget:
                 break
-            if old is e:
+            if old is keep:
                 continue
             # A follower too: its memory is bounded by its own budget. An entry it drops that
             # rank 0 still holds fails rank 0's `has` round, so the request prefills instead.
@@ -461,7 +467,7 @@ class PrefixCache:
                 self._unindex(e)
                 return None
             self._install(e, *loaded)
-            cache = self._cut(loaded[1], e, n_tokens)
+            cache = self._restore(e, n_tokens) if e.mem is not None else self._cut(loaded[1], e, n_tokens)
         else:
             self.memory.move_to_end(key)
             cache = self._restore(e, n_tokens)
@@ -523,16 +529,18 @@ class PrefixCache:
         if self.disk is not None:
             self.disk.close()
 
-
     def _memory_stats(self) -> dict:
+        """`bytes` is what the budget counts (unique: every block once); `logical_bytes` what the
+        entries would take as whole snapshots."""
         logical = sum(e.nbytes for e in self.memory.values())
         unique = self.memory_bytes
         return {"entries": len(self.memory), "bytes": unique, "budget": self.memory_budget,
-                "block_tokens": self.pool.block_tokens, "unique_blocks": len(self.pool), "unique_bytes": unique,
-                "logical_bytes": logical, "sharing_ratio": round(logical / unique, 3) if unique else 1.0}
+                "block_tokens": self.pool.block_tokens,
+                "unique_blocks": len(self.pool), "unique_bytes": unique, "logical_bytes": logical,
+                "sharing_ratio": round(logical / unique, 3) if unique else 1.0}
 
 
 def _whole_entry_sharing(disk: dict) -> dict:
-    """The whole-entry disk tier shares nothing: every entry is its own file."""
+    """The whole-entry disk tier (`DiskTier`) shares nothing yet: every entry is its own file."""
     b = disk.get("bytes", 0)
-    return {"unique_blocks": 0, "unique_bytes": b, "logical_bytes": b, "sharing_ratio": 1.0}
+    return {"unique_bytes": b, "logical_bytes": b, "sharing_ratio": 1.0}
