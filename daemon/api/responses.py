@@ -2,7 +2,7 @@
 
 Stateless but for `previous_response_id`: the conversation of this daemon's recent
 responses is kept in a bounded in-memory store (`server.responses_store` entries), so a
-follow-up sends only its new items. Input items become chat-template messages, the worker's
+follow-up sends only its new items; with API keys, each key's responses are its own. Input items become chat-template messages, the worker's
 typed events become output items (reasoning, message, function_call), streamed as the
 Responses API's semantic events.
 """
@@ -29,16 +29,17 @@ bp = Blueprint("responses", __name__)
 
 
 class Store:
-    """The last N responses' conversations, oldest dropped first; N read live from the config."""
+    """The last N responses' conversations, oldest dropped first; N read live from the config.
+    Keyed by (owner, id): another key's response is as absent as an unknown one."""
 
     def __init__(self, size: Callable[[], int]):
         self.size, self.items = size, OrderedDict()
 
-    def get(self, rid: str) -> Optional[list[dict]]:
-        return self.items.get(rid)
+    def get(self, owner: str, rid: str) -> Optional[list[dict]]:
+        return self.items.get((owner, rid))
 
-    def put(self, rid: str, messages: list[dict]) -> None:
-        self.items[rid] = messages
+    def put(self, owner: str, rid: str, messages: list[dict]) -> None:
+        self.items[(owner, rid)] = messages
         while len(self.items) > max(self.size(), 0):
             self.items.popitem(last=False)
 
@@ -149,7 +150,7 @@ def _history(body: ResponsesRequest) -> list[dict]:
     """The conversation so far: the previous response's, then this request's items."""
     out: list[dict] = []
     if body.previous_response_id is not None:
-        prev = current_app.config["RESPONSES"].get(body.previous_response_id)
+        prev = current_app.config["RESPONSES"].get(rq.key_identity(), body.previous_response_id)
         if prev is None:
             raise APIError(404, f"Previous response with id '{body.previous_response_id}' not found.",
                            param="previous_response_id", code="previous_response_not_found")
@@ -305,7 +306,7 @@ class _Turn:
     """One response: its envelope, the conversation it extends, and where it is stored."""
 
     def __init__(self, body: ResponsesRequest, handle, history: list[dict]):
-        self.body, self.history = body, history
+        self.body, self.history, self.owner = body, history, rq.key_identity()
         self.id = "resp_" + uuid.uuid4().hex[:24]
         self.out = _Output()
         fmt = body.text.format.model_dump(by_alias=True, exclude_none=True) if body.text and body.text.format \
@@ -324,7 +325,7 @@ class _Turn:
     def done(self, ev: ev_.Done, store) -> dict:
         incomplete = ev.finish_reason == "length"
         if self.body.store:
-            store.put(self.id, self.history + self.out.messages())
+            store.put(self.owner, self.id, self.history + self.out.messages())
         return {**self.envelope, "status": "incomplete" if incomplete else "completed",
                 "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
                 "output": self.out.items, "usage": _usage(ev)}
