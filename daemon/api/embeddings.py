@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field
 from quart import Blueprint, jsonify
 
 from .. import events as ev_
-from . import keepalive
+from . import ollama_ttl
 from . import requests as rq
 from .errors import APIError
 from .schemas import STRICT, Count
@@ -151,9 +151,9 @@ def _ollama_model(name: str):
 
 async def _ollama(handle, inputs: list, keep_alive, **kw):
     """Vectors and `done` of an Ollama request, with its keep_alive applied; no inputs only loads the model."""
-    seconds = keepalive.parse(keep_alive)
+    seconds = ollama_ttl.parse(keep_alive)
     rq.check_serves(handle, "embedding")
-    keepalive.before(handle, seconds)
+    ollama_ttl.before(handle, seconds)
     t0 = time.perf_counter()
     try:
         if not inputs:
@@ -162,7 +162,7 @@ async def _ollama(handle, inputs: list, keep_alive, **kw):
         vectors, done = await embed(handle, inputs, surface="ollama.embed", **kw)
         return vectors, done, time.perf_counter() - t0
     finally:
-        keepalive.after(handle, seconds, rq.supervisor())
+        ollama_ttl.after(handle, seconds, rq.supervisor())
 
 
 @bp.post("/api/embed")

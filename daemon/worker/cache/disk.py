@@ -49,7 +49,6 @@ import json
 import logging
 import os
 import queue
-import shutil
 import struct
 import threading
 import time
@@ -62,7 +61,8 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
-from ..disk_cache import _alive, _fsync_dir, _private_dir, _stale_tmp, _write_atomic
+from ..disk_cache import (_alive, _fsync_dir, _private_dir, _stale_tmp, _write_atomic, age_out_orphans,
+                          claim_namespace, listdir)
 from .blocks import Block
 
 log = logging.getLogger("mlxd.prefix_cache")
@@ -177,7 +177,7 @@ class _Manifests:
     def refresh(self, d: Path) -> dict[str, float]:
         """Re-list `d/entries`, read manifests not seen before; key -> mtime of each live one."""
         live = {}
-        for p in _listdir(d / "entries"):
+        for p in listdir(d / "entries"):
             name = p.name
             if not name.endswith(".json") or ".tmp" in name:
                 continue
@@ -199,13 +199,6 @@ class _Manifests:
             for h, _size in chain:
                 out[h] = out.get(h, 0) + 1
         return out
-
-
-def _listdir(d: Path) -> list[Path]:
-    try:
-        return list(d.iterdir())
-    except OSError:
-        return []
 
 
 class BlockStore:
@@ -236,12 +229,15 @@ class BlockStore:
         self._lock_fd: Optional[int] = None
         self._gc_fd: Optional[int] = None
         try:
-            self._claim()
+            self._lock_fd = claim_namespace(self.root, self.dir)
+            _private_dir(self.dir / "blocks")
+            _private_dir(self.dir / "entries")
+            self._gc_fd = os.open(self.dir / ".gc", os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as e:
             log.error("prefix cache directory %s is unusable (%s); the disk tier is off", self.dir, e)
             self.usable = False
         else:
-            self._age_out_orphans(orphan_ttl)
+            age_out_orphans(self.root, self.dir, orphan_ttl)
         self.thread = threading.Thread(target=self._writer, name="prefix-block-writer", daemon=True)
         self.thread.start()
         if self.usable and sweep:
@@ -249,54 +245,12 @@ class BlockStore:
 
     # -- start-up -----------------------------------------------------------------------
 
-    def _claim(self) -> None:
-        """A shared flock on the namespace for life (see disk_cache.DiskTier._claim)."""
-        for _ in range(5):
-            _private_dir(self.root)
-            _private_dir(self.dir)
-            lock = self.dir / ".lock"
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
-            fcntl.flock(fd, fcntl.LOCK_SH)
-            try:
-                same = os.path.samestat(os.fstat(fd), os.stat(lock))
-            except FileNotFoundError:
-                same = False
-            if same:
-                self._lock_fd = fd
-                os.utime(self.dir)
-                _private_dir(self.dir / "blocks")
-                _private_dir(self.dir / "entries")
-                self._gc_fd = os.open(self.dir / ".gc", os.O_RDWR | os.O_CREAT, 0o600)
-                return
-            os.close(fd)
-        raise OSError(f"{self.dir} keeps vanishing")
-
-    def _age_out_orphans(self, ttl: float) -> None:
-        now = time.time()
-        for d in _listdir(self.root):
-            try:
-                if d == self.dir or d.is_symlink() or not d.is_dir() or now - d.stat().st_mtime <= ttl:
-                    continue
-                fd = os.open(d / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-            except OSError:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                os.close(fd)
-                continue
-            try:
-                log.info("removing prefix cache of a model not served for %.1f days: %s", ttl / 86400, d)
-                shutil.rmtree(d, ignore_errors=True)
-            finally:
-                os.close(fd)
-
     def load_index(self) -> list[dict]:
         """Read every manifest (never a block); rebuild reference counts and unique bytes."""
         if not self.usable:
             return []
         metas = []
-        for p in _listdir(self.dir / "entries"):
+        for p in listdir(self.dir / "entries"):
             name = p.name
             if ".tmp" in name:
                 if _stale_tmp(name):
@@ -523,7 +477,7 @@ class BlockStore:
         `incoming`. Counts every daemon's manifests in the namespace (and every namespace
         under root for the total budget), as read from disk."""
         for dirs, budget in (([self.dir], self.budget),
-                             ([d for d in _listdir(self.root) if d.is_dir()], self.total_budget)):
+                             ([d for d in listdir(self.root) if d.is_dir()], self.total_budget)):
             if budget is None:
                 continue
             entries, sizes = [], {}
@@ -562,8 +516,8 @@ class BlockStore:
             mans = self._manifests.setdefault(self.dir, _Manifests())
             mans.refresh(self.dir)
             refs = mans.refs()
-            for sub in _listdir(self.dir / "blocks"):
-                for p in _listdir(sub):
+            for sub in listdir(self.dir / "blocks"):
+                for p in listdir(sub):
                     name = p.name
                     try:
                         if ".tmp." in name:
