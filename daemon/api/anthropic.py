@@ -293,51 +293,50 @@ def _event(kind: str, data: dict) -> bytes:
 
 
 async def _stream(run: rq.Run, meta: dict, stops: list[str]) -> AsyncIterator[bytes]:
-    async with contextlib.aclosing(run.events):     # closed at any yield (see openai._stream)
-        started = run.started or ev_.Started(id="", prompt_tokens=0, cached_tokens=0, max_tokens=0)
-        yield _event("message_start", {"message": {**meta, "content": [], "stop_reason": None, "stop_sequence": None,
-                                                   "usage": _usage(started, 0)}})
-        if run.started is None:
-            yield _event("ping", {})           # the worker has not answered yet (a load, a grammar)
-        index, open_kind, open_call = -1, None, None
+    started = run.started or ev_.Started(id="", prompt_tokens=0, cached_tokens=0, max_tokens=0)
+    yield _event("message_start", {"message": {**meta, "content": [], "stop_reason": None, "stop_sequence": None,
+                                               "usage": _usage(started, 0)}})
+    if run.started is None:
+        yield _event("ping", {})           # the worker has not answered yet (a load, a grammar)
+    index, open_kind, open_call = -1, None, None
 
-        def close():
-            return _event("content_block_stop", {"index": index}) if open_kind else b""
+    def close():
+        return _event("content_block_stop", {"index": index}) if open_kind else b""
 
-        try:
-            async for ev in run.events:
-                if ev is None or isinstance(ev, ev_.Progress):
-                    yield _event("ping", {})
-                elif isinstance(ev, ev_.Started):
-                    started = ev
-                elif isinstance(ev, (ev_.Text, ev_.Reasoning)):
-                    kind = "text" if isinstance(ev, ev_.Text) else "thinking"
-                    if open_kind != kind:
-                        yield close()
-                        index, open_kind = index + 1, kind
-                        start = {"type": "text", "text": ""} if kind == "text" else \
-                            {"type": "thinking", "thinking": "", "signature": ""}
-                        yield _event("content_block_start", {"index": index, "content_block": start})
-                    delta = {"type": "text_delta", "text": ev.text} if kind == "text" else \
-                        {"type": "thinking_delta", "thinking": ev.text}
-                    yield _event("content_block_delta", {"index": index, "delta": delta})
-                elif isinstance(ev, ev_.ToolCall):
+    try:
+        async for ev in run.events:
+            if ev is None or isinstance(ev, ev_.Progress):
+                yield _event("ping", {})
+            elif isinstance(ev, ev_.Started):
+                started = ev
+            elif isinstance(ev, (ev_.Text, ev_.Reasoning)):
+                kind = "text" if isinstance(ev, ev_.Text) else "thinking"
+                if open_kind != kind:
                     yield close()
-                    index, open_kind, open_call = index + 1, "tool_use", ev.index
-                    yield _event("content_block_start", {"index": index, "content_block": {
-                        "type": "tool_use", "id": ev.call_id, "name": ev.name, "input": {}}})
-                elif isinstance(ev, ev_.ToolArgs) and ev.index == open_call and open_kind == "tool_use":
-                    yield _event("content_block_delta", {"index": index, "delta": {
-                        "type": "input_json_delta", "partial_json": ev.arguments}})
-                elif isinstance(ev, ev_.Done):
-                    yield close()
-                    reason, seq = _stop(ev, stops)
-                    yield _event("message_delta", {"delta": {"stop_reason": reason, "stop_sequence": seq},
-                                                   "usage": _usage(started, ev.usage["completion_tokens"])})
-                    yield _event("message_stop", {})
-                    return
-        except APIError as e:
-            yield _event("error", {"error": e.anthropic_body()["error"]})
+                    index, open_kind = index + 1, kind
+                    start = {"type": "text", "text": ""} if kind == "text" else \
+                        {"type": "thinking", "thinking": "", "signature": ""}
+                    yield _event("content_block_start", {"index": index, "content_block": start})
+                delta = {"type": "text_delta", "text": ev.text} if kind == "text" else \
+                    {"type": "thinking_delta", "thinking": ev.text}
+                yield _event("content_block_delta", {"index": index, "delta": delta})
+            elif isinstance(ev, ev_.ToolCall):
+                yield close()
+                index, open_kind, open_call = index + 1, "tool_use", ev.index
+                yield _event("content_block_start", {"index": index, "content_block": {
+                    "type": "tool_use", "id": ev.call_id, "name": ev.name, "input": {}}})
+            elif isinstance(ev, ev_.ToolArgs) and ev.index == open_call and open_kind == "tool_use":
+                yield _event("content_block_delta", {"index": index, "delta": {
+                    "type": "input_json_delta", "partial_json": ev.arguments}})
+            elif isinstance(ev, ev_.Done):
+                yield close()
+                reason, seq = _stop(ev, stops)
+                yield _event("message_delta", {"delta": {"stop_reason": reason, "stop_sequence": seq},
+                                               "usage": _usage(started, ev.usage["completion_tokens"])})
+                yield _event("message_stop", {})
+                return
+    except APIError as e:
+        yield _event("error", {"error": e.anthropic_body()["error"]})
 
 
 # -- routes -------------------------------------------------------------------------------

@@ -187,31 +187,28 @@ async def _stream(kind: str, run: rq.Run, meta: dict, include_usage: bool):
             choice = {"index": 0, "text": delta.get("content", ""), "logprobs": None, "finish_reason": finish}
         return _sse({**meta, "object": obj, "choices": [choice]})
 
-    # The stream owns the events from its first frame: a client gone at any yield (even the
-    # first, before the loop) closes them, which cancels the request and counts it.
-    async with contextlib.aclosing(run.events):
-        if run.started is None:
-            yield b": keep-alive\n\n"            # the worker has not answered yet (a load, a grammar, a queue)
-        if kind == "chat":
-            yield chunk({"role": "assistant", "content": ""})
-        try:
-            async for ev in run.events:
-                if ev is None:
-                    yield b": waiting\n\n"
-                elif isinstance(ev, _OUTPUT):
-                    yield chunk(_chat_delta(ev))
-                elif isinstance(ev, ev_.Logprob):
-                    yield chunk({}, logprobs={"content": [_logprob(ev)], "refusal": None})
-                elif isinstance(ev, ev_.Progress):
-                    yield f": prefill {ev.done}/{ev.total}\n\n".encode()
-                elif isinstance(ev, ev_.Done):
-                    yield chunk({}, finish=ev.finish_reason)
-                    if include_usage:
-                        yield _sse({**meta, "object": obj, "choices": [], "usage": _usage(ev)})
-                    yield b"data: [DONE]\n\n"
-                    return
-        except APIError as e:
-            yield _sse(e.body())
+    if run.started is None:
+        yield b": keep-alive\n\n"            # the worker has not answered yet (a load, a grammar, a queue)
+    if kind == "chat":
+        yield chunk({"role": "assistant", "content": ""})
+    try:
+        async for ev in run.events:
+            if ev is None:
+                yield b": waiting\n\n"
+            elif isinstance(ev, _OUTPUT):
+                yield chunk(_chat_delta(ev))
+            elif isinstance(ev, ev_.Logprob):
+                yield chunk({}, logprobs={"content": [_logprob(ev)], "refusal": None})
+            elif isinstance(ev, ev_.Progress):
+                yield f": prefill {ev.done}/{ev.total}\n\n".encode()
+            elif isinstance(ev, ev_.Done):
+                yield chunk({}, finish=ev.finish_reason)
+                if include_usage:
+                    yield _sse({**meta, "object": obj, "choices": [], "usage": _usage(ev)})
+                yield b"data: [DONE]\n\n"
+                return
+    except APIError as e:
+        yield _sse(e.body())
 
 
 @bp.post("/v1/chat/completions")

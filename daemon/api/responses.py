@@ -349,29 +349,28 @@ async def _stream(turn: _Turn, run: rq.Run, store) -> AsyncIterator[bytes]:
         seq += 1
         return f"event: {kind}\ndata: {json.dumps({'type': kind, 'sequence_number': seq - 1, **data}, ensure_ascii=False)}\n\n".encode()
 
-    async with contextlib.aclosing(run.events):     # closed at any yield (see openai._stream)
-        yield event("response.created", {"response": turn.envelope})
-        yield event("response.in_progress", {"response": turn.envelope})
-        if run.started is None:
-            yield b": keep-alive\n\n"            # the worker has not answered yet (a load, a grammar)
-        try:
-            async for ev in run.events:
-                if ev is None or isinstance(ev, ev_.Progress):
-                    yield b": waiting\n\n"
-                elif isinstance(ev, ev_.Done):
-                    for kind, data in turn.out.finish():
-                        yield event(kind, data)
-                    final = turn.done(ev, store)
-                    yield event("response.incomplete" if final["status"] == "incomplete" else "response.completed",
-                                {"response": final})
-                    return
-                else:
-                    for kind, data in turn.out.add(ev):
-                        yield event(kind, data)
-        except APIError as e:
-            yield event("error", {"code": e.code, "message": e.message, "param": e.param})
-            yield event("response.failed", {"response": {**turn.envelope, "status": "failed", "error": {
-                "code": e.code or e.type, "message": e.message}}})
+    yield event("response.created", {"response": turn.envelope})
+    yield event("response.in_progress", {"response": turn.envelope})
+    if run.started is None:
+        yield b": keep-alive\n\n"            # the worker has not answered yet (a load, a grammar)
+    try:
+        async for ev in run.events:
+            if ev is None or isinstance(ev, ev_.Progress):
+                yield b": waiting\n\n"
+            elif isinstance(ev, ev_.Done):
+                for kind, data in turn.out.finish():
+                    yield event(kind, data)
+                final = turn.done(ev, store)
+                yield event("response.incomplete" if final["status"] == "incomplete" else "response.completed",
+                            {"response": final})
+                return
+            else:
+                for kind, data in turn.out.add(ev):
+                    yield event(kind, data)
+    except APIError as e:
+        yield event("error", {"code": e.code, "message": e.message, "param": e.param})
+        yield event("response.failed", {"response": {**turn.envelope, "status": "failed", "error": {
+            "code": e.code or e.type, "message": e.message}}})
 
 
 @bp.post("/v1/responses")
