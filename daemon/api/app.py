@@ -21,6 +21,7 @@ from .limits import RateLimiter
 from .openai import bp as openai_bp
 from .openapi import bp as openapi_bp
 from .responses import Store, bp as responses_bp
+from .ollama_chat import bp as ollama_chat_bp
 
 
 def create_app(supervisor, host: str | None = None, port: int | None = None) -> Quart:
@@ -73,6 +74,7 @@ def create_app(supervisor, host: str | None = None, port: int | None = None) -> 
     app.register_blueprint(openapi_bp)
     app.register_blueprint(actions_bp)
     app.register_blueprint(console_bp)
+    app.register_blueprint(ollama_chat_bp)
 
     @app.get("/health")
     async def health():
