@@ -18,7 +18,8 @@ from quart import Blueprint
 from . import requests as rq
 from .errors import APIError
 from .schemas import STRICT
-from .surfaces.ollama import Ollama, load_only, lookup
+from .ollama import model as lookup
+from .surfaces.ollama import Ollama, load_only
 
 bp = Blueprint("ollama_chat", __name__)
 

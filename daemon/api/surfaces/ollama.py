@@ -42,16 +42,6 @@ def _ns(seconds: float) -> int:
     return int(max(seconds, 0.0) * 1e9)
 
 
-def lookup(name: str):
-    """The model by name or alias; a bare name with Ollama's ':latest' tag too."""
-    rq.check_open()
-    sup = rq.supervisor()
-    handle = sup.get(name) or (sup.get(name[: -len(":latest")]) if name.endswith(":latest") else None)
-    if handle is None:
-        raise APIError(404, f"model '{name}' not found", code="model_not_found")
-    return handle
-
-
 def options(raw: Optional[dict]) -> dict:
     """The sampling options, checked; a 400 naming every option mlxd has no equivalent for."""
     raw = dict(raw or {})
