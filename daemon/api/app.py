@@ -19,6 +19,7 @@ from .errors import APIError, shape_of
 from .guard import install as install_guard, warn_wildcard
 from .limits import RateLimiter
 from .openai import bp as openai_bp
+from .ollama import bp as ollama_bp
 from .openapi import bp as openapi_bp
 from .responses import Store, bp as responses_bp
 
@@ -69,6 +70,7 @@ def create_app(supervisor, host: str | None = None, port: int | None = None) -> 
     app.register_blueprint(anthropic_bp)
     app.register_blueprint(responses_bp)
     app.register_blueprint(embeddings_bp)
+    app.register_blueprint(ollama_bp)
     app.register_blueprint(cache_bp)
     app.register_blueprint(openapi_bp)
     app.register_blueprint(actions_bp)
