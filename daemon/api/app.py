@@ -20,8 +20,10 @@ from .guard import install as install_guard, warn_wildcard
 from .lifetime import with_runs_closed
 from .limits import RateLimiter
 from .openai import bp as openai_bp
+from .ollama import bp as ollama_bp
 from .openapi import bp as openapi_bp
 from .responses import Store, bp as responses_bp
+from .ollama_chat import bp as ollama_chat_bp
 
 
 def create_app(supervisor, host: str | None = None, port: int | None = None) -> Quart:
@@ -70,10 +72,12 @@ def create_app(supervisor, host: str | None = None, port: int | None = None) -> 
     app.register_blueprint(anthropic_bp)
     app.register_blueprint(responses_bp)
     app.register_blueprint(embeddings_bp)
+    app.register_blueprint(ollama_bp)
     app.register_blueprint(cache_bp)
     app.register_blueprint(openapi_bp)
     app.register_blueprint(actions_bp)
     app.register_blueprint(console_bp)
+    app.register_blueprint(ollama_chat_bp)
 
     @app.get("/health")
     async def health():
