@@ -24,6 +24,7 @@ from .. import events as ev_
 from ..process import RequestTimeout, WorkerGone
 from ..lifecycle.handle import ModelAtCapacity, ModelUnavailable
 from .deadline import MODEL_KEY
+from .lifetime import hold
 from .errors import APIError, from_validation, model_not_found
 
 
@@ -197,6 +198,7 @@ async def start(handle, payload: dict, cache_salt: Optional[str] = None, stream:
                              current_app.config["LIMITER"]))
     if stream:
         events = heartbeat(events, sup.config.server.stream_ping_seconds)
+    hold(request.scope, events)      # closed when the exchange ends, even if no body ever reads them
     try:
         async for ev in events:
             if ev is None:
