@@ -11,6 +11,7 @@ serve:
 
 test:
 	@ops/setup.sh --test
+	$(VENV)/bin/ruff check --select F daemon tests ops
 	LD_PRELOAD=$$($(VENV)/bin/python -m daemon.worker.blas --path) $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 setup:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import anthropic
 import httpx
 import pytest
-from openai import BadRequestError, OpenAI
+from openai import BadRequestError, NotFoundError, OpenAI
 
 from conftest import Daemon, smol
 
@@ -120,3 +120,22 @@ def test_every_surface_takes_the_salt(daemon):
     bad = httpx.post(f"{daemon.url}/v1/messages", headers={"x-api-key": KEY_A}, json={
         "model": "isolated", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}], "cache_salt": 7})
     assert bad.status_code == 400 and bad.json()["type"] == "error"
+
+
+def test_a_stored_response_is_its_keys_own(daemon):
+    """`previous_response_id` reads the daemon's response store: another key's id is the same
+    404 as an unknown one (it must not continue, nor tell that the id exists)."""
+    a, b = client(daemon, KEY_A), client(daemon, KEY_B)
+    first = a.responses.create(model="isolated", input="Remember the word: walrus.", max_output_tokens=4)
+
+    def follow(c: OpenAI, rid: str) -> NotFoundError:
+        with pytest.raises(NotFoundError) as e:
+            c.responses.create(model="isolated", input="Which word?", previous_response_id=rid, max_output_tokens=2)
+        return e.value
+
+    theirs, unknown = follow(b, first.id), follow(b, "resp_" + "0" * 32)
+    assert theirs.body["param"] == unknown.body["param"] == "previous_response_id"
+    assert theirs.body["code"] == unknown.body["code"] == "previous_response_not_found"
+    assert theirs.message.replace(first.id, "ID") == unknown.message.replace("resp_" + "0" * 32, "ID")
+    own = a.responses.create(model="isolated", input="Which word?", previous_response_id=first.id, max_output_tokens=2)
+    assert own.previous_response_id == first.id

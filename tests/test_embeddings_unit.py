@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from daemon.api.errors import APIError
-from daemon.api.keepalive import FOREVER, parse
+from daemon.api.ollama_ttl import FOREVER, parse
 from daemon.config import Embedding, ModelConfig
 from daemon.embeddings.spec import SpecError, detect, is_embedding_dir
 from daemon.worker.engine import RequestError

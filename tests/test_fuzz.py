@@ -70,10 +70,18 @@ def assert_anthropic_error(resp) -> None:
     assert isinstance(err.get("message"), str) and isinstance(err.get("type"), str), resp.text[:300]
 
 
+def assert_ollama_error(resp) -> None:
+    """A 4xx/5xx body on an /api/ route is Ollama's `{"error": str}`."""
+    body = resp.json()
+    assert isinstance(body, dict) and isinstance(body.get("error"), str), resp.text[:300]
+
+
 def api_error_format(ctx, response, case) -> None:
     if 400 <= response.status_code < 500:
         if case.path.startswith("/v1/messages"):
             assert_anthropic_error(response)
+        elif case.path.startswith("/api/"):
+            assert_ollama_error(response)
         else:
             assert_openai_error(response)
 
@@ -113,6 +121,10 @@ def test_openapi_describes_the_routes(api_schema, http):
     assert {"/v1/messages", "/v1/messages/count_tokens", "/v1/responses"} <= set(spec["paths"])
     assert "system" in spec["components"]["schemas"]["MessagesRequest"]["properties"]
     assert "previous_response_id" in spec["components"]["schemas"]["ResponsesRequest"]["properties"]
+    assert {"/v1/embeddings", "/api/embed", "/api/embeddings", "/api/tags", "/api/show", "/api/ps", "/api/version",
+            "/api/pull", "/api/delete"} <= set(spec["paths"])
+    assert "encoding_format" in spec["components"]["schemas"]["EmbeddingRequest"]["properties"]
+    assert set(spec["paths"]["/api/pull"]["post"]["responses"]) == {"401", "403", "413", "415"}
 
 
 def test_fuzz(api_schema, daemon):

@@ -77,8 +77,9 @@ def test_responses_store_is_bounded_live():
     size = [2]
     s = Store(lambda: size[0])
     for i in range(3):
-        s.put(f"r{i}", [{"role": "user", "content": str(i)}])
-    assert s.get("r0") is None and s.get("r2")[0]["content"] == "2"
+        s.put("k", f"r{i}", [{"role": "user", "content": str(i)}])
+    assert s.get("k", "r0") is None and s.get("k", "r2")[0]["content"] == "2"
+    assert s.get("other", "r2") is None and s.get("", "r2") is None
     size[0] = 0
-    s.put("r3", [])
-    assert s.get("r3") is None and not s.items
+    s.put("k", "r3", [])
+    assert s.get("k", "r3") is None and not s.items

@@ -17,10 +17,13 @@ from .deadline import with_write_deadline
 from .embeddings import bp as embeddings_bp
 from .errors import APIError, shape_of
 from .guard import install as install_guard, warn_wildcard
+from .lifetime import with_runs_closed
 from .limits import RateLimiter
 from .openai import bp as openai_bp
+from .ollama import bp as ollama_bp
 from .openapi import bp as openapi_bp
 from .responses import Store, bp as responses_bp
+from .ollama_chat import bp as ollama_chat_bp
 
 
 def create_app(supervisor, host: str | None = None, port: int | None = None) -> Quart:
@@ -41,7 +44,7 @@ def create_app(supervisor, host: str | None = None, port: int | None = None) -> 
     supervisor.listeners.append(warn_wildcard)
     warn_wildcard(supervisor.config.server)
     app.config["RESPONSES"] = Store(lambda: supervisor.config.server.responses_store)
-    app.asgi_app = with_write_deadline(app.asgi_app, lambda: supervisor.config.server.stream_write_timeout,
+    app.asgi_app = with_write_deadline(with_runs_closed(app.asgi_app), lambda: supervisor.config.server.stream_write_timeout,
                                        lambda model: supervisor.metrics.write_timeouts.labels(model).inc())
 
     def render(e: APIError):
@@ -69,10 +72,12 @@ def create_app(supervisor, host: str | None = None, port: int | None = None) -> 
     app.register_blueprint(anthropic_bp)
     app.register_blueprint(responses_bp)
     app.register_blueprint(embeddings_bp)
+    app.register_blueprint(ollama_bp)
     app.register_blueprint(cache_bp)
     app.register_blueprint(openapi_bp)
     app.register_blueprint(actions_bp)
     app.register_blueprint(console_bp)
+    app.register_blueprint(ollama_chat_bp)
 
     @app.get("/health")
     async def health():

@@ -19,9 +19,10 @@ from pydantic import BaseModel, Field
 from quart import Blueprint, jsonify
 
 from .. import events as ev_
-from . import keepalive
+from . import ollama_ttl
 from . import requests as rq
 from .errors import APIError
+from .ollama import model as ollama_model
 from .schemas import STRICT, Count
 
 bp = Blueprint("embeddings", __name__)
@@ -141,19 +142,11 @@ def _check_options(options: Optional[dict]) -> None:
                             "set truncate to choose cutting or refusing)", param=f"options.{key}")
 
 
-def _ollama_model(name: str):
-    rq.check_open()
-    handle = rq.supervisor().get(name)
-    if handle is None:
-        raise APIError(404, f"model '{name}' not found", code="model_not_found", param="model")
-    return handle
-
-
 async def _ollama(handle, inputs: list, keep_alive, **kw):
     """Vectors and `done` of an Ollama request, with its keep_alive applied; no inputs only loads the model."""
-    seconds = keepalive.parse(keep_alive)
+    seconds = ollama_ttl.parse(keep_alive)
     rq.check_serves(handle, "embedding")
-    keepalive.before(handle, seconds)
+    ollama_ttl.before(handle, seconds)
     t0 = time.perf_counter()
     try:
         if not inputs:
@@ -162,14 +155,14 @@ async def _ollama(handle, inputs: list, keep_alive, **kw):
         vectors, done = await embed(handle, inputs, surface="ollama.embed", **kw)
         return vectors, done, time.perf_counter() - t0
     finally:
-        keepalive.after(handle, seconds, rq.supervisor())
+        ollama_ttl.after(handle, seconds, rq.supervisor())
 
 
 @bp.post("/api/embed")
 async def ollama_embed():
     body = await rq.body(OllamaEmbed)
     _check_options(body.options)
-    handle = _ollama_model(body.model)
+    handle = ollama_model(body.model)
     inputs = [] if body.input in (None, "", []) else _inputs(body.input)
     vectors, done, total = await _ollama(handle, inputs, body.keep_alive, truncate=body.truncate,
                                          dimensions=body.dimensions)
@@ -184,7 +177,7 @@ async def ollama_embeddings():
     """Ollama's older route: one `prompt`, one `embedding`."""
     body = await rq.body(OllamaEmbeddings)
     _check_options(body.options)
-    handle = _ollama_model(body.model)
+    handle = ollama_model(body.model)
     inputs = [body.prompt] if body.prompt else []
     vectors, _, _ = await _ollama(handle, inputs, body.keep_alive, truncate=True)
     return jsonify({"embedding": vectors[0].tolist() if len(vectors) else []})

@@ -40,10 +40,14 @@ class APIError(Exception):
         message = f"{self.param}: {self.message}" if self.param and self.param not in self.message else self.message
         return {"type": "error", "error": {"type": kind, "message": message}}
 
+    def ollama_body(self) -> dict:
+        """Ollama's clients read {"error": "..."} and the status."""
+        return {"error": f"{self.param}: {self.message}" if self.param and self.param not in self.message
+                else self.message}
+
     def response(self, shape: str = "openai"):
-        if shape == "ollama":           # Ollama's clients read {"error": "..."} and the status
-            message = f"{self.param}: {self.message}" if self.param and self.param not in self.message else self.message
-            resp = jsonify({"error": message})
+        if shape == "ollama":
+            resp = jsonify(self.ollama_body())
             resp.status_code = self.status
         elif shape == "anthropic":
             resp = jsonify(self.anthropic_body())

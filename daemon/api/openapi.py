@@ -10,6 +10,8 @@ from __future__ import annotations
 from quart import Blueprint, jsonify
 
 from .anthropic import CountTokensRequest, MessagesRequest
+from .embeddings import EmbeddingRequest, OllamaEmbed, OllamaEmbeddings
+from .ollama import OllamaShow
 from .responses import ResponsesRequest
 from .schemas import ChatCompletionRequest, CompletionRequest
 
@@ -120,6 +122,62 @@ _RESPONSES = {
                 "cache_creation_input_tokens": _int}},
         },
     },
+    "Embeddings": {
+        "type": "object", "required": ["object", "data", "model", "usage"],
+        "properties": {
+            "object": {"const": "list"}, "model": _str,
+            "data": {"type": "array", "items": {
+                "type": "object", "required": ["object", "index", "embedding"],
+                "properties": {"object": {"const": "embedding"}, "index": _int, "embedding": {
+                    "type": ["array", "string"], "items": {"type": "number"},
+                    "description": "Floats, or with `encoding_format: base64` the little-endian float32 bytes."}}}},
+            "usage": {"type": "object", "required": ["prompt_tokens", "total_tokens"],
+                      "properties": {"prompt_tokens": _int, "total_tokens": _int}},
+        },
+    },
+    "OllamaError": {
+        "type": "object", "required": ["error"],
+        "description": "Ollama's error object: every 4xx/5xx of the /api/ routes has this shape.",
+        "properties": {"error": _str},
+    },
+    "OllamaEmbedResponse": {
+        "type": "object", "required": ["model", "embeddings"],
+        "properties": {"model": _str, "embeddings": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
+                       "total_duration": _int, "load_duration": _int, "prompt_eval_count": _int},
+    },
+    "OllamaEmbeddingsResponse": {
+        "type": "object", "required": ["embedding"],
+        "properties": {"embedding": {"type": "array", "items": {"type": "number"}}},
+    },
+    "OllamaDetails": {
+        "type": "object",
+        "properties": {"parent_model": _str, "format": _str, "family": _str,
+                       "families": {"type": ["array", "null"], "items": _str},
+                       "parameter_size": _str, "quantization_level": _str},
+    },
+    "OllamaTags": {
+        "type": "object", "required": ["models"],
+        "description": "Every model entry of the config; a field mlxd does not know yet (a model never loaded) is empty.",
+        "properties": {"models": {"type": "array", "items": {
+            "type": "object", "required": ["name", "model", "modified_at", "size", "digest", "details"],
+            "properties": {"name": _str, "model": _str, "modified_at": _str, "size": _int, "digest": _str,
+                           "details": _ref("OllamaDetails")}}}},
+    },
+    "OllamaPs": {
+        "type": "object", "required": ["models"],
+        "description": "The loaded models; `expires_at` is the last request plus the idle TTL (2318 for none).",
+        "properties": {"models": {"type": "array", "items": {
+            "type": "object", "required": ["name", "model", "size", "digest", "details", "expires_at", "size_vram"],
+            "properties": {"name": _str, "model": _str, "size": _int, "digest": _str, "details": _ref("OllamaDetails"),
+                           "expires_at": _str, "size_vram": _int, "context_length": _int}}}},
+    },
+    "OllamaShowResponse": {
+        "type": "object", "required": ["modelfile", "parameters", "template", "details", "model_info", "capabilities"],
+        "properties": {"modelfile": _str, "parameters": _str, "template": _str, "details": _ref("OllamaDetails"),
+                       "model_info": {"type": "object"}, "capabilities": {"type": "array", "items": _str},
+                       "modified_at": _str},
+    },
+    "OllamaVersion": {"type": "object", "required": ["version"], "properties": {"version": _str}},
     "TokenCount": {"type": "object", "required": ["input_tokens"], "properties": {"input_tokens": _int}},
     "Response": {
         "type": "object", "required": ["id", "object", "created_at", "model", "status", "output", "usage"],
@@ -140,7 +198,8 @@ _ERRORS = {
     400: "Invalid request: bad JSON, or a field's value (named in `error.param`).",
     401: "Missing or wrong API key.",
     403: "Refused before any route ran: a Host that is not this daemon's (DNS rebinding), "
-         "an Origin not in `server.allowed_origins`, or a cross-site action.",
+         "an Origin not in `server.allowed_origins`, or a cross-site action; Ollama's pull, push, create, "
+         "copy and delete, always (mlxd reads its models from its config file).",
     404: "No such model.",
     413: "Request body too large.",
     415: "The body is not labelled `application/json`.",
@@ -176,16 +235,28 @@ def _completion(summary: str, body: str, result: str, error="Error",
     return op
 
 
+_EMBED = (400, 401, 404, 413, 429, 503, 504)
+
+
+def _refused(what: str) -> dict:
+    """An Ollama route that would change the model list: always a 403 (the config file is the list)."""
+    op = _op(f"Ollama: {what} a model is refused with a 403 naming the config file.", _json(_ref("Object")),
+             errors=(401, 413), body="Object", error="OllamaError")
+    del op["responses"]["200"]
+    return op
+
+
 def build_spec() -> dict:
     schemas = {**_request_schemas(ChatCompletionRequest, CompletionRequest, MessagesRequest, CountTokensRequest,
-                                  ResponsesRequest), **_RESPONSES}
+                                  ResponsesRequest, EmbeddingRequest, OllamaEmbed, OllamaEmbeddings, OllamaShow),
+               **_RESPONSES}
     obj = _json(_ref("Object"))
     reload = _op("Re-read the config file.", _json(_ref("ReloadResult")))
     reload["responses"]["400"] = _json(_ref("ReloadResult"), "The config did not load; nothing changed.")
     return {
         "openapi": "3.1.0",
         "info": {"title": "mlxd", "version": "0.1.0",
-                 "description": "MLX language models behind OpenAI- and Anthropic-compatible APIs."},
+                 "description": "MLX language and embedding models behind OpenAI-, Anthropic- and Ollama-compatible APIs."},
         "security": [{"bearer": []}, {"apiKey": []}],
         "paths": {
             "/health": {"get": _op("200 once every preloaded model is ready; 503 before, and while shutting down.", obj, errors=(503,), security=[])},
@@ -210,6 +281,26 @@ def build_spec() -> dict:
             "/v1/responses": {"post": _completion(
                 "OpenAI Responses.", "ResponsesRequest", "Response",
                 stream="the Responses events (response.created ... response.completed)")},
+            "/v1/embeddings": {"post": _op(
+                "Embeddings of one or more inputs (text or token ids).", _json(_ref("Embeddings")),
+                errors=_EMBED, body="EmbeddingRequest")},
+            "/api/embed": {"post": _op(
+                "Ollama: embeddings of one or more inputs.", _json(_ref("OllamaEmbedResponse")),
+                errors=_EMBED, body="OllamaEmbed", error="OllamaError")},
+            "/api/embeddings": {"post": _op(
+                "Ollama's older route: the embedding of one prompt.", _json(_ref("OllamaEmbeddingsResponse")),
+                errors=_EMBED, body="OllamaEmbeddings", error="OllamaError")},
+            "/api/tags": {"get": _op("Ollama: the config's models.", _json(_ref("OllamaTags")), errors=(401, 503),
+                                     error="OllamaError")},
+            "/api/ps": {"get": _op("Ollama: the loaded models.", _json(_ref("OllamaPs")), errors=(401, 503),
+                                   error="OllamaError")},
+            "/api/show": {"post": _op("Ollama: one model's details, template and parameters.",
+                                      _json(_ref("OllamaShowResponse")), errors=(400, 401, 404, 413, 503),
+                                      body="OllamaShow", error="OllamaError")},
+            "/api/version": {"get": _op("Ollama: mlxd's version.", _json(_ref("OllamaVersion")), error="OllamaError")},
+            **{f"/api/{name}": {method: _refused(what)} for name, method, what in (
+                ("pull", "post", "Pulling"), ("push", "post", "Pushing"), ("create", "post", "Creating"),
+                ("copy", "post", "Copying"), ("delete", "delete", "Deleting"))},
             "/v1/cache/stats": {"get": _op("Prefix-cache statistics per model.", obj)},
             "/v1/cache": {"delete": _op(
                 "Clear one model's prefix cache.",

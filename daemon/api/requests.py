@@ -24,6 +24,7 @@ from .. import events as ev_
 from ..process import RequestTimeout, WorkerGone
 from ..lifecycle.handle import ModelAtCapacity, ModelUnavailable
 from .deadline import MODEL_KEY
+from .lifetime import hold
 from .errors import APIError, from_validation, model_not_found
 
 
@@ -166,6 +167,12 @@ def check_serves(handle, wants: str) -> None:
     raise APIError(400, msg, code="model_not_supported", param="model")
 
 
+def key_identity(key: Optional[str] = None) -> str:
+    """The caller's API key as an owner of per-client state (a hash, never the key); "" without keys."""
+    key = g.get("api_key") if key is None else key
+    return hashlib.sha256(key.encode()).hexdigest()[:32] if key else ""
+
+
 def cache_namespace(handle, salt: Optional[str]) -> str:
     """The request's prefix cache namespace: its API key's (unless the model shares across
     keys) and its `cache_salt`'s; "" for neither. A hash, never the key: it travels to the
@@ -173,7 +180,7 @@ def cache_namespace(handle, salt: Optional[str]) -> str:
     key = None if handle.cfg.prefix_cache.share_across_keys else g.get("api_key")
     if not key and salt is None:
         return ""
-    key_id = hashlib.sha256(key.encode()).hexdigest()[:32] if key else None
+    key_id = key_identity(key) if key else None
     return hashlib.blake2b(json.dumps([key_id, salt]).encode(), digest_size=16, person=b"mlxd-cache-ns").hexdigest()
 
 
@@ -191,6 +198,7 @@ async def start(handle, payload: dict, cache_salt: Optional[str] = None, stream:
                              current_app.config["LIMITER"]))
     if stream:
         events = heartbeat(events, sup.config.server.stream_ping_seconds)
+    hold(request.scope, events)      # closed when the exchange ends, even if no body ever reads them
     try:
         async for ev in events:
             if ev is None:

@@ -219,19 +219,6 @@ class ChatCompletionRequest(_Body):
             raise ValueError(f"{clash[0]!r} is set by the server, not by chat_template_kwargs")
         return v
 
-    def tool_problem(self) -> Optional[tuple[str, str]]:
-        """(param, message) for tool fields that contradict each other."""
-        names = [t.function.name for t in self.tools or []]
-        if len(set(names)) < len(names):
-            dup = next(n for n in names if names.count(n) > 1)
-            return "tools", f"two tools are named {dup!r}"
-        choice = self.tool_choice
-        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
-            return "tool_choice", f"tool_choice names {choice.function.name!r}, which is not in 'tools'"
-        if choice == "required" and not names:
-            return "tool_choice", "tool_choice 'required' needs 'tools'"
-        return None
-
     def template_messages(self) -> list[dict[str, Any]]:
         return [m.for_template() for m in self.messages]
 

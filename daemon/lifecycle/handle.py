@@ -19,6 +19,7 @@ supervisor's single-flight loader.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import AsyncIterator, Callable, Optional
@@ -422,16 +423,19 @@ class ModelHandle:
         try:
             worker = await self.wait_ready(self.server.worker_start_timeout)
             self.last_used = time.time()
-            async for ev in self.metrics.recent.track(self.name, payload, worker.generate(payload, timeout)):
-                if ev["op"] == "done":
-                    finished = True
-                    self.tokens["prompt"] += ev["usage"]["prompt_tokens"]
-                    self.tokens["generated"] += ev["usage"]["completion_tokens"]
-                    self.metrics.request_done(self.name, ev, self.cfg.prefix_cache.enabled and self.serves != "embedding")
-                elif ev["op"] == "error":
-                    finished = True
-                    self.metrics.request_failed(self.name, ev.get("code") or "invalid_request")
-                yield ev
+            # Closed here, not left to its finalizer: closing it is what cancels the worker's request.
+            async with contextlib.aclosing(self.metrics.recent.track(self.name, payload,
+                                                                     worker.generate(payload, timeout))) as events:
+                async for ev in events:
+                    if ev["op"] == "done":
+                        finished = True
+                        self.tokens["prompt"] += ev["usage"]["prompt_tokens"]
+                        self.tokens["generated"] += ev["usage"]["completion_tokens"]
+                        self.metrics.request_done(self.name, ev, self.cfg.prefix_cache.enabled and self.serves != "embedding")
+                    elif ev["op"] == "error":
+                        finished = True
+                        self.metrics.request_failed(self.name, ev.get("code") or "invalid_request")
+                    yield ev
         except WorkerGone:
             finished = True
             self.metrics.request_failed(self.name, "worker_died")

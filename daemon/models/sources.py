@@ -21,9 +21,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlx.core as mx
-
 from . import libraries
+from ..worker.blas import auto_dtype
 from .embedded import EmbeddedError, embedded_gguf
 from .gguf import DTYPES, IMPORTER_VERSION
 
@@ -112,10 +111,6 @@ def resolve_model(source: str, *, dtype: str = "auto", cache_dir: Path) -> Resol
     else:
         tried.append("not an HF repo id of the form 'org/name'")
     raise ModelSourceError(f"cannot resolve model source {source!r}: " + "; ".join(tried))
-
-
-def auto_dtype() -> str:
-    return "quantized" if mx.metal.is_available() else "float32"
 
 
 def _embedded_gguf(source: str, cache_dir: Path | None = None) -> Path:

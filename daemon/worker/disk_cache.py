@@ -122,6 +122,65 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def claim_namespace(root: Path, d: Path) -> int:
+    """Create the namespace `d` under `root` and hold a shared lock on it for life (the fd
+    returned), so another worker's orphan sweep never removes a namespace in use, however long
+    it sat idle. A sweep that removed the directory just before we locked it leaves us a lock
+    on a deleted file: then start over."""
+    for _ in range(5):
+        _private_dir(root)
+        _private_dir(d)
+        lock = d / ".lock"
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.utime(d)
+            return fd
+        os.close(fd)
+    raise OSError(f"{d} keeps vanishing")
+
+
+def age_out_orphans(root: Path, keep: Path, ttl: float) -> None:
+    """Namespaces under `root` other than `keep`, untouched for `ttl` and not locked by a live
+    worker, belong to models no longer served: remove them. Workers starting together sweep at
+    the same time, so whatever vanishes meanwhile is simply gone, never an error."""
+    now = time.time()
+    try:
+        dirs = list(root.iterdir())
+    except OSError as e:
+        log.warning("cannot list %s to age out old prefix caches: %s", root, e)
+        return
+    for d in dirs:
+        try:
+            if d == keep or d.is_symlink() or not d.is_dir() or now - d.stat().st_mtime <= ttl:
+                continue
+            fd = os.open(d / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            continue            # removed by another sweep meanwhile
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue            # a live worker holds it
+        try:
+            log.info("removing prefix cache of a model not served for %.1f days: %s", ttl / 86400, d)
+            shutil.rmtree(d, ignore_errors=True)
+        finally:
+            os.close(fd)
+
+
+def listdir(d: Path) -> list[Path]:
+    """A directory's entries, or none when it is gone or unreadable (another daemon's sweep)."""
+    try:
+        return list(d.iterdir())
+    except OSError:
+        return []
+
+
 @dataclass
 class _Write:
     key: str
@@ -157,73 +216,23 @@ class DiskTier:
         self.usable = True
         self._lock_fd: Optional[int] = None
         try:
-            self._claim()
+            self._lock_fd = claim_namespace(self.root, self.dir)
         except OSError as e:
             log.error("prefix cache directory %s is unusable (%s); the disk tier is off", self.dir, e)
             self.usable = False
         else:
-            self._age_out_orphans(orphan_ttl)
+            age_out_orphans(self.root, self.dir, orphan_ttl)
         self.thread = threading.Thread(target=self._writer, name="prefix-cache-writer", daemon=True)
         self.thread.start()
 
     # -- start-up -----------------------------------------------------------------------
-
-    def _claim(self) -> None:
-        """Create the namespace and hold a shared lock on it for life, so another worker's
-        orphan sweep never removes a namespace in use, however long it sat idle. A sweep that
-        removed the directory just before we locked it leaves us a lock on a deleted file:
-        then start over."""
-        for _ in range(5):
-            _private_dir(self.root)
-            _private_dir(self.dir)
-            lock = self.dir / ".lock"
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
-            fcntl.flock(fd, fcntl.LOCK_SH)
-            try:
-                same = os.path.samestat(os.fstat(fd), os.stat(lock))
-            except FileNotFoundError:
-                same = False
-            if same:
-                self._lock_fd = fd
-                os.utime(self.dir)
-                return
-            os.close(fd)
-        raise OSError(f"{self.dir} keeps vanishing")
-
-    def _age_out_orphans(self, ttl: float) -> None:
-        """Namespaces untouched for `ttl` and not locked by a live worker belong to models no
-        longer served: remove them. Workers starting together sweep at the same time, so
-        whatever vanishes meanwhile is simply gone, never an error."""
-        now = time.time()
-        try:
-            dirs = list(self.root.iterdir())
-        except OSError as e:
-            log.warning("cannot list %s to age out old prefix caches: %s", self.root, e)
-            return
-        for d in dirs:
-            try:
-                if d == self.dir or d.is_symlink() or not d.is_dir() or now - d.stat().st_mtime <= ttl:
-                    continue
-                fd = os.open(d / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-            except OSError:
-                continue            # removed by another sweep meanwhile
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                os.close(fd)
-                continue            # a live worker holds it
-            try:
-                log.info("removing prefix cache of a model not served for %.1f days: %s", ttl / 86400, d)
-                shutil.rmtree(d, ignore_errors=True)
-            finally:
-                os.close(fd)
 
     def load_index(self) -> list[dict]:
         """Read every entry's record (not its tensors); drop leftovers of interrupted writes."""
         if not self.usable:
             return []
         metas = []
-        for p in self._listdir(self.dir):
+        for p in listdir(self.dir):
             name = p.name
             if ".tmp" in name:
                 if _stale_tmp(name):
@@ -254,13 +263,6 @@ class DiskTier:
         with self.lock:
             self.records = {m["key"]: m for m in metas}
         return metas
-
-    @staticmethod
-    def _listdir(d: Path) -> list[Path]:
-        try:
-            return list(d.iterdir())
-        except OSError:
-            return []
 
     # -- writes (behind the request) ------------------------------------------------------
 
@@ -364,7 +366,7 @@ class DiskTier:
         if not self.evict:
             return
         for dirs, budget in (([self.dir], self.budget),
-                             ([d for d in self._listdir(self.root) if d.is_dir()], self.total_budget)):
+                             ([d for d in listdir(self.root) if d.is_dir()], self.total_budget)):
             if budget is None:
                 continue
             entries, in_flight = self._scan(dirs)
@@ -385,7 +387,7 @@ class DiskTier:
         entries, in_flight = {}, 0
         for d in dirs:
             sizes, used = {}, {}
-            for p in DiskTier._listdir(d):
+            for p in listdir(d):
                 try:
                     if p.name.endswith(".json") and ".tmp" not in p.name:
                         used[p.name.removesuffix(".json")] = p.stat().st_mtime

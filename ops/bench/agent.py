@@ -9,7 +9,7 @@
     renders its own prompt (SmolLM2's template has no tools: a server that does not render them
     itself drops them), so each gets its own floor: raw mlx-lm prefilling as many tokens as that
     server's prompt grew by onto a KV cache as long as its previous prompt, plus the first token
-    (token counts follow the server; the tokens are the session rendered with its tools).
+    (floor.py; token counts follow the server, the tokens are the session rendered with its tools).
 (b) A new session: same system prompt and tools, another first user message: cached tokens
     and TTFT against the first session's cold opening request.
 (c) Tool calls: one streamed request per server with `tool_choice: "auto"` and one with
@@ -34,8 +34,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from agent_session import TOOLS, USER_2, fallback_render, session  # noqa: E402
-from common import (InProc, load_now, median, mlx_lm_server, mlxd, model_dir, publish, serve_inproc,  # noqa: E402
+from common import (InProc, load_now, median, mlx_lm_server, mlxd, model_dir, publish,  # noqa: E402
                     save_ttft_plot, stream_chat, ttft_axes, vllm_mlx_server, wait_quiet)
+from floor import PREFILL_STEP, serve as serve_floor  # noqa: E402
 from prefix import MLXD_CFG, cache_stats, fmt, log_digest, ratio, settle, warm_up  # noqa: E402
 
 SERVERS = ("mlxd", "mlx_lm.server", "vllm-mlx")
@@ -50,9 +51,6 @@ FLOOR_REPS = 3
 JSON_REPS = 3
 REQUEST_TIMEOUT = 400
 TARGET_FLOOR, TARGET_JSON = 1.2, 0.9
-# The floor prefills in mlxd's chunks: on CPU a one-shot causal prefill of N tokens computes all
-# N^2 attention scores (masked), chunks about half of them, so the cold floor would not be a floor.
-PREFILL_STEP = MLXD_CFG["engine"]["prefill_step_size"]
 AGENT = {"tools": TOOLS, "tool_choice": "auto"}
 PROJECT_SCHEMA = {
     "type": "object", "additionalProperties": False, "required": ["name", "summary", "files"],
@@ -165,47 +163,10 @@ def schema_valid(text: str) -> bool:
 # -- the floor (re-executed with OpenBLAS preloaded) ------------------------------------------
 
 def floor_worker(payload: dict) -> None:
-    """Per request {series, reuse, new}: prefill `new` tokens of the session's token stream onto that
-    series' KV cache holding its first `reuse` tokens (built untimed), plus the first token. The
-    last timed run stays in the cache, so the next request of the series only extends it."""
-    import mlx.core as mx
-    from mlx_lm import load
-    from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
-
-    model, _ = load(payload["model_dir"])
+    """Per request {series, reuse, new}: the floor (floor.py) of `new` tokens of the session's
+    token stream onto that series' cache holding its first `reuse` tokens."""
     stream = payload["tokens"]
-    caches: dict[str, list] = {}
-
-    def forward(cache, tokens, chunk):
-        """As mlx-lm prefills: the cache chunk by chunk, then the first token from the last chunk."""
-        for s in range(0, len(tokens), chunk):
-            logits = model(mx.array(tokens[s:s + chunk])[None], cache=cache)
-            y = mx.argmax(logits[:, -1, :], axis=-1) if s + chunk >= len(tokens) else None
-            mx.eval([y] if y is not None else [], [c.state for c in cache])
-
-    scratch = make_prompt_cache(model)
-    forward(scratch, stream[:64], 64)                     # warm-up
-
-    def handle(req):
-        reuse, new = req["reuse"], req["new"]
-        cache, held = caches.get(req["series"], (None, 0))
-        if cache is None:
-            cache = make_prompt_cache(model)
-        if held > reuse:
-            trim_prompt_cache(cache, held - reuse)
-            held = reuse
-        forward(cache, stream[held:reuse], PREFILL_STEP)
-        times = []
-        for rep in range(req["reps"]):
-            t0 = time.perf_counter()
-            forward(cache, stream[reuse:reuse + new], PREFILL_STEP)
-            times.append(time.perf_counter() - t0)
-            if rep < req["reps"] - 1:
-                trim_prompt_cache(cache, new)
-        caches[req["series"]] = (cache, reuse + new)
-        return {"reuse": reuse, "new": new, "ttft": median(times), "runs": times}
-
-    serve_inproc(handle, {"ok": True})
+    serve_floor(payload, lambda f, req: (stream[:req["reuse"] + req["new"]], req["reuse"]))
 
 
 def floor_tokens(tokenizer, messages: list[dict], length: int) -> list[int]:

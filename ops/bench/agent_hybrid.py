@@ -28,11 +28,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 from agent_session import TOOLS, session  # noqa: E402
-from common import (PEER_BIN, InProc, load_now, median, mlx_lm_server, mlxd, publish, serve_inproc,  # noqa: E402
+from floor import PREFILL_STEP, serve as serve_floor  # noqa: E402
+from common import (PEER_BIN, InProc, load_now, mlx_lm_server, mlxd, publish,  # noqa: E402
                     stream_chat, vllm_mlx_server, wait_quiet)
 
 STEP_TOKENS = 16
-PREFILL_STEP = 512
+
 FLOOR_REPS = 3
 TARGET = 1.2
 AGENT = {"tools": TOOLS, "tool_choice": "auto"}
@@ -51,41 +52,9 @@ def model_copy(workdir: Path) -> Path:
 
 
 def floor_worker(payload: dict) -> None:
-    """Per request {tokens, reuse, reps}: prefill tokens[reuse:] onto a cache holding
-    tokens[:reuse], a copy each run (recurrent state cannot be trimmed back). The untimed
-    base is kept and extended while each request's shared part extends the last one's."""
-    import copy
-
-    import mlx.core as mx
-    from mlx_lm import load
-    from mlx_lm.models.cache import make_prompt_cache
-
-    model, _ = load(payload["model_dir"])
-    base: dict = {"tokens": [], "cache": make_prompt_cache(model)}
-
-    def forward(cache, tokens):
-        for s in range(0, len(tokens), PREFILL_STEP):
-            logits = model(mx.array(tokens[s:s + PREFILL_STEP])[None], cache=cache)
-            y = mx.argmax(logits[:, -1, :], axis=-1) if s + PREFILL_STEP >= len(tokens) else None
-            mx.eval([y] if y is not None else [], [c.state for c in cache])
-
-    forward(make_prompt_cache(model), list(range(64)))          # warm-up
-
-    def handle(req):
-        tokens, reuse, times = req["tokens"], req["reuse"], []
-        held = base["tokens"]
-        if held != tokens[:len(held)] or len(held) > reuse:
-            base.update(tokens=[], cache=make_prompt_cache(model))
-        forward(base["cache"], tokens[len(base["tokens"]):reuse])
-        base["tokens"] = tokens[:reuse]
-        for _ in range(req["reps"]):
-            cache = copy.deepcopy(base["cache"])
-            t0 = time.perf_counter()
-            forward(cache, tokens[reuse:])
-            times.append(time.perf_counter() - t0)
-        return {"ttft": median(times), "runs": times}
-
-    serve_inproc(handle, {"ok": True})
+    """Per request {tokens, reuse, reps}: the floor (floor.py) of tokens[reuse:] onto a cache
+    holding tokens[:reuse] (recurrent state cannot be trimmed back: floor.py times copies)."""
+    serve_floor(payload)
 
 
 def shared(a: list[int], b: list[int]) -> int:

@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmarks: the model, the servers as subprocesses, a streaming client.
+"""Shared pieces of the benchmarks: the one way to start mlxd and its peers, the model, a streaming client.
 
 Every server runs alone (2 CPU cores: anything beside it would skew its numbers), on
 127.0.0.1, with a log under the run's temp dir; every wait and request has a deadline.
@@ -99,12 +99,12 @@ class Server:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 300) -> float:
+    def start(self, timeout: float = 300, cwd: Path = ROOT) -> float:
         t0 = time.perf_counter()
         log = open(self.log_path, "ab")
         log.write(f"\n$ {shlex.join(self.cmd)}\n".encode())
         log.flush()
-        self.proc = subprocess.Popen(self.cmd, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(self.cmd, env=self.env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
         deadline = t0 + timeout
         while time.perf_counter() < deadline:
@@ -129,22 +129,31 @@ class Server:
             return bool(models) and all(m.get("state") == "ready" for m in models if m.get("preload"))
         return True
 
-    def stop(self, timeout: float = 60) -> None:
-        """SIGTERM (mlxd flushes its disk cache on it), then SIGKILL the whole process group."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
-        except ProcessLookupError:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)   # stragglers (workers, engine threads)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(10)
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60, reap: bool = True) -> int | None:
+        """`sig` to the server itself (mlxd drains, stops its workers and flushes its disk cache on
+        SIGTERM), SIGKILL if it outlives `timeout`; then, if `reap`, SIGKILL what is left of its
+        process group (a bench that checks for leaked workers passes reap=False). Its exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            try:
+                self.proc.send_signal(sig)
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        if reap:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)   # stragglers (workers, engine threads)
+            except (ProcessLookupError, PermissionError):
+                pass
+        return self.proc.returncode
+
+    def status(self) -> dict:
+        return httpx.get(self.url + "/v1/status", timeout=10).json()
+
+    def model_status(self, name: str) -> dict:
+        return next(m for m in self.status()["models"] if m["name"] == name)
 
     def __enter__(self):
         return self
@@ -156,24 +165,50 @@ class Server:
 def prepare_cache_dir(cache_dir: Path) -> Path:
     """An mlxd cache dir whose models/ is the tests' import, so no run pays for a second GGUF import."""
     cache_dir.mkdir(parents=True, exist_ok=True)
+    (MODELS_CACHE / "models").mkdir(parents=True, exist_ok=True)
     if not (cache_dir / "models").exists():
         (cache_dir / "models").symlink_to(MODELS_CACHE / "models")
     return cache_dir
 
 
+def smol(name: str, **over) -> dict:
+    """A model entry on the embedded SmolLM2 weights."""
+    return {"name": name, "source": "embedded:smollm2", **over}
+
+
+class Mlxd(Server):
+    """`mlxd serve` on a config file the bench may rewrite (`write_config`, or its own text at
+    `config_path`); ready once every preloaded model's worker is. `checkout` runs the daemon
+    package of another git checkout (a baseline) with this venv."""
+
+    def __init__(self, workdir: Path, models: list[dict], name: str = "mlxd", cache_dir: Path | None = None,
+                 server: dict | None = None, checkout: Path | None = None, log_level: str = "warning"):
+        self.cache_dir = prepare_cache_dir(cache_dir or workdir / f"{name}-cache")
+        self.config_path = workdir / f"{name}.yaml"
+        self.checkout = checkout or ROOT
+        cmd = [sys.executable, "-m", "daemon", "serve", "--config", str(self.config_path), "--log-level", log_level]
+        env = env_with(False)                    # workers preload OpenBLAS themselves
+        env["PYTHONPATH"] = str(self.checkout)
+        super().__init__(name, cmd, env, free_port(), workdir, models[0]["name"] if models else "",
+                         ready_path="/v1/status")
+        self.write_config(models, server)
+
+    def write_config(self, models: list[dict], server: dict | None = None) -> None:
+        cfg = {"server": {"host": "127.0.0.1", "port": self.port, "cache_dir": str(self.cache_dir), **(server or {})},
+               "models": models}
+        self.config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+    def start(self, timeout: float = 300) -> float:
+        return super().start(timeout, cwd=self.checkout)
+
+
 def mlxd(workdir: Path, model_cfg: dict, name: str = "mlxd", cache_dir: Path | None = None,
-         models: list[dict] | None = None, server: dict | None = None) -> Server:
-    """`mlxd serve` on a config written from `model_cfg` (workers preload OpenBLAS themselves);
-    `models` (each with its own name) replaces the single `smollm2` entry."""
-    cache_dir = prepare_cache_dir(cache_dir or workdir / "mlxd-cache")
-    port = free_port()
+         models: list[dict] | None = None, server: dict | None = None, checkout: Path | None = None) -> Mlxd:
+    """An Mlxd on `model_cfg` as its one `smollm2` entry; `models` (each with its own name, on the
+    embedded SmolLM2 unless it says otherwise) replaces that entry."""
     models = models or [{"name": "smollm2", **model_cfg}]
-    cfg = {"server": {"host": "127.0.0.1", "port": port, "cache_dir": str(cache_dir), **(server or {})},
-           "models": [{"source": "embedded:smollm2", **m} for m in models]}
-    path = workdir / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return Server(name, [sys.executable, "-m", "daemon", "serve", "--config", str(path), "--log-level", "warning"],
-                  env_with(False), port, workdir, models[0]["name"], ready_path="/v1/status")
+    return Mlxd(workdir, [{"source": "embedded:smollm2", **m} for m in models], name, cache_dir
+                or workdir / "mlxd-cache", server, checkout)
 
 
 def mlx_lm_server(workdir: Path, mdir: Path, preload: bool, name: str = "mlx_lm.server") -> Server:

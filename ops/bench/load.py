@@ -29,8 +29,8 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests"))
-from conftest import Daemon, smol  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Mlxd, smol  # noqa: E402
 
 RESULTS = ROOT / "ops" / "bench" / "results"
 MODELS = ("load-a", "load-b")
@@ -63,7 +63,7 @@ def rss_kib(pid: int) -> tuple[int, int]:
 class RssSampler(threading.Thread):
     """Peak RSS per process every 0.2 s; workers found (and re-found after restarts) via /v1/status."""
 
-    def __init__(self, daemon: Daemon):
+    def __init__(self, daemon: Mlxd):
         super().__init__(daemon=True)
         self.d, self.stop = daemon, threading.Event()
         self.procs = {daemon.proc.pid: "daemon"}
@@ -206,7 +206,8 @@ def main() -> int:
     command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "ops/bench/load.py", *sys.argv[1:]])
 
     engine = {"max_batch_size": args.batch, "max_waiting": args.max_waiting}
-    d = Daemon(Path(tempfile.mkdtemp(prefix="mlxd-load-")), [smol(m, engine=engine) for m in MODELS])
+    d = Mlxd(Path(tempfile.mkdtemp(prefix="mlxd-load-")), [smol(m, engine=engine) for m in MODELS],
+             name="daemon", log_level="info")
     meta = {"loadavg": " ".join(Path("/proc/loadavg").read_text().split()[:3])}
     d.start()
     sampler = RssSampler(d)

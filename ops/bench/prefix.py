@@ -3,7 +3,8 @@
 (a) A multi-turn coding chat (each turn pastes ~450 tokens of Python and asks about it;
     the greedy 32-token reply is appended) growing past 4K tokens: TTFT per turn. The floor
     is raw mlx-lm prefilling only the new tokens onto a KV cache already holding the rest,
-    plus the first token: what a perfect prefix cache would cost.
+    plus the first token (floor.py, the one floor of every bench): what a perfect prefix cache
+    would cost.
 (b) The same chat with every server restarted before the last turn: mlxd keeps its disk
     cache, mlx_lm.server starts cold, vllm-mlx reloads what it saved at shutdown.
 (c) Two models alternating under a memory budget that holds one worker: every turn swaps the
@@ -38,8 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[2]))   # this checkout's daemon package, not an installed one
 import common  # noqa: E402
 from common import (InProc, load_now, median, mlx_lm_server, mlxd, model_dir, prepare_cache_dir,  # noqa: E402
-                    publish, run_self, save_ttft_plot, serve_inproc, stream_chat, ttft_axes, vllm_mlx_server,
+                    publish, run_self, save_ttft_plot, stream_chat, ttft_axes, vllm_mlx_server,
                     wait_quiet)
+from floor import common_len, serve as serve_floor  # noqa: E402
 
 TURNS = 10
 CHUNK_TOKENS = 450
@@ -165,54 +167,18 @@ def swap_run(tmp: Path, chats: dict, res: dict) -> dict:
 # -- in-process measurements (re-executed with OpenBLAS preloaded) ---------------------------
 
 def floor_worker(payload: dict) -> None:
-    """Per request (a chat ending in a user turn): prefill only the new tokens onto a KV cache
-    holding the reusable prefix (previous prompt + reply, as far as it matches), plus the first
-    token. One cache is extended turn by turn, untimed; the timed forwards are trimmed off."""
-    import mlx.core as mx
-    from mlx_lm import load
-    from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
-
-    model, tok = load(payload["model_dir"])
-    cache, held = make_prompt_cache(model), []
-
-    def forward(tokens):
-        logits = model(mx.array(tokens)[None], cache=cache)
-        y = mx.argmax(logits[:, -1, :], axis=-1)
-        mx.eval(y, [c.state for c in cache])
-
-    def common_len(a, b):
-        n = 0
-        while n < min(len(a), len(b)) and a[n] == b[n]:
-            n += 1
-        return n
-
-    forward(list(range(100, 164)))    # warm-up, then empty the cache again
-    trim_prompt_cache(cache, 64)
-
-    def handle(req):
-        nonlocal held
-        msgs = req["messages"]
+    """Per request (a chat ending in a user turn): the floor (floor.py) of its new tokens onto
+    the reusable prefix (previous prompt + reply, as far as it matches)."""
+    def tokens_of(f, req):
+        msgs, tok = req["messages"], f.tokenizer
         tokens = list(tok.apply_chat_template(msgs, add_generation_prompt=True))
         prev = []
         if len(msgs) > 1:
             prev = list(tok.apply_chat_template(msgs[:-2], add_generation_prompt=True)) + \
                 list(tok.encode(msgs[-2]["content"], add_special_tokens=False))
-        reuse = min(common_len(prev, tokens), len(tokens) - 1)
-        keep = common_len(held, tokens[:reuse])
-        trim_prompt_cache(cache, len(held) - keep)
-        for s in range(keep, reuse, 512):
-            forward(tokens[s:min(s + 512, reuse)])
-        held = tokens[:reuse]
-        times = []
-        for _ in range(req["reps"]):
-            t0 = time.perf_counter()
-            forward(tokens[reuse:])
-            times.append(time.perf_counter() - t0)
-            trim_prompt_cache(cache, len(tokens) - reuse)
-        return {"prompt_tokens": len(tokens), "reused": reuse, "new": len(tokens) - reuse,
-                "ttft": median(times), "runs": times}
+        return tokens, common_len(prev, tokens)
 
-    serve_inproc(handle, {"ok": True})
+    serve_floor(payload, tokens_of)
 
 
 def make_entries(payload: dict) -> dict:
@@ -423,51 +389,14 @@ def stream_completion(server, prompt: str, max_tokens: int, timeout: float = REQ
 
 
 def gemma_floor_worker(payload: dict) -> None:
-    """Per turn: prefill only the new tokens onto a copy of a cache holding the reusable prefix
-    (the previous prompt + reply, as far as it matches), plus the first token. A rotating cache
-    cannot be trimmed, so the held cache only ever grows; each timed run gets a deep copy."""
-    import copy
+    """Per turn: the floor (floor.py) of its new tokens onto the reusable prefix (the previous
+    prompt + reply, as far as it matches); a rotating cache is measured on copies there."""
+    def tokens_of(f, req):
+        tokens = f.tokenizer.encode(req["prompt"])
+        prev = f.tokenizer.encode(req["previous"]) if req["previous"] else []
+        return tokens, common_len(prev, tokens)
 
-    import mlx.core as mx
-    from mlx_lm import load
-    from mlx_lm.models.cache import make_prompt_cache
-
-    model, tok = load(payload["model_dir"])
-    state = {"cache": make_prompt_cache(model), "held": []}
-
-    def prefill(tokens, cache):
-        # As mlx-lm generates: the prompt but its last token without logits (a 262K vocabulary
-        # makes them the biggest matmul), in chunks of 512.
-        for s in range(0, len(tokens), 512):
-            model(mx.array(tokens[s:s + 512])[None], cache=cache)
-            mx.eval([c.state for c in cache])
-
-    def forward(tokens, cache):
-        prefill(tokens[:-1], cache)
-        y = mx.argmax(model(mx.array(tokens[-1:])[None], cache=cache)[:, -1, :], axis=-1)
-        mx.eval(y, [c.state for c in cache])
-
-    forward(list(range(100, 164)), make_prompt_cache(model))     # warm-up
-
-    def handle(req):
-        tokens, prev = tok.encode(req["prompt"]), tok.encode(req["previous"]) if req["previous"] else []
-        n = next((i for i, (a, b) in enumerate(zip(prev, tokens)) if a != b), min(len(prev), len(tokens)))
-        reuse = min(n, len(tokens) - 1)
-        held = state["held"]
-        if held != tokens[:len(held)] or len(held) > reuse:        # cannot trim: start over
-            state["cache"], held = make_prompt_cache(model), []
-        prefill(tokens[len(held):reuse], state["cache"])
-        state["held"] = tokens[:reuse]
-        times = []
-        for _ in range(req["reps"]):
-            cache = copy.deepcopy(state["cache"])
-            t0 = time.perf_counter()
-            forward(tokens[reuse:], cache)
-            times.append(time.perf_counter() - t0)
-        return {"prompt_tokens": len(tokens), "reused": reuse, "new": len(tokens) - reuse, "ttft": median(times),
-                "runs": times}
-
-    serve_inproc(handle, {"ok": True})
+    serve_floor(payload, tokens_of)
 
 
 def gemma_report(res: dict, cmd: str) -> str:

@@ -46,8 +46,8 @@ import openai
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests"))
-from conftest import Daemon, smol  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Mlxd, smol  # noqa: E402
 
 RESULTS = ROOT / "ops" / "bench" / "results"
 MiB = 2**20
@@ -686,7 +686,7 @@ class Soak:
         """Stop the daemon; nothing of it may be left behind."""
         for pid in list(self.stopped):
             self.resume(pid)
-        code = self.d.stop(signal.SIGTERM, timeout=90)
+        code = self.d.stop(signal.SIGTERM, timeout=90, reap=False)   # leaked workers are a finding
         if code != 0 and not self.dead:
             self.violate("clean_exit", f"the daemon exited with {code} on SIGTERM")
         deadline = time.monotonic() + 30
@@ -715,7 +715,7 @@ class Soak:
             self.unavailable["fill"] = f"no tmpfs to fill ({why})"
             print(f"soak: WARNING: the disk-full fault (fill) cannot run: tmpfs not mounted: {why}",
                   file=sys.stderr, flush=True)
-        self.d = Daemon(self.tmp, [])
+        self.d = Mlxd(self.tmp, [], name="daemon", cache_dir=cache, log_level="info")
         try:
             self.apply_models(base_models(self.plan))
             print(f"soak: {self.plan.duration:.0f}s, cache on {self.storage}, log {self.d.log_path}", flush=True)
