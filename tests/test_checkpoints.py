@@ -183,7 +183,7 @@ def test_a_checkpoint_keeps_its_window_not_the_prefill_chunk(gemma, tmp_path):
     e = engine(gemma, tmp_path, every=768)
     run(e, {"id": "a", "prompt": a, "max_tokens": 2})
     (ckpt,) = [x for x in e.prefix_cache.entries.values() if x.n_tokens == 768]
-    windows = [c for c in ckpt.cache if type(c).__name__ == "RotatingKVCache"]
+    windows = [c for c in ckpt.mem.others.values() if type(c).__name__ == "RotatingKVCache"]   # its own layers
     assert windows and all(c.keys.shape[2] == 512 and c.offset == 768 for c in windows)
     b = a[:800] + [rng.randrange(1000, 20000) for _ in range(20)]
     cold = run(engine(gemma), {"id": "cold", "prompt": b, "max_tokens": 8})

@@ -104,15 +104,19 @@ def test_a_follower_keeps_its_own_memory_budget_and_drops_what_rank_0_does(model
     turn1, turn2 = TOKENS[:40], TOKENS[:40] + [7] * 30
     others = [[i] * 3 + TOKENS[:40] for i in (1, 2)]
     p = {tuple(t): shards(model, t) for t in (turn1, turn2, *others)}
-    size = max(sum(c.nbytes for c in s[R0]) for s in p.values())
-    lead = rank(tmp_path, R0, disk_budget=0, memory_budget=int(2.5 * size))
-    follower = rank(tmp_path, R1, disk_budget=0, memory_budget=int(2.5 * size), follower=True)
+    # The memory tier counts an entry's tokens' KV (not the buffer allocated past them): the
+    # budget holds turn 2 and one other, not turn 2 and both.
+    tok = max(sum(c.keys[..., :1, :].nbytes + c.values[..., :1, :].nbytes for c in s[R]) for s in p.values()
+              for R in (R0, R1))
+    budget = (len(turn2) + len(others[0]) + 10) * tok
+    lead = rank(tmp_path, R0, disk_budget=0, memory_budget=budget)
+    follower = rank(tmp_path, R1, disk_budget=0, memory_budget=budget, follower=True)
     keys = {}
     for t in (turn1, turn2, *others):
         keys[tuple(t)] = lead.store(t, p[tuple(t)][R0])
         assert follower.store(t, p[tuple(t)][R1]) == keys[tuple(t)]
     k1, k2, ka, kb = keys.values()
-    # Rank 0: turn 1 covered by turn 2, then turn 2 pushed out by the other two (budget 2.5).
+    # Rank 0: turn 1 covered by turn 2, then turn 2 pushed out by the other two.
     assert lead.evicted_keys() == [k1, k2]
     assert lead.evicted_keys() == []                       # drained
     assert [lead.has_key(k) for k in (k1, k2, ka, kb)] == [False, False, True, True]
