@@ -151,6 +151,11 @@ class _WorkerCollector:
             ("model_state", "1 for the model's current state.", ["model", "state"]),
             ("model_memory_bytes", "MLX memory in use by the model's worker.", ["model"]),
             ("prefix_cache_bytes", "Prefix-cache bytes per tier.", ["model", "tier"]),
+            ("prefix_cache_unique_bytes", "Prefix-cache bytes per tier, each shared block once.", ["model", "tier"]),
+            ("prefix_cache_logical_bytes", "Prefix-cache bytes per tier if every entry were a whole snapshot.",
+             ["model", "tier"]),
+            ("prefix_cache_running_bytes", "KV bytes the running requests hold, counted in the memory budget.",
+             ["model"]),
             ("prefix_cache_write_queue_bytes", "KV bytes waiting for the prefix cache's disk writer.", ["model"]),
         )}
         c = {name: CounterMetricFamily(P + name, doc, labels=["model"]) for name, doc in (
@@ -174,6 +179,11 @@ class _WorkerCollector:
             g["model_memory_bytes"].add_metric([h.name], s.get("memory_bytes", 0))
             g["prefix_cache_bytes"].add_metric([h.name, "memory"], (cache.get("memory") or {}).get("bytes", 0))
             g["prefix_cache_bytes"].add_metric([h.name, "disk"], (cache.get("disk") or {}).get("bytes", 0))
+            for tier in ("memory", "disk"):
+                t = cache.get(tier) or {}
+                g["prefix_cache_unique_bytes"].add_metric([h.name, tier], t.get("unique_bytes", t.get("bytes", 0)))
+                g["prefix_cache_logical_bytes"].add_metric([h.name, tier], t.get("logical_bytes", t.get("bytes", 0)))
+            g["prefix_cache_running_bytes"].add_metric([h.name], (cache.get("memory") or {}).get("running_bytes", 0))
             g["prefix_cache_write_queue_bytes"].add_metric([h.name], (cache.get("disk") or {}).get("queue_bytes", 0))
             totals = h.counters()
             c["prefix_cache_evictions"].add_metric([h.name], totals["evictions"])

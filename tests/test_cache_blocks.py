@@ -204,3 +204,24 @@ def test_a_checkpoint_costs_its_own_state_and_restores_as_cold(arch, tmp_path):
     np.testing.assert_allclose(np.array(got), np.array(prefill(m, ckpt + [1, 2])[1]), atol=1e-3)
     again, _, _ = pc.fetch(ckpt + [1, 2])             # the restore left the stored entry as it was
     np.testing.assert_allclose(np.array(m(mx.array([[1, 2]]), cache=again)[0, -1]), np.array(got), atol=1e-4)
+
+
+def test_the_running_requests_kv_counts_in_the_memory_budget(daemon):
+    """Issue 23 item 4: stored + running <= budget while a long request runs (its batch cache,
+    allocated 256 tokens at a time, pushes the stored entries out), as mlx-lm's
+    LRUPromptCache.trim_to(total - active) does."""
+    clear(daemon, "tight")
+    same_as_plain(daemon, "tight", own(8, len(SHARED) + 90))
+    before = stats(daemon, "tight")["memory"]
+    assert before["entries"] == 1 and before["running_bytes"] == 0
+    seen = []
+    with daemon.openai().completions.create(model="tight", prompt="1, 2, 3, 4, 5, 6, 7, 8, 9, 10,", max_tokens=300,
+                                            temperature=0, stream=True) as stream:
+        for i, _ in enumerate(stream):
+            if i % 20 == 10:
+                seen.append(stats(daemon, "tight")["memory"])
+    running = [m for m in seen if m["running_bytes"] > 0]
+    assert running, seen
+    assert all(m["bytes"] + m["running_bytes"] <= m["budget"] for m in running), running
+    assert min(m["bytes"] for m in running) < before["bytes"]
+    assert stats(daemon, "tight")["memory"]["running_bytes"] == 0      # nothing runs any more

@@ -460,7 +460,15 @@ class Engine:
             events += self._gen_step()
         if self.spec:
             events += self._spec_step()
+        if self.prefix_cache is not None:
+            self.prefix_cache.fit_running(self.running_bytes())
         return events
+
+    def running_bytes(self) -> int:
+        """KV bytes the requests in the batch hold now (BatchGenerator's public count, as
+        mlx_lm.server uses it for its prompt cache budget, and the speculative rows')."""
+        spec = sum(c.nbytes for c in self.spec.cache) if self.spec is not None and self.spec.cache else 0
+        return self.batch.gen.prompt_cache_nbytes + spec
 
     def _gen_step(self) -> list[dict]:
         """The BatchGenerator's step: a prefill chunk and/or one token for each of its sequences."""

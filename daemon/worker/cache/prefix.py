@@ -77,6 +77,7 @@ class PrefixCache:
         self.memory: OrderedDict[str, Entry] = OrderedDict()   # LRU order, oldest first
         self.pool = BlockPool(block_tokens)   # the memory tier's KV blocks, shared between entries
         self._own_bytes = 0                   # the memory entries' tails and untrimmable layers
+        self.running_bytes = 0                # KV the running requests hold (`fit_running`)
         self.counters = {"queries": 0, "query_tokens": 0, "hits": 0, "hit_tokens": 0,
                          "memory_hit_tokens": 0, "disk_hit_tokens": 0, "misses": 0,
                          "memory_evictions": 0, "stores": 0, "store_errors": 0, "too_large_for_memory": 0}
@@ -399,7 +400,16 @@ class PrefixCache:
             return
         self.memory[e.key] = e
         self._own_bytes += e.mem.own_bytes
+        # The running bytes are those of the last step, which may still count the request that
+        # just finished and is being stored here: the engine's next `fit_running` settles them.
         self._fit(self.memory_budget, keep=e)
+
+    def fit_running(self, running_bytes: int) -> None:
+        """What the running requests hold counts against the memory budget, as mlx-lm's
+        `LRUPromptCache.trim_to(total - active)` does: stored entries go, oldest first, until
+        stored + running <= budget, so a long batch never pushes the process past it."""
+        self.running_bytes = running_bytes
+        self._fit(self.memory_budget - running_bytes)
 
     def _fit(self, budget: int, keep: Optional[Entry] = None) -> None:
         """Evict the least recently used memory entries until the unique bytes fit `budget`;
@@ -531,11 +541,11 @@ class PrefixCache:
 
     def _memory_stats(self) -> dict:
         """`bytes` is what the budget counts (unique: every block once); `logical_bytes` what the
-        entries would take as whole snapshots."""
+        entries would take as whole snapshots; `running_bytes` what the running requests hold."""
         logical = sum(e.nbytes for e in self.memory.values())
         unique = self.memory_bytes
         return {"entries": len(self.memory), "bytes": unique, "budget": self.memory_budget,
-                "block_tokens": self.pool.block_tokens,
+                "running_bytes": self.running_bytes, "block_tokens": self.pool.block_tokens,
                 "unique_blocks": len(self.pool), "unique_bytes": unique, "logical_bytes": logical,
                 "sharing_ratio": round(logical / unique, 3) if unique else 1.0}
 
