@@ -55,7 +55,7 @@ def main(spec: dict) -> None:
     report["prefilled"] = mx.get_active_memory()
     report["peak"] = mx.get_peak_memory()
     if spec.get("cache_dir"):
-        from daemon.worker.prefix_cache import PrefixCache
+        from daemon.worker.cache.prefix import PrefixCache
         pc = PrefixCache(model, fingerprint="e" * 64, root=Path(spec["cache_dir"]), memory_budget=1 << 30,
                          disk_budget=1 << 30, stage=None if spec.get("single") else stage(model))
         report["key"] = pc.store(prompt, cache)

@@ -20,7 +20,7 @@ from daemon.models import resolve_model
 from daemon.worker.batch import segments
 from daemon.worker.checkpoints import find_last, positions
 from daemon.worker.engine import Engine
-from daemon.worker.prefix_cache import PrefixCache
+from daemon.worker.cache.prefix import PrefixCache
 
 # Gemma 3's own chat template (the instruction-tuned model's, abridged: no images): the system
 # prompt goes into the first user turn, which is what makes its end worth finding by tokens.

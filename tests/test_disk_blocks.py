@@ -17,7 +17,7 @@ from mlx_lm.models.cache import KVCache
 
 from daemon.worker.cache.blocks import Block
 from daemon.worker.cache.disk import RECORD_GRACE, BlockStore, disk_or_prefill
-from daemon.worker.prefix_cache import block_hashes
+from daemon.worker.cache.index import block_hashes
 
 BT = 32                     # block tokens in these tests
 LAYERS, HEADS, DIM = 2, 2, 64

@@ -17,7 +17,7 @@ import tiny_gguf
 from conftest import TEST_CACHE
 from daemon.models import resolve_model
 from daemon.models.pipeline import Stage, load_stage
-from daemon.worker.prefix_cache import PrefixCache
+from daemon.worker.cache.prefix import PrefixCache
 from pipeline_rank import run_group, run_single
 
 TEXT = "The three primary colors are red, yellow and blue. Mixing red and blue gives"

@@ -16,7 +16,7 @@ from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
 from conftest import TEST_CACHE
 from daemon.models import resolve_model
 from daemon.models.pipeline import Stage
-from daemon.worker.prefix_cache import PrefixCache
+from daemon.worker.cache.prefix import PrefixCache
 
 R0, R1 = Stage(0, 2, 15, 30), Stage(1, 2, 0, 15)     # SmolLM2's 30 layers, rank 1 first
 TOKENS = list(range(100, 180))

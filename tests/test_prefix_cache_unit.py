@@ -17,7 +17,8 @@ from mlx_lm.models.cache import RotatingKVCache, make_prompt_cache
 from conftest import TEST_CACHE
 from daemon.models import resolve_model
 from daemon.worker.disk_cache import RECORD_GRACE
-from daemon.worker.prefix_cache import BLOCK, PrefixCache, _key, block_hashes
+from daemon.worker.cache.index import BLOCK, _key, block_hashes
+from daemon.worker.cache.prefix import PrefixCache
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +107,7 @@ def test_disk_entries_are_found_after_a_restart_and_loaded_on_demand(model, tmp_
 
 def test_a_lookup_hashes_the_prompt_once_however_many_disk_candidates(model, tmp_path, monkeypatch):
     """Defect 8: each disk-only candidate re-hashed the whole prompt on the engine thread."""
-    import daemon.worker.prefix_cache as mod
+    import daemon.worker.cache.prefix as mod
 
     pc = new_cache(model, tmp_path)
     for i in range(5):

@@ -81,7 +81,7 @@ def load(cfg: ModelConfig, cache_dir, *, total_disk_budget=None, orphan_ttl=7 * 
     from ..models import resolve_model
     from .blas import device_name, loaded_blas
     from .engine import Engine
-    from .prefix_cache import PrefixCache
+    from .cache.prefix import PrefixCache
 
     t0 = time.perf_counter()
     resolved = resolve_model(cfg.source, dtype=cfg.dtype, cache_dir=cache_dir)

@@ -188,7 +188,7 @@ def make_entries(payload: dict) -> dict:
     from mlx_lm.models.cache import make_prompt_cache
 
     from daemon.models.sources import resolve_model
-    from daemon.worker.prefix_cache import PrefixCache
+    from daemon.worker.cache.prefix import PrefixCache
 
     cache_dir = Path(payload["cache_dir"])
     resolved = resolve_model("embedded:smollm2", dtype="float32", cache_dir=cache_dir)

@@ -51,7 +51,7 @@ class Worker:
         from daemon.protocol import SyncChannel
         from daemon.worker.__main__ import serve
         from daemon.worker.engine import Engine
-        from daemon.worker.prefix_cache import PrefixCache
+        from daemon.worker.cache.prefix import PrefixCache
 
         self.pc = PrefixCache(model, fingerprint="b" * 64, root=root, memory_budget=1 << 30, disk_budget=1 << 33)
         if sync_reads:
@@ -94,7 +94,7 @@ def build_entry(model, root: Path) -> list[int]:
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
 
-    from daemon.worker.prefix_cache import PrefixCache
+    from daemon.worker.cache.prefix import PrefixCache
 
     tokens = [1000 + (i * 7919) % 40000 for i in range(ENTRY_TOKENS)]
     probe = make_prompt_cache(model)

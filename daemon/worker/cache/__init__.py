@@ -1,1 +1,2 @@
-"""The prefix cache, as a package: block format (`blocks`), and the tiers that store it."""
+"""The prefix cache, as a package: lookup index (`index`), cache-list operations (`kv`), the cache
+itself (`prefix`), the block format (`blocks`) and the block disk tier (`disk`)."""

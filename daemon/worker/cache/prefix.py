@@ -41,177 +41,23 @@ entries stay valid.
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
-import mlx_lm
 import numpy as np
-from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache, can_trim_prompt_cache
+from mlx_lm.models.cache import can_trim_prompt_cache
 
-from ..events import CACHE_MISS_REASONS as REASONS  # noqa: F401  (Outcome.reason is one of them)
-from .disk_cache import DiskTier
+from ..disk_cache import DiskTier
+from .index import BLOCK, Entry, Outcome, _key, block_hashes, common_prefix, namespace
+from .kv import cache_nbytes, compact, dequantize, quantize, trim, trim_room
 
 log = logging.getLogger("mlxd.prefix_cache")
 
-BLOCK = 32
-FORMAT_VERSION = 1
 EVICTED_BLOCKS = 1 << 16     # block hashes of evicted entries remembered, to say "evicted"
-
-
-def namespace(fingerprint: str, kv_bits: Optional[int], stage=None) -> str:
-    """The disk directory of a model's entries: its weights, the numerics that computed the KV
-    (mlx and mlx-lm versions: an upgrade may change them), the entry format, and in a pipeline
-    group the rank's stage (its layers)."""
-    ns = f"{fingerprint[:32]}-mlx{mx.__version__}-lm{mlx_lm.__version__}-kv{kv_bits or 'f'}-v{FORMAT_VERSION}"
-    return f"{ns}-{stage.tag}" if stage is not None else ns
-
-
-def _seed(ns: str) -> bytes:
-    return hashlib.blake2b(ns.encode(), digest_size=12, person=b"mlxd-cache-ns").digest() if ns else b""
-
-
-def block_hashes(tokens, n_blocks: Optional[int] = None, ns: str = "") -> list[str]:
-    """Chained hashes of the full blocks of `tokens` (a hash commits to all before it, and
-    to the namespace)."""
-    arr = np.asarray(tokens, dtype=np.int64)
-    n = len(arr) // BLOCK if n_blocks is None else min(n_blocks, len(arr) // BLOCK)
-    out, prev = [], _seed(ns)
-    for i in range(n):
-        prev = hashlib.blake2b(prev + arr[i * BLOCK:(i + 1) * BLOCK].tobytes(), digest_size=12).digest()
-        out.append(prev.hex())
-    return out
-
-
-def _key(tokens: np.ndarray, ns: str = "") -> str:
-    """An entry's name: a hash of its namespace and its whole int32 token sequence."""
-    return hashlib.blake2b(_seed(ns) + tokens.tobytes(), digest_size=16).hexdigest()
-
-
-def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
-    n = min(len(a), len(b))
-    diff = np.flatnonzero(a[:n] != b[:n])
-    return int(diff[0]) if len(diff) else n
-
-
-def quantize(cache: list, bits: int) -> list:
-    return [c.to_quantized(group_size=64, bits=bits) if isinstance(c, KVCache) else c for c in cache]
-
-
-def dequantize(cache: list) -> list:
-    """Quantized KV cannot join a batch (no merge), so it is restored on the way in."""
-    out = []
-    for c in cache:
-        if isinstance(c, QuantizedKVCache) and c.keys is not None:
-            kv = KVCache()
-            kv.keys = mx.dequantize(*c.keys, group_size=c.group_size, bits=c.bits)[..., :c.offset, :]
-            kv.values = mx.dequantize(*c.values, group_size=c.group_size, bits=c.bits)[..., :c.offset, :]
-            kv.offset = c.offset
-            out.append(kv)
-        else:
-            out.append(c)
-    return out
-
-
-def trim_room(cache: list) -> int:
-    """How many tokens off its end `cache` can give back exactly: any number for plain KV (and
-    a window that has not wrapped), none for recurrent state, and for a wrapped window what it
-    holds beyond the window's last W-1 tokens, plus one (see `_trim_wrapped`)."""
-    return min((_layer_room(c) for c in cache), default=0)
-
-
-def _layer_room(c) -> int:
-    if isinstance(c, RotatingKVCache):
-        keys, _, offset, keep, max_size, _ = c.state
-        if offset < max_size:
-            return offset
-        return 0 if keep or keys is None else max(0, keys.shape[2] - max_size + 1)
-    return c.offset if c.is_trimmable() else 0
-
-
-def trim(cache: list, n: int) -> None:
-    """Cut the last `n` tokens off every layer (n within `trim_room`)."""
-    for c in cache:
-        if isinstance(c, RotatingKVCache) and not c.is_trimmable():
-            _trim_wrapped(c, n)
-        else:
-            c.trim(n)
-
-
-def compact(cache: list) -> list:
-    """A wrapped window taken mid-prefill holds up to a prefill chunk more than its window
-    (RotatingKVCache keeps W + S - 1 through a chunk of S): a checkpoint keeps the last W,
-    which is all a next token reads, so it costs its window and not up to twice that."""
-    for c in cache:
-        if isinstance(c, RotatingKVCache) and not c.is_trimmable() and not c.keep and c.keys is not None \
-                and c.keys.shape[2] > c.max_size:
-            _trim_wrapped(c, 0)
-            keys, values, offset, keep, max_size, _ = c.state
-            c.state = (mx.contiguous(keys[..., -max_size:, :]), mx.contiguous(values[..., -max_size:, :]),
-                       offset, keep, max_size, max_size)
-    return cache
-
-
-def _trim_wrapped(c: RotatingKVCache, n: int) -> None:
-    """A wrapped window of W holds W tokens once a decode step has run, one more than a next
-    token attends to (it overwrites the oldest before attending; a prefill chunk drops it
-    first), so it can give back one token exactly, and a window filled by a prefill chunk
-    holds that many more. The buffer is rebuilt in time order from the public state, with the
-    slot of the oldest token, which nothing reads, kept so that the window stays full
-    (BatchRotatingKVCache.merge takes a wrapped cache's last W entries)."""
-    keys, values, offset, keep, max_size, idx = c.state
-    length = keys.shape[2]
-    if idx != length:       # in time order: the oldest at idx, as RotatingKVCache rotates (keep is 0)
-        keys = mx.concatenate([keys[..., idx:, :], keys[..., :idx, :]], axis=2) if idx < offset else keys[..., :idx, :]
-        values = (mx.concatenate([values[..., idx:, :], values[..., :idx, :]], axis=2) if idx < offset
-                  else values[..., :idx, :])
-    rest = keys.shape[2] - n
-    keys, values = keys[..., :rest, :], values[..., :rest, :]
-    if rest < max_size:
-        pad = max_size - rest
-        keys = mx.concatenate([mx.zeros_like(keys[..., :pad, :]), keys], axis=2)
-        values = mx.concatenate([mx.zeros_like(values[..., :pad, :]), values], axis=2)
-    c.state = (keys, values, offset - n, keep, max_size, keys.shape[2])
-
-
-def cache_nbytes(cache: list) -> int:
-    return sum(c.nbytes for c in cache)
-
-
-@dataclass
-class Outcome:
-    """What the prefix cache did for one request, for the person asking why a turn was slow."""
-    tokens: int = 0                  # prompt tokens served
-    tier: Optional[str] = None       # memory or disk
-    entry: Optional[str] = None      # the key served from
-    shared: int = 0                  # the longest prefix any entry the cache knows shares with the prompt
-    nearest: Optional[str] = None    # that entry
-    reason: Optional[str] = None     # one of REASONS when tokens < shared, or nothing was found
-    detail: str = ""
-
-    def wire(self) -> dict:
-        return {"tokens": self.tokens, "tier": self.tier, "entry": self.entry, "shared": self.shared,
-                "nearest": self.nearest, "reason": self.reason, "detail": self.detail}
-
-
-@dataclass
-class Entry:
-    key: str                       # hash of the full token sequence
-    tokens: Optional[np.ndarray]   # None until loaded for an entry known only from disk
-    n_tokens: int
-    blocks: list[str]
-    trimmable: bool
-    room: int = 0                  # tokens it can give back exactly when not trimmable (a wrapped window: 1)
-    cache: Optional[list] = None   # in memory when not None
-    nbytes: int = 0
-    on_disk: bool = False
-    stage: Optional[str] = None    # the layers it holds, in a pipeline group (Stage.tag)
-    ns: Optional[str] = None       # its namespace; None: not known (indexed from disk, not yet read)
 
 
 class PrefixCache:
