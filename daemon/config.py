@@ -146,8 +146,10 @@ class Embedding(_Strict):
     allow_dimensions: bool = Field(False, description=(
         "Accept `dimensions` (truncate and renormalise) for a model not trained for it (Matryoshka); "
         "its shorter vectors then lose quality."))
-    batch_tokens: int = Field(8192, ge=16, description=(
-        "Tokens (padded) in one forward pass at most; inputs of all waiting requests are grouped by length."))
+    batch_tokens: Optional[int] = Field(None, ge=16, description=(
+        "Tokens (padded) in one forward pass at most; inputs of all waiting requests are grouped by length. "
+        "Default: 2048 on a CPU device (less padding and a cache-sized attention: about a fifth fewer "
+        "CPU-seconds than 8192 on 16-256-token inputs), 8192 on a GPU."))
     max_seq_length: Optional[int] = Field(None, ge=2, description="The window in tokens; default: the model's.")
     pooling: Optional[Literal["mean", "cls", "last"]] = Field(None, description=(
         "Default: the sentence-transformers directory's, else last token for decoder models and mean for encoders."))

@@ -34,6 +34,14 @@ MAX_INPUTS = 2048        # OpenAI's limit per request
 MAX_PADDING = 0.2        # of a batch's padded tokens at most
 
 
+def default_batch_tokens() -> int:
+    """`embedding.batch_tokens` when the entry sets none: a CPU gains nothing from wider batches
+    and loses to padding and an [L, L] attention that no longer fits its caches."""
+    import mlx.core as mx
+
+    return 2048 if mx.default_device() == mx.cpu else 8192
+
+
 @dataclass
 class Job:
     id: str
@@ -80,6 +88,7 @@ class EmbedEngine:
     def __init__(self, embedder, tokenizer, spec: EmbedSpec, settings, name: str):
         self.embedder, self.tokenizer, self.info_spec = embedder, tokenizer, spec
         self.settings, self.name = settings, name
+        self.batch_tokens = settings.batch_tokens or default_batch_tokens()
         self.affixes = Affixes(tokenizer)
         self.context_length = spec.max_seq_length
         self.jobs: dict[str, Job] = {}
@@ -196,7 +205,7 @@ class EmbedEngine:
         """The oldest item and its neighbours in length, while the padded batch fits batch_tokens
         and padding stays under MAX_PADDING of it (a CPU gains little from a wider batch, and
         attention's cost grows with the square of the padded length)."""
-        q, budget = self.queue, self.settings.batch_tokens
+        q, budget = self.queue, self.batch_tokens
         anchor = min(range(len(q)), key=lambda k: q[k].seq)
         lo, hi = anchor, anchor + 1           # q[lo:hi] is the batch; sorted, so q[hi-1] is the longest
         real = q[anchor].length

@@ -4,7 +4,10 @@ For a fixed time (bounded; loopback only) clients send streams, non-streams, can
 prompts and repeated greedy prompts (cache hits) to a control model that nothing touches
 and to chaos models, while a chaos loop adds, removes, changes, breaks and fixes the YAML,
 sends SIGHUP, SIGKILLs and SIGSTOPs chaos workers, fills the cache dir (a small tmpfs when
-`mount` works, else a plain dir with small disk budgets) and corrupts cache files.
+`mount` works, else a plain dir with small disk budgets) and corrupts cache files. It also
+plays a web page of another origin (what a page can send without a preflight), opens
+streams on the control model whose client stops reading (slow readers), and edits a chaos
+model's engine setting and reverts the edit before the replacement worker is ready.
 
 Invariants, checked continuously and reported (each violation with its detail):
 - every request ends within its deadline: 200 and complete, a 4xx/5xx in OpenAI's format
@@ -15,7 +18,16 @@ Invariants, checked continuously and reported (each violation with its detail):
 - worker RSS, daemon RSS and cache dir size stay within budgets derived from the config;
 - no worker outlives its model for long during the run; at the end (daemon stopped) no
   worker process of this cache dir is left and no `*.tmp.*` file is in the cache dir;
-- the daemon never dies, converges to the final config and exits 0 on SIGTERM.
+- the daemon never dies, converges to the final config and exits 0 on SIGTERM;
+- the page's requests (a foreign Origin, text/plain or empty bodies, a rebinding Host) are
+  all refused with a 403 in the route's error shape and no CORS header (the page reads
+  nothing), each counted as refused, and none takes effect (the control model stays
+  loaded, unpinned, on the same worker);
+- a slow reader's stream is cut once its write has waited `server.stream_write_timeout` (its
+  slot freed), or ends because it all fit in the buffers, within request_timeout + the
+  deadline; every cut is counted in `mlxd_stream_write_timeouts_total` and nothing else is;
+- after an edit reverted before its replacement was ready, the model ends served by a
+  worker with the reverted settings.
 
 Run: .venv/bin/python ops/bench/soak.py [--duration 600] [--seed 0]
 Writes ops/bench/results/soak.{json,md}; exits 1 on any violation.
@@ -33,6 +45,7 @@ import random
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -54,7 +67,7 @@ MiB = 2**20
 KV_BYTES_PER_TOKEN = 30 * 2 * 3 * 64 * 4    # SmolLM2-135M in f32: layers x (K, V) x KV heads x head dim x 4 B
 CTL, A, B = "soak-ctl", "soak-a", "soak-b"
 ALL_FAULTS = ("yaml_add", "yaml_remove", "yaml_change", "yaml_break", "sighup", "sigkill", "sigstop",
-              "fill", "corrupt")
+              "fill", "corrupt", "cross_origin", "slow_readers", "edit_revert")
 SYSTEM = ("You are a terse assistant inside a soak test of a model server. Answer in one short sentence, "
           "without lists, without code, and without repeating the question back to the user.")
 WORDS = ("cache worker daemon batch token prefix stream model budget signal reload config memory disk "
@@ -68,6 +81,8 @@ GREEDY = ("Name three colors.", "What is the capital of France?", "Count from on
             for i in range(2)))
 LONG_WORDS = (250, 450)           # ~320-560 prompt tokens with the template
 MAX_SEQ = 640                     # tokens of the longest entry a request can store (prompt + completion)
+SLOW_TOKENS = 560                 # a slow reader's answer: ~1 MB with logprobs, within MAX_SEQ
+PAGE_ORIGINS = ("http://evil.example", "http://127.0.0.1:{page_port}")   # a site; a page on another local port
 
 
 @dataclass
@@ -86,6 +101,9 @@ class Plan:
     tmpfs_mib: int = 256
     recover_timeout: float = 300.0
     worker_overhead_mib: int = 512    # Python + MLX + OpenBLAS + tokenizer + allocator slack, see README
+    stream_write_timeout: float = 5.0  # server.stream_write_timeout: what frees a slow reader's slot
+    slow_readers: int = 2             # streams per slow-reader burst, on the control model
+    revert_timeout: float = 180.0     # an edit-and-revert must end on the reverted settings by then
 
 
 def base_models(plan: Plan) -> dict[str, dict]:
@@ -202,6 +220,59 @@ def unmount(path: Path) -> None:
         subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
+def worker_engine(pid: int) -> dict | None:
+    """The engine settings a live worker process was started with (its --model argument)."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        return json.loads(args[args.index(b"--model") + 1]).get("engine")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def slow_reader(port: int, model: str) -> socket.socket:
+    """A stream whose client reads its status line and nothing more, on a small receive buffer;
+    logprobs make each token ~1.5 KB, so the buffers fill within a few hundred tokens."""
+    body = json.dumps({"model": model, "stream": True, "max_tokens": SLOW_TOKENS, "logprobs": True,
+                       "top_logprobs": 20, "temperature": 0.0,    # counting: it does not stop early
+                       "messages": [{"role": "user", "content": "Count from 1 to 1000, one number per line."}]}).encode()
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.settimeout(30)
+    s.connect(("127.0.0.1", port))
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n%s" % (port, len(body), body))
+    return s
+
+
+def status_line(s: socket.socket) -> bytes:
+    """The response's first line, peeked (nothing is taken from the buffer); b"" if none yet."""
+    try:
+        head = s.recv(64, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return b""
+    return head.split(b"\r\n", 1)[0] if b"\r\n" in head else b""
+
+
+def drain(s: socket.socket, limit: float) -> str:
+    """Read the rest: "cut" (the server closed it before the body's end), "complete" (the
+    chunked body's last chunk came), "open" (still sending after `limit` seconds)."""
+    data, end = b"", time.monotonic() + limit
+    s.settimeout(1.0)
+    while time.monotonic() < end:
+        try:
+            got = s.recv(1 << 16)
+        except socket.timeout:
+            continue
+        except OSError:
+            return "cut"
+        if not got:
+            return "complete" if data.endswith(b"\r\n0\r\n\r\n") else "cut"
+        data = (data + got)[-64:]
+        if data.endswith(b"\r\n0\r\n\r\n"):
+            return "complete"
+    return "open"
+
+
 STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) ")
 DEATH = re.compile(r"the worker for model '([^']+)' (exited with status -?\d+|was killed by (\w+))")
 
@@ -288,6 +359,10 @@ class Soak:
         self.daemon_over = self.dead = self.finished = self.stop_traffic = False
         self.tmpfs = ""
         self.unavailable: dict[str, str] = {}     # fault kind -> why it cannot be injected here
+        self.page: Counter = Counter()            # the cross-origin page's requests, by outcome
+        self.slow: Counter = Counter()            # slow readers, by how their stream ended
+        self.reverts: Counter = Counter()         # edits reverted before their replacement was ready
+        self.slow_burst: asyncio.Task | None = None
 
     def now(self) -> float:
         return round(time.monotonic() - self.t0, 2)
@@ -301,7 +376,8 @@ class Soak:
 
     def config_text(self, models: dict[str, dict]) -> str:
         server = {"port": self.d.port, "cache_dir": str(self.d.cache_dir), "worker_hang_timeout": self.plan.hang_timeout,
-                  "request_timeout": self.plan.request_timeout, "drain_timeout": 20, "shutdown_timeout": 20}
+                  "request_timeout": self.plan.request_timeout, "drain_timeout": 20, "shutdown_timeout": 20,
+                  "stream_write_timeout": self.plan.stream_write_timeout}
         return yaml.safe_dump({"server": server, "models": list(models.values())}, sort_keys=False)
 
     def write(self, text: str) -> None:
@@ -569,6 +645,157 @@ class Soak:
             return self.fault("corrupt", f"{p.name}: {e}", injected=False)
         self.fault("corrupt", f"{how} {p.parent.name[:12]}../{p.name}")
 
+    async def metrics(self) -> dict[str, float]:
+        """The daemon's Prometheus samples by `name{labels}` (labels as the daemon writes them)."""
+        async with httpx.AsyncClient(timeout=20) as c:
+            text = (await c.get(f"{self.d.url}/metrics")).text
+        out = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                key, _, value = line.rpartition(" ")
+                out[key] = float(value)
+        return out
+
+    async def do_cross_origin(self):
+        """What a web page in another origin can send without a preflight (no-cors fetch with a
+        text/plain body, sendBeacon, a form, an empty POST), and a DNS-rebinding page: every one
+        refused (403 in the route's shape, no CORS header, counted as refused), none in effect."""
+        port = self.d.port
+        origin = self.rng.choice(PAGE_ORIGINS).format(page_port=port + 1)
+        chat = json.dumps({"model": CTL, "max_tokens": 4, "messages": [{"role": "user", "content": "from a page"}]})
+        plain, form = {"Content-Type": "text/plain;charset=UTF-8"}, {"Content-Type": "application/x-www-form-urlencoded"}
+        page = [("POST", "/v1/chat/completions", chat, plain),
+                ("POST", "/v1/completions", json.dumps({"model": CTL, "prompt": "x", "max_tokens": 4}), plain),
+                ("POST", "/v1/messages", json.dumps({"model": CTL, "max_tokens": 4, "messages": []}), plain),
+                ("POST", f"/v1/models/{CTL}/unload", "", {}),
+                ("POST", f"/v1/models/{CTL}/pin", "", plain),
+                ("POST", f"/v1/models/{A}/unload", "", {"Sec-Fetch-Site": "cross-site"}),
+                ("POST", "/admin/reload", "", form),
+                ("DELETE", "/v1/cache", "", {}),
+                ("GET", "/v1/status", None, {})]
+        sent = [(m, path, body, {"Origin": origin, **h}) for m, path, body, h in page]
+        rebound = f"evil.example:{port}"     # a hostname of the page's that resolves to 127.0.0.1
+        sent += [("GET", "/v1/status", None, {"Host": rebound}),
+                 ("POST", "/v1/chat/completions", chat, {"Host": rebound, "Content-Type": "application/json"}),
+                 ("POST", f"/v1/models/{CTL}/unload", "", {"Host": rebound})]
+        before, ctl = await self.metrics(), (await self.status_of(CTL))
+        bad = []
+        async with httpx.AsyncClient(timeout=30) as c:
+            for method, path, body, headers in sent:
+                try:
+                    r = await c.request(method, f"{self.d.url}{path}", content=body, headers=headers)
+                except httpx.HTTPError as e:
+                    bad.append(f"{method} {path}: {type(e).__name__}: {e}")
+                    continue
+                try:
+                    err = r.json()["error"]
+                    shaped = isinstance(err["message"], str) and bool(err["message"])
+                except (ValueError, KeyError, TypeError):
+                    shaped = False
+                if r.status_code != 403 or not shaped or "access-control-allow-origin" in r.headers:
+                    bad.append(f"{method} {path} ({headers.get('Origin') or 'Host ' + headers['Host']}): "
+                               f"{r.status_code} {r.text[:120]!r} ACAO={r.headers.get('access-control-allow-origin')}")
+                self.page["refused" if r.status_code == 403 else f"answered {r.status_code}"] += 1
+        after, ctl_after = await self.metrics(), (await self.status_of(CTL))
+        counted = sum(v - before.get(k, 0) for k, v in after.items() if k.startswith("mlxd_http_refused_total"))
+        if counted != len(sent):
+            bad.append(f"{counted:g} refusals counted for the page's {len(sent)} requests")
+        effect = {k: (ctl.get(k), ctl_after.get(k)) for k in ("state", "pinned", "pid", "workers_started")
+                  if ctl.get(k) != ctl_after.get(k)}
+        if effect or ctl_after.get("pinned"):
+            bad.append(f"the page's requests took effect on {CTL}: {effect or 'pinned'}")
+        for b in bad:
+            self.violate("cross_origin_refused_and_inert", b)
+        self.fault("cross_origin", f"{len(sent)} requests from {origin} and Host {rebound}: "
+                                   f"{len(sent) - len(bad)} refused as they must be")
+
+    async def status_of(self, name: str) -> dict:
+        with contextlib.suppress(httpx.HTTPError, ValueError):
+            return next((m for m in (await self.status())["models"] if m["name"] == name), {})
+        return {}
+
+    async def do_slow_readers(self):
+        if self.slow_burst is not None and not self.slow_burst.done():
+            return self.fault("slow_readers", "the last burst is still held", injected=False)
+        self.slow_burst = asyncio.create_task(self.slow_readers_burst())
+        self.fault("slow_readers", f"{self.plan.slow_readers} streams on {CTL} whose client stops reading")
+
+    async def slow_readers_burst(self):
+        """Streams on the control model (no chaos touches it) whose clients stop reading after the
+        status line. They are left unread until the daemon has counted a write timeout for each
+        admitted one (its write waited out stream_write_timeout once the buffers were full), or
+        for request_timeout + stream_write_timeout + 30 s at most; then read to their end. Each
+        must be over (cut, or complete when the whole answer fit in the buffers), and the cuts
+        must be exactly the write timeouts counted."""
+        key = f'mlxd_stream_write_timeouts_total{{model="{CTL}"}}'
+        before = (await self.metrics()).get(key, 0.0)
+        socks = [await asyncio.to_thread(slow_reader, self.d.port, CTL) for _ in range(self.plan.slow_readers)]
+        ends = []
+        try:
+            hard = time.monotonic() + self.plan.request_timeout + self.plan.stream_write_timeout + 30
+            while time.monotonic() < hard:
+                await asyncio.sleep(2.0)
+                heads = [status_line(s) for s in socks]
+                admitted = sum(h.startswith(b"HTTP/1.1 200") for h in heads)
+                if all(heads) and (await self.metrics()).get(key, 0.0) - before >= admitted:
+                    break
+            for s in socks:
+                head = status_line(s)
+                if head.startswith(b"HTTP/1.1 200"):
+                    ends.append(await asyncio.to_thread(drain, s, 10.0))
+                else:
+                    ends.append("refused" if head else "no_answer")     # at capacity: not a stream
+        finally:
+            for s in socks:
+                s.close()
+        cut = ends.count("cut")
+        for e in ends:
+            self.slow[e] += 1
+            if e in ("open", "no_answer"):
+                self.violate("slow_readers_freed", f"a slow reader on {CTL} was {e}: the daemon was still "
+                             f"{'sending' if e == 'open' else 'silent'} {self.plan.request_timeout:.0f}s + after "
+                             f"its client stopped reading")
+        await asyncio.sleep(0.5)
+        counted = (await self.metrics()).get(key, 0.0) - before
+        if counted != cut:
+            self.violate("slow_readers_freed", f"{cut} slow readers cut off, {counted:g} write timeouts counted "
+                         f"for {CTL} ({dict(Counter(ends))})")
+
+    async def do_edit_revert(self):
+        """An engine edit of soak-a, saved back before its replacement can be ready (with a SIGHUP
+        after each save, so the daemon sees both); it must end served with the reverted settings."""
+        original = copy.deepcopy(self.models)
+        field, values = self.rng.choice((("max_batch_size", (2, 4, 6)), ("prefill_step_size", (64, 256))))
+        engine = original[A].get("engine", {})
+        old = engine.get(field)
+        new = self.rng.choice([v for v in values if v != old])
+        edited = copy.deepcopy(original[A])
+        edited.setdefault("engine", {})[field] = new
+        self.apply_models({**original, A: edited})
+        self.d.proc.send_signal(signal.SIGHUP)
+        delay = self.rng.uniform(0.3, 1.5)
+        await asyncio.sleep(delay)
+        self.apply_models(original)
+        self.d.proc.send_signal(signal.SIGHUP)
+        self.fault("edit_revert", f"{A} engine.{field} {old} -> {new}, reverted {delay:.1f}s later")
+        deadline, st, engines = time.monotonic() + self.plan.revert_timeout, {}, {}
+        while time.monotonic() < deadline:
+            await asyncio.sleep(1.0)
+            with contextlib.suppress(httpx.HTTPError, ValueError):
+                full = await self.status()
+                st = next((m for m in full["models"] if m["name"] == A), {})
+                engines = {pid: worker_engine(pid) for pid, n in workers_of(self.d.cache_dir).items() if n == A}
+                serving = engines.get(st.get("pid")) or {}
+                pending = any(p.get("name") == A for p in full.get("loading", []))
+                if st.get("state") == "ready" and not pending and \
+                        all(e and e.get(field) == old for e in engines.values()) and serving.get(field) == old:
+                    self.reverts["ended_on_reverted"] += 1
+                    return
+        self.reverts["violations"] += 1
+        self.violate("serves_reverted_settings", f"{A}: engine.{field} {old} -> {new} -> {old}; "
+                     f"{self.plan.revert_timeout:.0f}s later state {st.get('state')}, serving pid {st.get('pid')}, "
+                     f"its workers' {field}: " + json.dumps({p: (e or {}).get(field) for p, e in engines.items()}))
+
     # -- monitor ---------------------------------------------------------------------------
 
     def worker_bound_mib(self, name: str) -> float:
@@ -669,6 +896,8 @@ class Soak:
             if not self.dead:
                 await self.recover()
                 await self.final_greedy_pass()
+            if self.slow_burst is not None:
+                await self.slow_burst
         finally:
             self.stop_traffic = True
             done, pending = await asyncio.wait(clients, timeout=self.plan.deadline + 60)
@@ -754,6 +983,7 @@ class Soak:
             "faults_injected": dict(sorted(injected.items())), "faults_total": sum(injected.values()),
             "faults_unavailable": self.unavailable,
             "greedy": dict(self.greedy_checks),
+            "cross_origin": dict(self.page), "slow_readers": dict(self.slow), "edit_revert": dict(self.reverts),
             "bounds": {"worker_rss_mib": {n: round(self.worker_bound_mib(n)) for n in self.batch},
                        "daemon_rss_mib": 400,
                        "disk_mib": {k: round(self.disk_bound(k) / MiB) for k in self.ns_budget}},
@@ -808,6 +1038,13 @@ def markdown(s: dict, command: str) -> str:
     lines += ["", f"Greedy identity on `{CTL}`: {g.get('cold', 0)} cold answers, "
                   f"{g.get('identical_cache_hit', 0)} later answers identical with a cache hit, "
                   f"{g.get('identical_no_hit', 0)} identical without one.", "",
+              f"Cross-origin page: {s.get('cross_origin', {}).get('refused', 0)} requests refused "
+              f"({sum(v for k, v in s.get('cross_origin', {}).items() if k != 'refused')} answered otherwise). "
+              f"Slow readers on `{CTL}`: " + (", ".join(f"{k}: {v}" for k, v in sorted(s.get("slow_readers", {}).items()))
+                                              or "none") + ". "
+              f"Edits reverted before their replacement was ready: "
+              f"{s.get('edit_revert', {}).get('ended_on_reverted', 0)} ended on the reverted settings, "
+              f"{s.get('edit_revert', {}).get('violations', 0)} did not.", "",
               "| bound | limit | peak |", "|---|---|---|",
               f"| daemon RSS | {s['bounds']['daemon_rss_mib']} MiB | {s['peaks']['daemon_rss_mib']} MiB |"]
     lines += [f"| worker RSS {m} | {b} MiB | {s['peaks']['worker_rss_mib'].get(m)} MiB |"
