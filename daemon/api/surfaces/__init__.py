@@ -13,6 +13,7 @@ writes (a collected request serialises nothing it throws away).
 from __future__ import annotations
 
 import contextlib
+import json
 from typing import Any, Iterable, Optional
 
 from quart import Response, current_app, jsonify
@@ -53,6 +54,16 @@ class Surface:
 
     def finished(self) -> None:
         """The request is over, answered or not."""
+
+
+def arguments_object(text: str) -> dict:
+    """A tool call's streamed JSON arguments as the object Messages and Ollama carry; {} for
+    arguments the model left unparsable or not an object (the call still reaches the client)."""
+    try:
+        value = json.loads(text or "{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def stream_response(chunks, media_type: str = "text/event-stream") -> Response:

@@ -15,7 +15,7 @@ from typing import Any, Optional
 from ... import events as ev_
 from .. import requests as rq
 from ..errors import APIError
-from . import Surface
+from . import Surface, arguments_object
 from .payload import check_tools, sampling
 
 _NO_USAGE = ev_.Started(id="", prompt_tokens=0, cached_tokens=0, max_tokens=0)
@@ -113,14 +113,6 @@ def _usage(started: ev_.Started, output_tokens: int) -> dict:
             "cache_read_input_tokens": started.cached_tokens, "cache_creation_input_tokens": 0}
 
 
-def _input(arguments: str) -> dict:
-    try:
-        value = json.loads(arguments or "{}")
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
 class Messages(Surface):
     """POST /v1/messages: content blocks in order, streamed as block start / delta / stop."""
 
@@ -211,7 +203,7 @@ class Messages(Surface):
 
     def final(self) -> dict:
         for i, call in self.calls.items():
-            call["input"] = _input(self.args[i])
+            call["input"] = arguments_object(self.args[i])
         reason, seq = self._stop()
         return {**self.meta, "content": self.blocks, "stop_reason": reason, "stop_sequence": seq,
                 "usage": _usage(self.started, self.done.usage["completion_tokens"])}

@@ -27,7 +27,7 @@ from .. import ollama_ttl
 from .. import requests as rq
 from ..embeddings import HARDWARE_OPTIONS
 from ..errors import APIError
-from . import Surface, serve
+from . import Surface, arguments_object, serve
 from .payload import check_tools, sampling
 
 SAMPLING_OPTIONS = ("temperature", "top_p", "top_k", "seed", "num_predict", "stop", "num_ctx")
@@ -141,14 +141,6 @@ def _messages(body) -> list[dict]:
     return out
 
 
-def _arguments(text: str) -> dict:
-    try:
-        value = json.loads(text or "{}")
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
 class Ollama(Surface):
     """`kind` "chat" (/api/chat: `message`) or "generate" (/api/generate: `response`)."""
     media_type = "application/x-ndjson"
@@ -231,7 +223,7 @@ class Ollama(Surface):
 
     def _call(self, i: int) -> dict:
         c = self.calls[i]
-        return {"id": c["id"], "function": {"index": i, "name": c["name"], "arguments": _arguments(c["args"])}}
+        return {"id": c["id"], "function": {"index": i, "name": c["name"], "arguments": arguments_object(c["args"])}}
 
     def _flush(self):
         """The calls whose arguments are complete, in one line."""
