@@ -85,8 +85,10 @@ class Logprob(_Event):
 # mlxd_prefix_cache_misses_total): cold (nothing shares a prefix), untrimmable (an entry
 # shares more but its cache cannot be cut there: the nearest checkpoint was served),
 # evicted (the budgets dropped an entry that shared more), unreadable (its disk file was
-# gone or corrupt), unshared (a rank of a distributed group lacked its shard).
-CACHE_MISS_REASONS = ("cold", "untrimmable", "evicted", "unreadable", "unshared")
+# gone or corrupt), unshared (a rank of a distributed group lacked its shard), revision
+# (another revision of the model, under another namespace, shares more: its weights,
+# tokenizer or chat template, kv_bits or mlx versions changed).
+CACHE_MISS_REASONS = ("cold", "untrimmable", "evicted", "unreadable", "unshared", "revision")
 
 
 @dataclass

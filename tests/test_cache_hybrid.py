@@ -20,11 +20,11 @@ import pytest
 
 from chat_reuse import Chat, Renderer, Turn, shared_prefix, user_message
 from conftest import Daemon
+from daemon.events import CACHE_MISS_REASONS as REASONS
 from tiny_models import ARCHS, thinking_template, tiny_model
 
 TEMPLATES = ("chatml", "think")
 TRIMMABLE = {"llama"}          # every other family's cache cannot be cut back once its window wraps
-REASONS = ("cold", "untrimmable", "evicted", "unreadable", "unshared")
 MODELS = [(arch, t) for arch in ARCHS for t in TEMPLATES]
 TURNS = 6
 # About 250 new tokens a turn: a ~150-token question and a 96-token answer (decoding is the cost).

@@ -236,6 +236,10 @@ def test_changed_fingerprint_ignores_the_old_cache(tmp_path):
         d.start()
         _, usage = chat(c, "cached", msgs)
         assert usage.prompt_tokens_details.cached_tokens == 0
+        # ... and the miss says why: the old revision's cache would have served it.
+        metrics = httpx.get(f"{d.url}/metrics", timeout=30).text
+        assert 'mlxd_prefix_cache_misses_total{model="cached",reason="revision"} 1.0' in metrics
+        assert 'mlxd_prefix_cache_misses_total{model="cached",reason="cold"} 0.0' in metrics
         wait_for_writes(d)
         assert len({p.parent.name for p in namespace_files(d)}) == 2
     finally:

@@ -385,3 +385,22 @@ def test_close_is_bounded(model, tmp_path, caplog):
         pc.disk.close(timeout=0)
     assert "were not written" in caplog.text
     pc.disk.thread.join(60)
+
+
+def test_a_miss_under_another_revision_of_the_model_says_so(model, tmp_path):
+    """Weights, template or numerics changed: the old namespace's entries are never read, and
+    a prompt they would have served is a `revision` miss naming that namespace, not `cold`."""
+    old = new_cache(model, tmp_path, model_name="m")
+    old.store(TOKENS, prefill(model, TOKENS, make_prompt_cache(model)))
+    old.close()
+    for name, reason in (("m", "revision"), ("other", "cold")):
+        new = PrefixCache(model, fingerprint="e" * 64, root=tmp_path, memory_budget=1 << 30,
+                          disk_budget=1 << 30, model_name=name)
+        cache, n, _ = new.fetch(TOKENS[:70] + [7])
+        o = new.last_outcome
+        assert (cache, n, o.reason) == (None, 0, reason), o
+        if reason == "revision":
+            assert old.disk.dir.name in o.detail and "shares 64 tokens" in o.detail
+            cache, n, _ = new.fetch([5] * 40)          # nothing of the old revision shares it
+            assert new.last_outcome.reason == "cold"
+        new.close()

@@ -108,7 +108,7 @@ def load(cfg: ModelConfig, cache_dir, *, total_disk_budget=None, orphan_ttl=7 * 
             model, fingerprint=resolved.fingerprint, root=cache_dir / "prefix",
             memory_budget=cfg.prefix_cache.memory_budget, disk_budget=cfg.prefix_cache.disk_budget,
             kv_bits=cfg.prefix_cache.kv_bits, write_buffer=cfg.prefix_cache.write_buffer,
-            block_tokens=cfg.prefix_cache.block_tokens,
+            block_tokens=cfg.prefix_cache.block_tokens, model_name=cfg.name,
             total_disk_budget=total_disk_budget, orphan_ttl=orphan_ttl, **cache_args)
     kind, extra = Engine, {}
     if bells is not None:

@@ -52,6 +52,8 @@ from typing import Optional
 import numpy as np
 from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
+from .cache.index import BLOCK
+
 log = logging.getLogger("mlxd.prefix_cache")
 
 _SUFFIX = ".safetensors"
@@ -173,6 +175,51 @@ def age_out_orphans(root: Path, keep: Path, ttl: float) -> None:
             os.close(fd)
 
 
+MODEL_FILE = ".model"        # which model (and stage) a namespace belongs to: for the miss reason
+
+
+def mark_model(d: Path, model: str, stage: Optional[str]) -> None:
+    """Name the model a namespace is of, so a later revision of the same model can say that
+    the cache it lacks is under another namespace (weights, template or numerics changed)."""
+    data = json.dumps({"model": model, "stage": stage}).encode()
+    try:
+        if (d / MODEL_FILE).read_bytes() == data:
+            return
+    except OSError:
+        pass
+    _write_atomic(d / MODEL_FILE, data)
+
+
+def other_revisions(root: Path, keep: Path, model: str, stage: Optional[str],
+                    limit: int) -> dict[str, tuple[str, int]]:
+    """Block hash -> (namespace, tokens up to it) of the entries other namespaces of the same
+    model and stage hold (at most `limit` hashes, newest namespaces first): their cache can
+    never serve this one, and a miss they would have hit says so. Only records are read."""
+    out: dict[str, tuple[str, int]] = {}
+    mine = json.dumps({"model": model, "stage": stage}).encode()
+    dirs = [d for d in listdir(root) if d != keep and d.is_dir() and not d.is_symlink()]
+    for d in sorted(dirs, key=lambda d: -d.stat().st_mtime if d.exists() else 0):
+        try:
+            if (d / MODEL_FILE).read_bytes() != mine:
+                continue
+        except OSError:
+            continue
+        for p in listdir(d):
+            if not p.name.endswith(".json") or ".tmp" in p.name:
+                continue
+            try:
+                blocks = json.loads(p.read_text())["blocks"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            for i, h in enumerate(blocks):
+                if isinstance(h, str):
+                    depth = out.get(h, ("", 0))[1]
+                    out[h] = (d.name, max(depth, (i + 1) * BLOCK))
+            if len(out) >= limit:
+                return out
+    return out
+
+
 def listdir(d: Path) -> list[Path]:
     """A directory's entries, or none when it is gone or unreadable (another daemon's sweep)."""
     try:
@@ -195,7 +242,8 @@ class _Write:
 class DiskTier:
     def __init__(self, root: Path, namespace: str, budget: int, *, orphan_ttl: float,
                  total_budget: Optional[int] = None, write_buffer: int = 512 << 20,
-                 stage: Optional[str] = None, evict: bool = True, track_evictions: bool = False):
+                 stage: Optional[str] = None, evict: bool = True, track_evictions: bool = False,
+                 model: str = ""):
         self.root = root
         self.stage = stage                        # Stage.tag of a pipeline rank's shards
         self.evict = evict                        # False: a follower rank, whose rank 0 decides
@@ -222,6 +270,11 @@ class DiskTier:
             self.usable = False
         else:
             age_out_orphans(self.root, self.dir, orphan_ttl)
+            if model:
+                try:
+                    mark_model(self.dir, model, stage)
+                except OSError as e:
+                    log.warning("cannot name the model of %s: %s", self.dir, e)
         self.thread = threading.Thread(target=self._writer, name="prefix-cache-writer", daemon=True)
         self.thread.start()
 

@@ -50,7 +50,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import can_trim_prompt_cache
 
-from ..disk_cache import DiskTier
+from ..disk_cache import DiskTier, other_revisions
 from .index import BLOCK, Entry, Outcome, _key, block_hashes, common_prefix, namespace
 from .kv import compact, dequantize, quantize, trim, trim_room
 from .memory import BlockPool
@@ -64,7 +64,7 @@ class PrefixCache:
     def __init__(self, model, *, fingerprint: str, root: Path, memory_budget: int, disk_budget: int,
                  kv_bits: Optional[int] = None, orphan_ttl: float = 7 * 86400,
                  total_disk_budget: Optional[int] = None, write_buffer: int = 512 << 20,
-                 stage=None, follower: bool = False, block_tokens: int = 256):
+                 stage=None, follower: bool = False, block_tokens: int = 256, model_name: str = ""):
         self.model = model
         self.stage = stage.tag if stage is not None else None
         self.follower = follower
@@ -88,14 +88,17 @@ class PrefixCache:
         self.reads: dict[str, Future] = {}       # disk entries being read off the engine thread
         self._loader: Optional[ThreadPoolExecutor] = None
         self.disk: Optional[DiskTier] = None
+        self.revisions: dict[str, tuple[str, int]] = {}   # blocks other revisions of this model cache
         if disk_budget > 0:
             self.disk = DiskTier(Path(root), namespace(fingerprint, kv_bits, stage), disk_budget,
                                  orphan_ttl=orphan_ttl, total_budget=total_disk_budget, write_buffer=write_buffer,
-                                 stage=self.stage, evict=not follower, track_evictions=True)
+                                 stage=self.stage, evict=not follower, track_evictions=True, model=model_name)
             for meta in self.disk.load_index():
                 self._index(Entry(key=meta["key"], tokens=None, n_tokens=meta["n_tokens"], blocks=meta["blocks"],
                                   trimmable=meta["trimmable"], room=meta.get("room", 0), on_disk=True,
                                   stage=meta.get("stage")))
+            if model_name and self.disk.usable:
+                self.revisions = other_revisions(Path(root), self.disk.dir, model_name, self.stage, EVICTED_BLOCKS)
 
     # -- index ------------------------------------------------------------------------
 
@@ -197,6 +200,11 @@ class PrefixCache:
         elif self._unreadable is not None and n == 0:
             o.reason = "unreadable"
             o.detail = f"entry {self._unreadable} could not be read from disk (gone or corrupt)"
+        elif (rev := self._revision_depth(hashes)) and rev[1] > n:
+            o.reason = "revision"
+            o.detail = (f"the cache of another revision of this model ({rev[0]}: its weights, tokenizer or chat "
+                        f"template, kv_bits or mlx/mlx-lm version differ) shares {rev[1]} tokens with the "
+                        f"prompt; a changed model never reads it")
         elif evicted > n:
             o.reason = "evicted"
             o.detail = f"an entry sharing at least {evicted} tokens was evicted by the cache budgets"
@@ -207,6 +215,13 @@ class PrefixCache:
             o.detail = f"{n} tokens from entry {key} ({tier})" + (
                 f"; the prompt diverges from it at token {n}" if n < len(arr) - 1 else "")
         self.last_outcome = o
+
+    def _revision_depth(self, hashes: list[str]) -> Optional[tuple[str, int]]:
+        if self.revisions:
+            for h in reversed(hashes):
+                if h in self.revisions:
+                    return self.revisions[h]
+        return None
 
     def _evicted_depth(self, hashes: list[str]) -> int:
         if not self.evicted_blocks:
