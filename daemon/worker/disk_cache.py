@@ -95,6 +95,13 @@ def _size(path: Path) -> int:
         return 0        # vanished meanwhile (evicted, renamed, cleared by another worker)
 
 
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0      # removed meanwhile by another worker's orphan sweep
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -198,7 +205,7 @@ def other_revisions(root: Path, keep: Path, model: str, stage: Optional[str],
     out: dict[str, tuple[str, int]] = {}
     mine = json.dumps({"model": model, "stage": stage}).encode()
     dirs = [d for d in listdir(root) if d != keep and d.is_dir() and not d.is_symlink()]
-    for d in sorted(dirs, key=lambda d: -d.stat().st_mtime if d.exists() else 0):
+    for d in sorted(dirs, key=_mtime, reverse=True):
         try:
             if (d / MODEL_FILE).read_bytes() != mine:
                 continue
