@@ -190,6 +190,22 @@ def test_namespaces_never_match_in_memory_under_one_block_or_on_disk(model, tmp_
     again.close()
 
 
+def test_sessions_sharing_a_prefix_refresh_the_one_used_last(model, tmp_path):
+    """Two entries share a prompt's longest prefix: the hit is served from (and refreshes in the
+    LRU) the one used most recently, whichever order a set of their keys comes in, so the
+    session being continued is the one kept when memory runs short."""
+    pc = new_cache(model, tmp_path, disk_budget=0)
+    shared = TOKENS[:2 * BLOCK]
+    a, b = shared + [5, 6, 7], shared + [8, 9, 10]
+    key_a = pc.store(a, prefill(model, a, make_prompt_cache(model)))
+    key_b = pc.store(b, prefill(model, b, make_prompt_cache(model)))
+    assert pc.fetch(shared + [1, 2])[1] == len(shared) and pc.last_key == key_b
+    pc.fetch(a + [3])                                   # a continued: now the one used last
+    assert pc.fetch(shared + [4, 4])[1] == len(shared) and pc.last_key == key_a
+    assert list(pc.memory) == [key_b, key_a]
+    pc.close()
+
+
 def test_block_hashes_chain():
     a = block_hashes(list(range(3 * BLOCK + 5)))
     b = block_hashes(list(range(2 * BLOCK)) + [0] * BLOCK)

@@ -125,10 +125,16 @@ class PrefixCache:
         one block, can only be found by looking). An entry not given by depth d shares fewer
         than d tokens, so a caller holding a hit that long can stop."""
         seen: set[str] = set()
+        recency: Optional[dict[str, int]] = None
         for i in range(len(hashes) - 1, -1, -1):
             keys = self.by_block.get(hashes[i])
             if keys:
                 new = [self.entries[k] for k in keys - seen if k in self.entries]
+                if len(new) > 1:
+                    # Ties go to the most recently used: the hit refreshes the session being
+                    # continued, not whichever sharer a set (string hashes vary by process) gave first.
+                    recency = recency or {k: j for j, k in enumerate(self.memory)}
+                    new.sort(key=lambda e: (-recency.get(e.key, -1), e.key))
                 seen |= keys
                 yield (i + 1) * BLOCK, new
         if not seen:
