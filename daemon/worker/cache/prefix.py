@@ -435,6 +435,8 @@ class PrefixCache:
     def _fit(self, budget: int, keep: Optional[Entry] = None) -> None:
         """Evict the least recently used memory entries until the unique bytes fit `budget`;
         an entry's blocks go only with the last entry holding them (`BlockPool`)."""
+        if self.memory_bytes <= budget:
+            return      # the common case, on every engine step: no copy of the LRU list
         for old in list(self.memory.values()):      # oldest first
             if self.memory_bytes <= budget:
                 break
