@@ -191,6 +191,22 @@ def test_dns_rebinding_host_is_refused_in_each_shape(daemon):
     assert httpx.get(daemon.url + "/v1/models", headers={"Host": "localhost:1"}, timeout=10).status_code == 403
 
 
+def test_a_refusal_closes_its_connection_so_the_next_request_opens_a_fresh_one(daemon):
+    """A refused request's body is never read, so the server closes the connection after the
+    403; it says `Connection: close`, and one client sending refused and accepted requests in a
+    row over keep-alive gets every answer (the soak once saw "Server disconnected without sending
+    a response" on the request after a refused one)."""
+    page = {"Origin": "http://evil.example", "Content-Type": "text/plain"}
+    body = json.dumps({"model": "smol", "max_tokens": 8, "messages": KEY_PROMPT})
+    with httpx.Client(base_url=daemon.url, timeout=10) as c:
+        for _ in range(20):
+            r = c.post("/v1/messages", content=body, headers=page)
+            assert r.status_code == 403 and r.headers["connection"] == "close", r.headers
+            r = c.post("/v1/models/smol/unload", headers={"Origin": "http://evil.example"})
+            assert r.status_code == 403 and r.headers["connection"] == "close", r.headers
+            assert c.get("/v1/models").status_code == 200
+
+
 def test_origins_and_preflights(daemon, site):
     evil, good = f"http://127.0.0.1:{site}", f"http://localhost:{site}"
     pre = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type,authorization"}

@@ -179,7 +179,12 @@ def install(app: Quart, server: Callable, host: str, port: int, refused: Callabl
             refused(err.code)
             log.info("refused %s %s (Host %r, Origin %r): %s", request.method, request.path,
                      request.headers.get("Host"), request.headers.get("Origin"), err.code)
-            return err.response(shape_of(request.path))
+            resp = err.response(shape_of(request.path))
+            # The body is never read: the server then closes the connection, and a client that
+            # reused it for its next request would race that close ("disconnected without a
+            # response"). Saying so makes it open a fresh one.
+            resp.headers["Connection"] = "close"
+            return resp
         if request.method == "OPTIONS" and request.headers.get("Access-Control-Request-Method"):
             return "", 204       # a preflight from an allowed origin; `after` adds its headers
         return None
