@@ -52,8 +52,6 @@ from typing import Optional
 import numpy as np
 from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
-from .cache.index import BLOCK
-
 log = logging.getLogger("mlxd.prefix_cache")
 
 _SUFFIX = ".safetensors"
@@ -185,10 +183,14 @@ def age_out_orphans(root: Path, keep: Path, ttl: float) -> None:
 MODEL_FILE = ".model"        # which model (and stage) a namespace belongs to: for the miss reason
 
 
+def _model_tag(model: str, stage: Optional[str]) -> bytes:
+    return json.dumps({"model": model, "stage": stage}).encode()
+
+
 def mark_model(d: Path, model: str, stage: Optional[str]) -> None:
     """Name the model a namespace is of, so a later revision of the same model can say that
     the cache it lacks is under another namespace (weights, template or numerics changed)."""
-    data = json.dumps({"model": model, "stage": stage}).encode()
+    data = _model_tag(model, stage)
     try:
         if (d / MODEL_FILE).read_bytes() == data:
             return
@@ -198,12 +200,13 @@ def mark_model(d: Path, model: str, stage: Optional[str]) -> None:
 
 
 def other_revisions(root: Path, keep: Path, model: str, stage: Optional[str],
-                    limit: int) -> dict[str, tuple[str, int]]:
-    """Block hash -> (namespace, tokens up to it) of the entries other namespaces of the same
-    model and stage hold (at most `limit` hashes, newest namespaces first): their cache can
-    never serve this one, and a miss they would have hit says so. Only records are read."""
-    out: dict[str, tuple[str, int]] = {}
-    mine = json.dumps({"model": model, "stage": stage}).encode()
+                    limit: int) -> dict[str, str]:
+    """Block hash -> namespace of the entries other namespaces of the same model and stage hold
+    (at most `limit` hashes, newest namespaces first): their cache can never serve this one,
+    and a miss they would have hit says so. Only records are read. A hash's depth needs no
+    keeping: block hashes are chained, so one names the same position in every record."""
+    out: dict[str, str] = {}
+    mine = _model_tag(model, stage)
     dirs = [d for d in listdir(root) if d != keep and d.is_dir() and not d.is_symlink()]
     for d in sorted(dirs, key=_mtime, reverse=True):
         try:
@@ -218,10 +221,9 @@ def other_revisions(root: Path, keep: Path, model: str, stage: Optional[str],
                 blocks = json.loads(p.read_text())["blocks"]
             except (OSError, ValueError, KeyError, TypeError):
                 continue
-            for i, h in enumerate(blocks):
+            for h in blocks:
                 if isinstance(h, str):
-                    depth = out.get(h, ("", 0))[1]
-                    out[h] = (d.name, max(depth, (i + 1) * BLOCK))
+                    out[h] = d.name
             if len(out) >= limit:
                 return out
     return out

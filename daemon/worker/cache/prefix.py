@@ -88,7 +88,7 @@ class PrefixCache:
         self.reads: dict[str, Future] = {}       # disk entries being read off the engine thread
         self._loader: Optional[ThreadPoolExecutor] = None
         self.disk: Optional[DiskTier] = None
-        self.revisions: dict[str, tuple[str, int]] = {}   # blocks other revisions of this model cache
+        self.revisions: dict[str, str] = {}   # block hash -> namespace of another revision of this model
         if disk_budget > 0:
             self.disk = DiskTier(Path(root), namespace(fingerprint, kv_bits, stage), disk_budget,
                                  orphan_ttl=orphan_ttl, total_budget=total_disk_budget, write_buffer=write_buffer,
@@ -222,20 +222,22 @@ class PrefixCache:
                 f"; the prompt diverges from it at token {n}" if n < len(arr) - 1 else "")
         self.last_outcome = o
 
+    @staticmethod
+    def _deepest(hashes: list[str], known) -> int:
+        """How many of the prompt's blocks lead up to the deepest one in `known` (0: none)."""
+        if known:
+            for i in range(len(hashes) - 1, -1, -1):
+                if hashes[i] in known:
+                    return i + 1
+        return 0
+
     def _revision_depth(self, hashes: list[str]) -> Optional[tuple[str, int]]:
-        if self.revisions:
-            for h in reversed(hashes):
-                if h in self.revisions:
-                    return self.revisions[h]
-        return None
+        """(namespace, tokens) of the deepest block another revision of this model caches."""
+        i = self._deepest(hashes, self.revisions)
+        return (self.revisions[hashes[i - 1]], i * BLOCK) if i else None
 
     def _evicted_depth(self, hashes: list[str]) -> int:
-        if not self.evicted_blocks:
-            return 0
-        for i in range(len(hashes) - 1, -1, -1):
-            if hashes[i] in self.evicted_blocks:
-                return (i + 1) * BLOCK
-        return 0
+        return self._deepest(hashes, self.evicted_blocks) * BLOCK
 
     def _note_evicted(self, e: Entry) -> None:
         for h in e.blocks:
