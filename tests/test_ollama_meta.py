@@ -8,6 +8,7 @@ answer; the values are checked against what the daemon's own /v1/status says of 
 from __future__ import annotations
 
 import json
+import socket
 from datetime import datetime, timedelta, timezone
 from importlib.metadata import version as dist_version
 from pathlib import Path
@@ -123,6 +124,35 @@ def test_model_changes_are_refused_naming_the_config_file(daemon, c):
         assert e.value.status_code == 403
         assert "not supported" in e.value.error and str(daemon.config_path) in e.value.error
     assert {m.model for m in c.list().models} == {"chat", "minilm", "later"}     # nothing changed
+
+
+def test_an_answer_sent_before_the_body_arrived_closes_its_connection(daemon, c):
+    """A refusal does not wait for the body, and the server cannot reuse a connection whose request
+    it did not receive to its end: the answer says `Connection: close`, and the server then closes
+    it (CI once saw the library's delete, reusing the connection after a refused pull, get
+    "Server disconnected without sending a response"). Headers only, the body never sent, makes
+    the case certain."""
+    host, port = daemon.url.removeprefix("http://").rsplit(":", 1)
+    for method, path in (("POST", "/api/pull"), ("DELETE", "/api/delete"), ("POST", "/api/copy")):
+        with socket.create_connection((host, int(port)), timeout=30) as s:
+            s.sendall(f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+                      f"Content-Length: 64\r\n\r\n".encode())
+            answer = b""
+            while chunk := s.recv(65536):       # ends only when the server closes the connection
+                answer += chunk
+        head = answer.split(b"\r\n\r\n", 1)[0].decode().lower()
+        assert head.startswith("http/1.1 403") and "\r\nconnection: close" in head, head
+    # A route that reads its body answers after the body arrived: that connection is kept.
+    with httpx.Client(base_url=daemon.url, timeout=30) as h:
+        for _ in range(5):
+            r = h.post("/api/show", json={"model": "chat"})
+            assert r.status_code == 200 and r.headers.get("connection") != "close", r.headers
+            assert h.post("/api/pull", json={"model": "llama3.2"}).status_code == 403
+            assert h.get("/api/version").status_code == 200
+    for _ in range(10):
+        for call in (lambda: c.pull("llama3.2"), lambda: c.delete("chat"), lambda: c.copy("chat", "chat2")):
+            with pytest.raises(ollama.ResponseError):
+                call()
 
 
 def test_unknown_model_is_a_404_in_ollamas_shape(daemon, c):

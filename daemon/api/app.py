@@ -17,6 +17,7 @@ from .deadline import with_write_deadline
 from .embeddings import bp as embeddings_bp
 from .errors import APIError, shape_of
 from .guard import install as install_guard, warn_wildcard
+from .keepalive import with_unread_bodies_closing
 from .lifetime import with_runs_closed
 from .limits import RateLimiter
 from .openai import bp as openai_bp
@@ -44,8 +45,9 @@ def create_app(supervisor, host: str | None = None, port: int | None = None) -> 
     supervisor.listeners.append(warn_wildcard)
     warn_wildcard(supervisor.config.server)
     app.config["RESPONSES"] = Store(lambda: supervisor.config.server.responses_store)
-    app.asgi_app = with_write_deadline(with_runs_closed(app.asgi_app), lambda: supervisor.config.server.stream_write_timeout,
-                                       lambda model: supervisor.metrics.write_timeouts.labels(model).inc())
+    app.asgi_app = with_unread_bodies_closing(with_write_deadline(
+        with_runs_closed(app.asgi_app), lambda: supervisor.config.server.stream_write_timeout,
+        lambda model: supervisor.metrics.write_timeouts.labels(model).inc()))
 
     def render(e: APIError):
         return e.response(shape_of(request.path))

@@ -180,9 +180,8 @@ def install(app: Quart, server: Callable, host: str, port: int, refused: Callabl
             log.info("refused %s %s (Host %r, Origin %r): %s", request.method, request.path,
                      request.headers.get("Host"), request.headers.get("Origin"), err.code)
             resp = err.response(shape_of(request.path))
-            # The body is never read: the server then closes the connection, and a client that
-            # reused it for its next request would race that close ("disconnected without a
-            # response"). Saying so makes it open a fresh one.
+            # A refused client's connection is not kept, with a body or without (`keepalive` closes
+            # only those whose body had not arrived in full).
             resp.headers["Connection"] = "close"
             return resp
         if request.method == "OPTIONS" and request.headers.get("Access-Control-Request-Method"):
