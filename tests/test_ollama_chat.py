@@ -118,6 +118,22 @@ def test_think_goes_to_message_thinking(client):
     assert g.thinking and not g.response.startswith("<think>")
 
 
+def test_think_on_a_model_that_cannot_think_is_a_400(client):
+    """As Ollama answers it: `think` is not dropped where the template has no thinking markers."""
+    calls = (lambda s: client.chat(model="agent", messages=Q, think=True, stream=s),
+             lambda s: client.chat(model="agent", messages=Q, think="high", stream=s),
+             lambda s: client.generate(model="agent", prompt="hi", think=True, stream=s))
+    for call in calls:
+        for stream in (False, True):
+            with pytest.raises(ollama.ResponseError) as e:
+                r = call(stream)
+                list(r) if stream else None
+            assert e.value.status_code == 400 and "does not support thinking" in e.value.error, e.value.error
+    r = client.chat(model="agent", messages=Q, think=False, options={"num_predict": 2})
+    assert r.eval_count == 2 and r.message.thinking is None
+    assert "thinking" in client.show("thinker").capabilities and "thinking" not in client.show("agent").capabilities
+
+
 @pytest.mark.parametrize("opts, named", [
     ({"min_p": 0.1, "mirostat": 1}, ["min_p", "mirostat"]),
     ({"temperature": "hot"}, ["options.temperature"]),

@@ -208,6 +208,8 @@ async def show():
     capabilities = {"embedding": ["embedding"], "chat": ["completion"]}.get(handle.serves, [])
     if handle.serves == "chat" and "tools" in template:
         capabilities.append("tools")
+    if info.get("thinking"):                     # the worker's markers: known once it has loaded
+        capabilities.append("thinking")
     modelfile = (f"# mlxd serves this model from the entry '{handle.name}' of {rq.supervisor().config_path}\n"
                  f"FROM {cfg.source}\n" + "".join(f"PARAMETER {k} {v}\n" for k, v in sampling.items()))
     return jsonify({"modelfile": modelfile, "parameters": parameters, "template": template,

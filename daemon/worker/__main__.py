@@ -126,7 +126,8 @@ def load(cfg: ModelConfig, cache_dir, *, total_disk_budget=None, orphan_ttl=7 * 
     info = {
         "pid": os.getpid(), "path": str(resolved.path), "kind": resolved.kind, "dtype": resolved.dtype, "serves": "chat",
         "fingerprint": resolved.fingerprint, "device": device_name(), "blas": loaded_blas(),
-        "context_length": engine.context_length, "kv_bytes_per_token": kv_per_token, "load_seconds": round(time.perf_counter() - t0, 3),
+        "context_length": engine.context_length, "thinking": engine.think is not None,
+        "kv_bytes_per_token": kv_per_token, "load_seconds": round(time.perf_counter() - t0, 3),
         "mlx_memory_bytes": mx.get_active_memory(),
     }
     if group is not None:

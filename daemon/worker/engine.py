@@ -301,6 +301,9 @@ class Engine:
             raise RequestError("this model is a language model, not an embedding model: it serves chat and "
                                "completions; embeddings need a model entry with kind: embedding (or a "
                                "sentence-transformers directory)", code="model_not_supported", param="model")
+        if msg.get("require_thinking") and self.think is None:
+            raise RequestError("this model does not support thinking: its chat template has no thinking markers; "
+                               "leave think out or set it to false", code="model_not_supported", param="think")
         tokens, prompt_text = self.tokenize(msg, max_chars=self.char_limit)
         if not tokens:
             raise RequestError("the prompt is empty", param="prompt")

@@ -198,6 +198,8 @@ class Ollama(Surface):
             out["response_format"] = {"type": "json_schema", "json_schema": {"name": "format", "schema": body.format}}
         if body.think is not None:
             out["chat_template_kwargs"] = {"enable_thinking": body.think is not False}
+            if body.think is not False:
+                out["require_thinking"] = True      # Ollama answers 400 where the model cannot think
             if isinstance(body.think, str):
                 out["reasoning_effort"] = body.think
         return {**out, "surface": f"ollama.{self.kind}"}
