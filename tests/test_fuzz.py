@@ -97,12 +97,18 @@ def _tame(case) -> None:
         return
     if isinstance(body.get("model"), str) and len(body["model"]) % 4:
         body["model"] = MODEL
-    for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
+    capped = [(body, key) for key in ("max_tokens", "max_completion_tokens", "max_output_tokens")]
+    if isinstance(body.get("options"), dict):        # Ollama's
+        capped.append((body["options"], "num_predict"))
+    for where, key in capped:
         try:
-            if float(body.get(key)) > MAX_TOKENS:
-                body[key] = MAX_TOKENS
+            if float(where.get(key)) > MAX_TOKENS or float(where.get(key)) in (-1, -2):   # Ollama's "no limit"
+                where[key] = MAX_TOKENS
         except (TypeError, ValueError):
             pass
+    # Ollama's keep_alive unloads the model (0) or sets its TTL: test_ollama_chat covers it, and
+    # a fuzz run that kept reloading the model would spend its time loading
+    body.pop("keep_alive", None)
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +128,7 @@ def test_openapi_describes_the_routes(api_schema, http):
     assert "system" in spec["components"]["schemas"]["MessagesRequest"]["properties"]
     assert "previous_response_id" in spec["components"]["schemas"]["ResponsesRequest"]["properties"]
     assert {"/v1/embeddings", "/api/embed", "/api/embeddings", "/api/tags", "/api/show", "/api/ps", "/api/version",
-            "/api/pull", "/api/delete"} <= set(spec["paths"])
+            "/api/pull", "/api/delete", "/api/chat", "/api/generate"} <= set(spec["paths"])
     assert "encoding_format" in spec["components"]["schemas"]["EmbeddingRequest"]["properties"]
     assert set(spec["paths"]["/api/pull"]["post"]["responses"]) == {"401", "403", "413", "415"}
 

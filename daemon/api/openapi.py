@@ -7,11 +7,14 @@ of the shapes clients rely on. Built once at import: it depends on nothing at ru
 
 from __future__ import annotations
 
+import json
+
 from quart import Blueprint, jsonify
 
 from .anthropic import CountTokensRequest, MessagesRequest
 from .embeddings import EmbeddingRequest, OllamaEmbed, OllamaEmbeddings
 from .ollama import OllamaShow
+from .ollama_chat import ChatRequest as OllamaChatRequest, GenerateRequest as OllamaGenerateRequest
 from .responses import ResponsesRequest
 from .schemas import ChatCompletionRequest, CompletionRequest
 
@@ -24,13 +27,25 @@ def _ref(name: str) -> dict:
     return {"$ref": REF.format(model=name)}
 
 
-def _request_schemas(*models) -> dict:
-    """Each model's JSON schema, with its `$defs` hoisted into components (shared by name)."""
-    out: dict = {}
+def _request_schemas(responses: dict, *models) -> dict:
+    """The response schemas and each model's JSON schema (a model, or a (name, model) pair), with
+    its `$defs` hoisted into components: shared by name where they are the same, renamed after
+    their model where two APIs define different types of one name (OpenAI's request `Message`,
+    Ollama's, and Anthropic's response `Message`)."""
+    out: dict = dict(responses)
     for m in models:
+        name, m = m if isinstance(m, tuple) else (m.__name__, m)
         s = m.model_json_schema(ref_template=REF)
-        out.update(s.pop("$defs", {}))
-        out[m.__name__] = s
+        defs = s.pop("$defs", {})
+        clashes = [k for k, v in defs.items() if k in out and out[k] != v]
+        if clashes:
+            text = json.dumps({"s": s, "defs": defs})
+            for k in clashes:
+                text = text.replace(json.dumps(REF.format(model=k)), json.dumps(REF.format(model=name + k)))
+            moved = json.loads(text)
+            s, defs = moved["s"], {(name + k if k in clashes else k): v for k, v in moved["defs"].items()}
+        out.update(defs)
+        out[name] = s
     return out
 
 
@@ -178,6 +193,25 @@ _RESPONSES = {
                        "modified_at": _str},
     },
     "OllamaVersion": {"type": "object", "required": ["version"], "properties": {"version": _str}},
+    "OllamaChatResponse": {
+        "type": "object", "required": ["model", "created_at", "message", "done"],
+        "description": "The whole answer; streamed, each NDJSON line has this shape, the last with `done: true` "
+                       "and the counts and durations (nanoseconds).",
+        "properties": {"model": _str, "created_at": _str, "done": {"type": "boolean"}, "done_reason": _str,
+                       "message": {"type": "object", "required": ["role", "content"],
+                                   "properties": {"role": {"const": "assistant"}, "content": _str, "thinking": _str,
+                                                  "tool_calls": {"type": "array", "items": {"type": "object"}}}},
+                       **{k: _int for k in ("total_duration", "load_duration", "prompt_eval_count",
+                                            "prompt_eval_duration", "eval_count", "eval_duration")}},
+    },
+    "OllamaGenerateResponse": {
+        "type": "object", "required": ["model", "created_at", "response", "done"],
+        "description": "As OllamaChatResponse, the text in `response` (and `thinking`).",
+        "properties": {"model": _str, "created_at": _str, "done": {"type": "boolean"}, "done_reason": _str,
+                       "response": _str, "thinking": _str,
+                       **{k: _int for k in ("total_duration", "load_duration", "prompt_eval_count",
+                                            "prompt_eval_duration", "eval_count", "eval_duration")}},
+    },
     "TokenCount": {"type": "object", "required": ["input_tokens"], "properties": {"input_tokens": _int}},
     "Response": {
         "type": "object", "required": ["id", "object", "created_at", "model", "status", "output", "usage"],
@@ -238,6 +272,13 @@ def _completion(summary: str, body: str, result: str, error="Error",
 _EMBED = (400, 401, 404, 413, 429, 503, 504)
 
 
+def _ollama_generation(summary: str, body: str, result: str) -> dict:
+    ok = {"description": "The answer; streamed (the default, `stream: true`) as NDJSON lines of the same shape.",
+          "content": {"application/json": {"schema": _ref(result)},
+                      "application/x-ndjson": {"schema": _ref(result)}}}
+    return _op(summary, ok, errors=(400, 401, 404, 413, 429, 503, 504), body=body, error="OllamaError")
+
+
 def _refused(what: str) -> dict:
     """An Ollama route that would change the model list: always a 403 (the config file is the list)."""
     op = _op(f"Ollama: {what} a model is refused with a 403 naming the config file.", _json(_ref("Object")),
@@ -247,9 +288,10 @@ def _refused(what: str) -> dict:
 
 
 def build_spec() -> dict:
-    schemas = {**_request_schemas(ChatCompletionRequest, CompletionRequest, MessagesRequest, CountTokensRequest,
-                                  ResponsesRequest, EmbeddingRequest, OllamaEmbed, OllamaEmbeddings, OllamaShow),
-               **_RESPONSES}
+    schemas = _request_schemas(_RESPONSES, ChatCompletionRequest, CompletionRequest, MessagesRequest, CountTokensRequest,
+                                  ResponsesRequest, EmbeddingRequest, OllamaEmbed, OllamaEmbeddings, OllamaShow,
+                                  ("OllamaChatRequest", OllamaChatRequest),
+                                  ("OllamaGenerateRequest", OllamaGenerateRequest))
     obj = _json(_ref("Object"))
     reload = _op("Re-read the config file.", _json(_ref("ReloadResult")))
     reload["responses"]["400"] = _json(_ref("ReloadResult"), "The config did not load; nothing changed.")
@@ -284,6 +326,12 @@ def build_spec() -> dict:
             "/v1/embeddings": {"post": _op(
                 "Embeddings of one or more inputs (text or token ids).", _json(_ref("Embeddings")),
                 errors=_EMBED, body="EmbeddingRequest")},
+            "/api/chat": {"post": _ollama_generation(
+                "Ollama: a chat turn (tools, format, think, options, keep_alive).", "OllamaChatRequest",
+                "OllamaChatResponse")},
+            "/api/generate": {"post": _ollama_generation(
+                "Ollama: a completion of one prompt (templated unless `raw`).", "OllamaGenerateRequest",
+                "OllamaGenerateResponse")},
             "/api/embed": {"post": _op(
                 "Ollama: embeddings of one or more inputs.", _json(_ref("OllamaEmbedResponse")),
                 errors=_EMBED, body="OllamaEmbed", error="OllamaError")},
