@@ -118,6 +118,40 @@ def test_token_ids_are_the_text_without_its_special_tokens(client, reference):
     assert len(many.data) == 2 and many.usage.prompt_tokens == len(ids) + 3 + 4
 
 
+@pytest.mark.parametrize("lengths", [[5], [200], [40, 9, 23], [128] * 2 + [60] * 6, [17] * 5])
+def test_the_cpu_forward_equals_the_plain_one_at_every_split(daemon, reference, lengths):
+    """The CPU forward (token slices or batch rows per stream, attention in numpy) computes what
+    the plain MLX forward (Metal's) does, padding included, and matches the numpy reference:
+    one row alone (one stream, or its tokens cut across streams), fewer rows than streams,
+    more, and an uneven share."""
+    import mlx.core as mx
+    from threadpoolctl import ThreadpoolController
+
+    from daemon.embeddings.bert import Bert
+
+    model, tok = reference
+    ctl = ThreadpoolController()
+    before = [c.num_threads for c in ctl.lib_controllers]
+    try:
+        bert = Bert(Path(daemon.model_status("minilm")["worker"]["path"]))
+        assert bert.on_cpu
+        rng = np.random.default_rng(len(lengths))
+        rows = [[101, *rng.integers(1000, 20000, n - 2).tolist(), 102] for n in lengths]
+        ids = np.zeros((len(rows), max(lengths)), np.int32)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = r
+        mask = mx.arange(ids.shape[1])[None, :] < mx.array(lengths)[:, None]
+        cpu = np.asarray(bert(mx.array(ids), mask))
+        plain = np.asarray(bert._forward(mx.array(ids), mask))
+    finally:
+        for c, n in zip(ctl.lib_controllers, before):
+            c.set_num_threads(n)
+    for i, n in enumerate(lengths):
+        assert np.abs(cpu[i, :n] - plain[i, :n]).max() < 1e-4
+    first = cpu[0, :lengths[0]].mean(axis=0)
+    assert cosine(first, model.embed(rows[0])) > 1 - 1e-4
+
+
 def test_a_batch_gives_each_input_what_it_gets_alone(client, daemon):
     """Padding never leaks into a vector: short inputs batched with long ones, and concurrent
     requests served together, equal the same inputs one per request."""
