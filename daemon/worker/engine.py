@@ -210,7 +210,8 @@ class Engine:
 
     def checkpoint_positions(self, msg: dict, tokens: list[int]) -> tuple[int, ...]:
         """Where this prompt's prefill keeps snapshots (`checkpoints.py`); none for a model whose
-        cache trims, since one entry serves every prefix of itself."""
+        cache trims, since one entry serves every prefix of itself. Part of `prepare`, off the
+        engine's thread: it reads only the template, tokenizer and settings."""
         if not self.checkpointing:
             return ()
         system_end = last_end = think_start = None
@@ -315,14 +316,15 @@ class Engine:
                 code="context_length_exceeded", param="messages" if "messages" in msg else "prompt")
         # Agents ask for more than any local context holds (opencode: 32000); the answer is
         # cut at the context's end with finish_reason "length", as if they had asked for that.
-        return Prepared(tokens, prompt_text, min(int(msg.get("max_tokens") or self.default_max_tokens), room))
+        return Prepared(tokens, prompt_text, min(int(msg.get("max_tokens") or self.default_max_tokens), room),
+                        self.checkpoint_positions(msg, tokens))
 
     def submit(self, msg: dict, prepared: Optional[Prepared] = None) -> Optional[dict]:
         """Queue a request (prepared here unless `prepared` is given); returns its `started`
         event (usage known up front), or None while it is parked (it starts at a later step,
         see `step`)."""
         rid = msg["id"]
-        tokens, prompt_text, max_tokens = prepared if prepared is not None else self.prepare(msg)
+        tokens, prompt_text, max_tokens, checkpoints = prepared if prepared is not None else self.prepare(msg)
         out = self.output(msg, prompt_text)
         try:
             wanted = self.grammar(msg)
@@ -332,8 +334,7 @@ class Engine:
         a = Active(id=rid, uid=None, prompt_tokens=len(tokens), cached_tokens=0, max_tokens=max_tokens,
                    out=out, t_submit=time.perf_counter(), cache_ns=str(msg.get("cache_ns") or ""),
                    top_logprobs=int(msg.get("top_logprobs") or 0) if msg.get("logprobs") else None)
-        p = Waiting(a, tokens, make_sampler(*spec), spec=spec, wanted=wanted,
-                    checkpoints=self.checkpoint_positions(msg, tokens))
+        p = Waiting(a, tokens, make_sampler(*spec), spec=spec, wanted=wanted, checkpoints=checkpoints)
         if wanted is not None:
             if self.compiler is None:
                 self.compiler = Compiler(self.tokenizer, self._vocab_size())

@@ -4,8 +4,9 @@ A multi-megabyte prompt takes seconds to render and tokenize (4 MB: ~4 s on this
 the engine's thread that would stall every stream of the model, and past
 `worker_hang_timeout` the worker would be killed. So the worker's main loop hands each
 `submit` and `count_tokens` to `Preparer`'s threads (HF tokenizers release the GIL while
-they encode) and gets a `Prepared` back through its inbox; the engine only builds the
-request's output and sampler and inserts it.
+they encode) and gets a `Prepared` back through its inbox, checkpoint positions included
+(finding them renders the template twice more); the engine only builds the request's
+output and sampler and inserts it.
 
 Before tokenizing, a prompt longer in characters than the context could ever hold is
 refused: no token stands for more characters than the longest token string of the
@@ -31,6 +32,7 @@ class Prepared(NamedTuple):
     tokens: list[int]
     prompt_text: str    # the rendered chat prompt ("" for a completion)
     max_tokens: int     # clamped to the room the context leaves
+    checkpoints: tuple = ()   # prompt positions its prefill keeps a cache at (engine.checkpoint_positions)
 
 
 # Components that never make text shorter than the tokens it becomes: normalizers that only
