@@ -202,6 +202,31 @@ def test_template_kwargs_and_reasoning_effort_reach_the_template(client):
     assert effort.usage.prompt_tokens > plain.usage.prompt_tokens      # "Effort: high" was rendered
 
 
+def test_reasoning_effort_on_a_model_that_cannot_use_it_is_a_400_in_each_api(client, daemon):
+    """SmolLM2's own template reads no effort and has no thinking markers: an effort would be
+    dropped, so each API refuses it naming its own field; "none" (do not reason) is what the
+    model does anyway and is served."""
+    msgs = [{"role": "user", "content": "Hi"}]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="agent", messages=msgs, max_tokens=2, reasoning_effort="high")
+    assert e.value.body["param"] == "reasoning_effort" and e.value.body["code"] == "unsupported_parameter"
+    assert "does not reason" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model="agent", input="Hi", max_output_tokens=2, reasoning={"effort": "low"})
+    assert e.value.body["param"] == "reasoning.effort"
+    streamed = httpx.post(f"{daemon.url}/v1/responses", timeout=60, json={
+        "model": "agent", "input": "Hi", "max_output_tokens": 2, "stream": True, "reasoning": {"effort": "low"}})
+    assert streamed.status_code == 400 and streamed.json()["error"]["param"] == "reasoning.effort"
+    m = httpx.post(f"{daemon.url}/v1/messages", timeout=60, json={
+        "model": "agent", "max_tokens": 2, "messages": msgs, "output_config": {"effort": "high"}})
+    assert m.status_code == 400 and m.json()["type"] == "error"
+    assert "output_config.effort" in m.json()["error"]["message"]
+    assert client.responses.create(model="agent", input="Hi", max_output_tokens=2,
+                                   reasoning={"effort": "none"}).status == "incomplete"
+    assert client.chat.completions.create(model="thinker", messages=msgs, max_tokens=2,
+                                          reasoning_effort="high").choices[0].finish_reason == "length"
+
+
 def test_late_system_messages_are_merged_for_a_template_that_insists(client):
     late = client.chat.completions.create(model="thinker", max_tokens=1, messages=[
         {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},

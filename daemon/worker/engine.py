@@ -143,6 +143,8 @@ class Engine:
             self.think = None
         self._machines: dict[Markers, Any] = {}
         self.think_tokens = list(tokenizer.encode(self.think[0], add_special_tokens=False)) if self.think else []
+        # reasoning_effort changes something only on a model that reasons or a template that reads it
+        self.takes_effort = self.think is not None or toolfmt.template_reads(tokenizer, "reasoning_effort", True)
 
     def _new_spec(self) -> Optional[SpecBatch]:
         if self.speculative is None:
@@ -305,6 +307,10 @@ class Engine:
         if msg.get("require_thinking") and self.think is None:
             raise RequestError("this model does not support thinking: its chat template has no thinking markers; "
                                "leave think out or set it to false", code="model_not_supported", param="think")
+        if msg.get("reasoning_effort") not in (None, "none") and not self.takes_effort:
+            raise RequestError("this model does not reason: it has no thinking markers and its chat template does not "
+                               "read reasoning_effort, so the effort would change nothing; leave it out",
+                               code="unsupported_parameter", param="reasoning_effort")
         tokens, prompt_text = self.tokenize(msg, max_chars=self.char_limit)
         if not tokens:
             raise RequestError("the prompt is empty", param="prompt")

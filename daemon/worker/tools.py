@@ -46,14 +46,18 @@ For each function call, return a json object with function name and arguments wi
 </tool_call>"""
 
 
-def template_knows_tools(tokenizer) -> bool:
-    """Whether the chat template renders `tools` itself (a custom renderer is trusted to)."""
+def template_reads(tokenizer, name: str, default: bool) -> bool:
+    """Whether the chat template mentions the variable `name`; `default` for a custom renderer,
+    whose source there is none to read."""
     tpl = getattr(tokenizer, "chat_template", None)
     if isinstance(tpl, dict):
         tpl = " ".join(map(str, tpl.values()))
-    if isinstance(tpl, str):
-        return "tools" in tpl
-    return bool(tokenizer.has_tool_calling)
+    return name in tpl if isinstance(tpl, str) else default
+
+
+def template_knows_tools(tokenizer) -> bool:
+    """Whether the chat template renders `tools` itself (a custom renderer is trusted to)."""
+    return template_reads(tokenizer, "tools", bool(tokenizer.has_tool_calling))
 
 
 def new_call_id() -> str:

@@ -26,6 +26,9 @@ from ..errors import APIError
 class Surface:
     """One request of one API: its translation in and its renderer out."""
     media_type = "text/event-stream"
+    # The worker payload's fields as this API spells them, so an error's `param` names what the
+    # client sent (the worker knows only its payload)
+    params: dict = {}
 
     def __init__(self, handle, stream: bool, cache_salt: Optional[str] = None):
         self.handle, self.stream, self.cache_salt = handle, stream, cache_salt
@@ -79,6 +82,9 @@ async def serve(surface: Surface):
     stream its events through the surface or collect them into its final body."""
     try:
         run = await rq.start(surface.handle, surface.payload(), surface.cache_salt, stream=surface.stream)
+    except APIError as e:
+        surface.finished()
+        raise _named(surface, e) from None
     except BaseException:
         surface.finished()
         raise
@@ -89,8 +95,15 @@ async def serve(surface: Surface):
         return stream_response(_written(surface, run), surface.media_type)
     try:
         return jsonify(await _collected(surface, run))
+    except APIError as e:
+        raise _named(surface, e) from None
     finally:
         surface.finished()
+
+
+def _named(surface: Surface, e: APIError) -> APIError:
+    e.param = surface.params.get(e.param, e.param)
+    return e
 
 
 async def _collected(surface: Surface, run: rq.Run) -> dict:
@@ -120,7 +133,7 @@ async def _written(surface: Surface, run: rq.Run):
                     if isinstance(ev, ev_.Done):
                         return
             except APIError as e:
-                for item in surface.failed(e):
+                for item in surface.failed(_named(surface, e)):
                     yield wire(item)
     finally:
         surface.finished()

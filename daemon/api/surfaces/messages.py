@@ -115,6 +115,7 @@ def _usage(started: ev_.Started, output_tokens: int) -> dict:
 
 class Messages(Surface):
     """POST /v1/messages: content blocks in order, streamed as block start / delta / stop."""
+    params = {"reasoning_effort": "output_config.effort"}
 
     def __init__(self, body, handle):
         super().__init__(handle, body.stream, body.cache_salt)

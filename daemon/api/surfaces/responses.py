@@ -173,6 +173,7 @@ def _usage(done: ev_.Done) -> dict:
 
 class Responses(Surface):
     """POST /v1/responses: one response, its envelope, the conversation it extends, where it is stored."""
+    params = {"reasoning_effort": "reasoning.effort"}
 
     def __init__(self, body, handle):
         super().__init__(handle, body.stream, body.cache_salt)
