@@ -392,6 +392,26 @@ def test_workers_sweeping_orphans_together_keep_their_disk_tier(tmp_path):
             assert all(pool.starmap(_sweep, [(str(tmp_path), i) for i in range(2)])), f"round {round_}"
 
 
+def test_a_revision_miss_names_the_newest_namespace_that_shares_the_prompt(model, tmp_path):
+    """Two older revisions both hold the prompt's blocks: the miss names the newer of them, the
+    one a person most likely just replaced."""
+    import os
+
+    dirs = []
+    for fp, age in (("a" * 64, 7200), ("b" * 64, 3600)):
+        pc = PrefixCache(model, fingerprint=fp, root=tmp_path, memory_budget=1 << 30, disk_budget=1 << 30,
+                         model_name="m")
+        pc.store(TOKENS, prefill(model, TOKENS, make_prompt_cache(model)))
+        pc.close()
+        os.utime(pc.disk.dir, (time.time() - age, time.time() - age))
+        dirs.append(pc.disk.dir.name)
+    new = new_cache(model, tmp_path, model_name="m")
+    new.fetch(TOKENS[:70] + [7])
+    o = new.last_outcome
+    assert o.reason == "revision" and dirs[1] in o.detail and dirs[0] not in o.detail, o
+    new.close()
+
+
 def test_close_is_bounded(model, tmp_path, caplog):
     pc = new_cache(model, tmp_path)
     for i in range(3):

@@ -223,7 +223,7 @@ def other_revisions(root: Path, keep: Path, model: str, stage: Optional[str],
                 continue
             for h in blocks:
                 if isinstance(h, str):
-                    out[h] = d.name
+                    out.setdefault(h, d.name)      # the newest namespace holding it
             if len(out) >= limit:
                 return out
     return out
