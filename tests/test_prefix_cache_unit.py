@@ -206,6 +206,27 @@ def test_sessions_sharing_a_prefix_refresh_the_one_used_last(model, tmp_path):
     pc.close()
 
 
+def test_a_miss_on_what_the_budget_evicted_says_evicted(model, tmp_path):
+    """Memory holds one entry and there is no disk tier: storing a second evicts the first, and
+    its prompt is then an `evicted` miss (the budget's doing), while a prompt never seen is `cold`."""
+    probe = new_cache(model, tmp_path / "probe", disk_budget=0)
+    probe.store(TOKENS, prefill(model, TOKENS, make_prompt_cache(model)))
+    one = probe.memory_bytes
+    probe.close()
+    pc = new_cache(model, tmp_path, disk_budget=0, memory_budget=one * 3 // 2)
+    other = list(range(300, 380))
+    pc.store(TOKENS, prefill(model, TOKENS, make_prompt_cache(model)))
+    pc.store(other, prefill(model, other, make_prompt_cache(model)))
+    assert pc.counters["memory_evictions"] == 1
+    assert pc.fetch(TOKENS + [1])[:2] == (None, 0)
+    o = pc.last_outcome
+    assert o.reason == "evicted" and "at least 64 tokens" in o.detail, o
+    assert pc.fetch(other + [1])[1] == len(other)
+    pc.fetch(list(range(500, 580)))
+    assert pc.last_outcome.reason == "cold"
+    pc.close()
+
+
 def test_block_hashes_chain():
     a = block_hashes(list(range(3 * BLOCK + 5)))
     b = block_hashes(list(range(2 * BLOCK)) + [0] * BLOCK)
