@@ -6,7 +6,8 @@ and to chaos models, while a chaos loop adds, removes, changes, breaks and fixes
 sends SIGHUP, SIGKILLs and SIGSTOPs chaos workers, fills the cache dir (a small tmpfs when
 `mount` works, else a plain dir with small disk budgets) and corrupts cache files. It also
 plays a web page of another origin (what a page can send without a preflight), opens
-streams on the control model whose client stops reading (slow readers), and edits a chaos
+streams whose client stops reading (slow readers, on a model of their own that nothing else
+uses, so the burst knows when the daemon is done with them), and edits a chaos
 model's engine setting and reverts the edit before the replacement worker is ready.
 
 Invariants, checked continuously and reported (each violation with its detail):
@@ -66,6 +67,7 @@ RESULTS = ROOT / "ops" / "bench" / "results"
 MiB = 2**20
 KV_BYTES_PER_TOKEN = 30 * 2 * 3 * 64 * 4    # SmolLM2-135M in f32: layers x (K, V) x KV heads x head dim x 4 B
 CTL, A, B = "soak-ctl", "soak-a", "soak-b"
+SLOW = "soak-slow"                 # only the slow readers use it: its in-flight count is theirs
 ALL_FAULTS = ("yaml_add", "yaml_remove", "yaml_change", "yaml_break", "sighup", "sigkill", "sigstop",
               "fill", "corrupt", "cross_origin", "slow_readers", "edit_revert")
 SYSTEM = ("You are a terse assistant inside a soak test of a model server. Answer in one short sentence, "
@@ -102,7 +104,7 @@ class Plan:
     recover_timeout: float = 300.0
     worker_overhead_mib: int = 512    # Python + MLX + OpenBLAS + tokenizer + allocator slack, see README
     stream_write_timeout: float = 5.0  # server.stream_write_timeout: what frees a slow reader's slot
-    slow_readers: int = 2             # streams per slow-reader burst, on the control model
+    slow_readers: int = 2             # streams per slow-reader burst, on SLOW
     revert_timeout: float = 180.0     # an edit-and-revert must end on the reverted settings by then
 
 
@@ -111,6 +113,9 @@ def base_models(plan: Plan) -> dict[str, dict]:
         CTL: smol(CTL, aliases=["ctl"], engine={"max_batch_size": 4, "prefill_step_size": 128},
                   sampling={"temperature": 0.0, "max_tokens": 16},
                   prefix_cache={"memory_budget": "64MiB", "disk_budget": "64MiB"}),
+        # before A: a save cut short past A's entry keeps it
+        SLOW: smol(SLOW, engine={"max_batch_size": 2}, sampling={"temperature": 0.0},
+                   prefix_cache={"memory_budget": "16MiB", "disk_budget": "16MiB"}),
         A: smol(A, aliases=["chaos"], engine={"max_batch_size": 4, "prefill_step_size": 256},
                 sampling={"max_tokens": 16}, prefix_cache={"memory_budget": "48MiB", "disk_budget": "96MiB"}),
     }
@@ -718,26 +723,25 @@ class Soak:
         if self.slow_burst is not None and not self.slow_burst.done():
             return self.fault("slow_readers", "the last burst is still held", injected=False)
         self.slow_burst = asyncio.create_task(self.slow_readers_burst())
-        self.fault("slow_readers", f"{self.plan.slow_readers} streams on {CTL} whose client stops reading")
+        self.fault("slow_readers", f"{self.plan.slow_readers} streams on {SLOW} whose client stops reading")
 
     async def slow_readers_burst(self):
-        """Streams on the control model (no chaos touches it) whose clients stop reading after the
-        status line. They are left unread until the daemon has counted a write timeout for each
-        admitted one (its write waited out stream_write_timeout once the buffers were full), or
-        for request_timeout + stream_write_timeout + 30 s at most; then read to their end. Each
-        must be over (cut, or complete when the whole answer fit in the buffers), and the cuts
-        must be exactly the write timeouts counted."""
-        key = f'mlxd_stream_write_timeouts_total{{model="{CTL}"}}'
+        """Streams on SLOW (no chaos and no other client touches it) whose clients stop reading
+        after the status line. They are left unread until the daemon is done with them (SLOW has
+        nothing in flight: each was cut once its write waited out stream_write_timeout, or its
+        whole answer fit in the buffers), or for request_timeout + stream_write_timeout + 30 s at
+        most; then read to their end. Each must be over (cut or complete), and the cuts must be
+        exactly the write timeouts counted."""
+        key = f'mlxd_stream_write_timeouts_total{{model="{SLOW}"}}'
         before = (await self.metrics()).get(key, 0.0)
-        socks = [await asyncio.to_thread(slow_reader, self.d.port, CTL) for _ in range(self.plan.slow_readers)]
+        socks = [await asyncio.to_thread(slow_reader, self.d.port, SLOW) for _ in range(self.plan.slow_readers)]
         ends = []
         try:
             hard = time.monotonic() + self.plan.request_timeout + self.plan.stream_write_timeout + 30
             while time.monotonic() < hard:
                 await asyncio.sleep(2.0)
                 heads = [status_line(s) for s in socks]
-                admitted = sum(h.startswith(b"HTTP/1.1 200") for h in heads)
-                if all(heads) and (await self.metrics()).get(key, 0.0) - before >= admitted:
+                if all(heads) and (await self.status_of(SLOW)).get("requests_in_flight", 1) == 0:
                     break
             for s in socks:
                 head = status_line(s)
@@ -752,14 +756,14 @@ class Soak:
         for e in ends:
             self.slow[e] += 1
             if e in ("open", "no_answer"):
-                self.violate("slow_readers_freed", f"a slow reader on {CTL} was {e}: the daemon was still "
+                self.violate("slow_readers_freed", f"a slow reader on {SLOW} was {e}: the daemon was still "
                              f"{'sending' if e == 'open' else 'silent'} {self.plan.request_timeout:.0f}s + after "
                              f"its client stopped reading")
         await asyncio.sleep(0.5)
         counted = (await self.metrics()).get(key, 0.0) - before
         if counted != cut:
             self.violate("slow_readers_freed", f"{cut} slow readers cut off, {counted:g} write timeouts counted "
-                         f"for {CTL} ({dict(Counter(ends))})")
+                         f"for {SLOW} ({dict(Counter(ends))})")
 
     async def do_edit_revert(self):
         """An engine edit of soak-a, saved back before its replacement can be ready (with a SIGHUP
@@ -1040,7 +1044,7 @@ def markdown(s: dict, command: str) -> str:
                   f"{g.get('identical_no_hit', 0)} identical without one.", "",
               f"Cross-origin page: {s.get('cross_origin', {}).get('refused', 0)} requests refused "
               f"({sum(v for k, v in s.get('cross_origin', {}).items() if k != 'refused')} answered otherwise). "
-              f"Slow readers on `{CTL}`: " + (", ".join(f"{k}: {v}" for k, v in sorted(s.get("slow_readers", {}).items()))
+              f"Slow readers on `{SLOW}`: " + (", ".join(f"{k}: {v}" for k, v in sorted(s.get("slow_readers", {}).items()))
                                               or "none") + ". "
               f"Edits reverted before their replacement was ready: "
               f"{s.get('edit_revert', {}).get('ended_on_reverted', 0)} ended on the reverted settings, "
