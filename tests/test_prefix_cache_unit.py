@@ -433,6 +433,18 @@ def test_a_revision_miss_names_the_newest_namespace_that_shares_the_prompt(model
     new.close()
 
 
+def test_a_failed_write_leaves_no_temp_file(tmp_path):
+    """The short soak once ended with a namespace's `.model.tmp.<pid>` left behind (a worker
+    named its model while the disk was full); a write that fails removes its temp file."""
+    from daemon.worker.disk_cache import MODEL_FILE, mark_model
+
+    ns = tmp_path / "ns"
+    (ns / MODEL_FILE / "in-the-way").mkdir(parents=True)      # the rename cannot replace a directory
+    with pytest.raises(OSError):
+        mark_model(ns, "m", None)
+    assert sorted(p.name for p in ns.iterdir()) == [MODEL_FILE]
+
+
 def test_close_is_bounded(model, tmp_path, caplog):
     pc = new_cache(model, tmp_path)
     for i in range(3):

@@ -34,6 +34,7 @@ Why this shape:
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import fcntl
 import io
@@ -121,12 +122,19 @@ def _private_dir(path: Path) -> None:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
+    """`data` at `path` whole or not at all; a failed write (a full disk) removes its temp file,
+    which no start-up sweep would take while this process lives."""
     tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
-    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def claim_namespace(root: Path, d: Path) -> int:
