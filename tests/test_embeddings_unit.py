@@ -189,6 +189,17 @@ def test_too_long_is_a_400_naming_the_index_or_cut_to_the_window():
     assert e.embedder.batches == [[6]]
 
 
+def test_an_input_with_no_tokens_is_a_400_naming_it():
+    """A tokenizer with no special tokens makes "" an empty row: refused, not a failed batch."""
+    e = engine()
+    e.tokenizer.post_processor = None
+    e.affixes.prefix, e.affixes.suffix = [], []
+    with pytest.raises(RequestError) as err:
+        e.submit({"id": "a", "embed": {"input": [text(2), ""]}})
+    assert err.value.param == "input[1]" and "no tokens" in str(err.value)
+    assert not e.jobs and not e.queue
+
+
 def test_inputs_of_all_requests_are_batched_by_length_within_batch_tokens():
     e = engine(window=32, batch_tokens=24)
     e.submit({"id": "long", "embed": {"input": [text(10), text(1)]}})          # 12 and 3 tokens

@@ -88,9 +88,10 @@ def attention_numpy(blocks: list[np.ndarray], lengths: list[np.ndarray], heads: 
     outs, rows = [], []
     for qkv, ns in zip(blocks, lengths):
         Bi, L, width = qkv.shape
-        out = np.zeros((Bi, L, heads, width // (3 * heads)), np.float32)
+        D = width // (3 * heads)
+        out = np.zeros((Bi, L, heads, D), np.float32)
         outs.append(out)
-        rows += [(qkv[r, :int(ns[r])].reshape(int(ns[r]), 3, heads, -1), out[r, :int(ns[r])]) for r in range(Bi)]
+        rows += [(qkv[r, :n].reshape(n, 3, heads, D), out[r, :n]) for r in range(Bi) if (n := int(ns[r]))]
 
     def row(job) -> None:
         a, out = job

@@ -157,6 +157,9 @@ class EmbedEngine:
             rows[i] = self.affixes.wrap(x)
         window = self.context_length
         for i, r in enumerate(rows):
+            if not r:       # a tokenizer without special tokens turns "" into nothing to embed
+                where = "input" if len(rows) == 1 else f"input[{i}]"
+                raise RequestError(f"{where} has no tokens to embed", param=where)
             if len(r) > window:
                 if not truncate:
                     where = "input" if len(rows) == 1 else f"input[{i}]"
