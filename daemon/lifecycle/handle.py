@@ -461,6 +461,7 @@ class ModelHandle:
             "pid": w.pid if w and self.state == "ready" else None,
             "restarts": self.restarts, "last_error": self.last_error or None,
             "requests_in_flight": w.in_flight if w else 0,
+            "requests_admitted": self.requests,     # not finished, those waiting for a load included
             "requests_running": self.stats.get("running", 0), "requests_waiting": self.stats.get("waiting", 0),
             "memory_bytes": self.stats.get("memory_bytes", 0), "tokens": dict(self.tokens),
             "cache": _cache_summary(self.stats.get("cache")),

@@ -728,7 +728,7 @@ class Soak:
     async def slow_readers_burst(self):
         """Streams on SLOW (no chaos and no other client touches it) whose clients stop reading
         after the status line. They are left unread until the daemon is done with them (SLOW has
-        nothing in flight: each was cut once its write waited out stream_write_timeout, or its
+        no request admitted: each was cut once its write waited out stream_write_timeout, or its
         whole answer fit in the buffers), or for request_timeout + stream_write_timeout + 30 s at
         most; then read to their end. Each must be over (cut or complete), and the cuts must be
         exactly the write timeouts counted."""
@@ -741,7 +741,7 @@ class Soak:
             while time.monotonic() < hard:
                 await asyncio.sleep(2.0)
                 heads = [status_line(s) for s in socks]
-                if all(heads) and (await self.status_of(SLOW)).get("requests_in_flight", 1) == 0:
+                if all(heads) and (await self.status_of(SLOW)).get("requests_admitted", 1) == 0:
                     break
             for s in socks:
                 head = status_line(s)
