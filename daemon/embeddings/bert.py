@@ -82,9 +82,10 @@ def one_blas_thread() -> None:
 
 def attention_numpy(blocks: list[np.ndarray], lengths: list[np.ndarray], heads: int, scale: float) -> list[np.ndarray]:
     """softmax(Q K^T * scale) V over each row's real tokens, for blocks of right-padded rows (qkv
-    [Bi, L, 3 * H * D], lengths [Bi]) -> [Bi * L, H * D], one row per task over all the blocks.
-    Padding is cut off rather than masked (the same result: a masked key weighs exp(-1e9) = 0),
-    and its own positions come out zero: nothing reads them but the next layer's padding."""
+    [Bi, L, 3 * H * D], lengths [Bi]) -> [Bi * L, H * D], one row per task over all the blocks
+    (or, with fewer rows than threads, a share of a row's heads per task). Padding is cut off
+    rather than masked (the same result: a masked key weighs exp(-1e9) = 0), and its own
+    positions come out zero: nothing reads them but the next layer's padding."""
     outs, rows = [], []
     for qkv, ns in zip(blocks, lengths):
         Bi, L, width = qkv.shape
@@ -92,6 +93,9 @@ def attention_numpy(blocks: list[np.ndarray], lengths: list[np.ndarray], heads: 
         out = np.zeros((Bi, L, heads, D), np.float32)
         outs.append(out)
         rows += [(qkv[r, :n].reshape(n, 3, heads, D), out[r, :n]) for r in range(Bi) if (n := int(ns[r]))]
+    split = -(-cpu_cores() // len(rows)) if rows else 1         # head groups per row
+    cuts = [heads * i // split for i in range(split + 1)]
+    jobs = [(a[:, :, h0:h1], out[:, h0:h1]) for a, out in rows for h0, h1 in zip(cuts, cuts[1:]) if h1 > h0]
 
     def row(job) -> None:
         a, out = job
@@ -103,7 +107,7 @@ def attention_numpy(blocks: list[np.ndarray], lengths: list[np.ndarray], heads: 
         c /= s.sum(axis=-1, keepdims=True)
         out[:] = c.transpose(1, 0, 2)
 
-    list(_pool().map(row, rows))
+    list(_pool().map(row, jobs))
     return [o.reshape(o.shape[0] * o.shape[1], -1) for o in outs]
 
 
