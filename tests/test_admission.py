@@ -39,12 +39,15 @@ class Stream:
 
     def _run(self, client) -> None:
         try:
-            for chunk in client.completions.create(model="smol", prompt="1, 2, 3, 4, 5,", max_tokens=600,
-                                                   stream=True):
-                if chunk.choices and chunk.choices[0].text:
-                    self.tokens += 1
-                if self.stop.is_set():
-                    break       # the SDK closes the response: the request is cancelled
+            # Closed on leaving the block: the connection closes, so the daemon cancels the request
+            # (a bare `break` leaves the SDK's response, and the request, open until it ends).
+            with client.completions.create(model="smol", prompt="1, 2, 3, 4, 5,", max_tokens=600,
+                                           stream=True) as chunks:
+                for chunk in chunks:
+                    if chunk.choices and chunk.choices[0].text:
+                        self.tokens += 1
+                    if self.stop.is_set():
+                        break
         except Exception as e:     # reported by the test
             self.error = e
         finally:
@@ -73,6 +76,7 @@ def test_a_stream_keeps_decoding_while_a_4mb_prompt_is_tokenized(daemon):
     assert during >= 5, f"only {during} tokens of the other stream arrived while the prompt was tokenized"
     stream.stop.set()
     assert stream.finished.wait(300) and stream.error is None, stream.error
+    wait_until(lambda: daemon.model_status("smol")["requests_admitted"] == 0, 60, "the stream cancelled")
 
 
 def test_a_prompt_longer_than_the_context_can_hold_is_refused_by_its_length(daemon):
