@@ -157,12 +157,11 @@ class EmbedEngine:
             rows[i] = self.affixes.wrap(x)
         window = self.context_length
         for i, r in enumerate(rows):
+            where = "input" if len(rows) == 1 else f"input[{i}]"
             if not r:       # a tokenizer without special tokens turns "" into nothing to embed
-                where = "input" if len(rows) == 1 else f"input[{i}]"
                 raise RequestError(f"{where} has no tokens to embed", param=where)
             if len(r) > window:
                 if not truncate:
-                    where = "input" if len(rows) == 1 else f"input[{i}]"
                     raise RequestError(
                         f"{where} has {len(r)} tokens, more than this model's maximum of {window} tokens; "
                         "shorten it (or set embedding.truncate in the model's config, or truncate: true on "

@@ -67,7 +67,7 @@ RESULTS = ROOT / "ops" / "bench" / "results"
 MiB = 2**20
 KV_BYTES_PER_TOKEN = 30 * 2 * 3 * 64 * 4    # SmolLM2-135M in f32: layers x (K, V) x KV heads x head dim x 4 B
 CTL, A, B = "soak-ctl", "soak-a", "soak-b"
-SLOW = "soak-slow"                 # only the slow readers use it: its in-flight count is theirs
+SLOW = "soak-slow"                 # only the slow readers use it: its admitted requests are theirs
 ALL_FAULTS = ("yaml_add", "yaml_remove", "yaml_change", "yaml_break", "sighup", "sigkill", "sigstop",
               "fill", "corrupt", "cross_origin", "slow_readers", "edit_revert")
 SYSTEM = ("You are a terse assistant inside a soak test of a model server. Answer in one short sentence, "

@@ -144,7 +144,6 @@ def _messages(body) -> list[dict]:
 class Ollama(Surface):
     """`kind` "chat" (/api/chat: `message`) or "generate" (/api/generate: `response`)."""
     media_type = "application/x-ndjson"
-    params = {"reasoning_effort": "think"}
 
     def __init__(self, body, handle, kind: str, opts: dict, keep_alive: Optional[float]):
         super().__init__(handle, body.stream)
